@@ -1,0 +1,161 @@
+"""The shard format: names, atomic tar writing, the member-offset index, the manifest.
+
+A prepared dataset directory holds, per split, ``{split}-{index:06d}.tar`` shards, a sidecar
+``{split}-{index:06d}.idx.json`` per shard (the byte offset and size of every member, which the
+loader uses for random access), and ``manifest.json``. Only declared safe member types are
+written (image bytes, JSON, text); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "manifest.json"
+FORMAT = "prior_dist-shards"
+FORMAT_VERSION = 1
+SAFE_EXTENSIONS = re.compile(r"^(?:\d+\.)?(?:jpg|jpeg|png|json|txt)$|^mask\.png$")
+_KEY_RE = re.compile(r"[^A-Za-z0-9_\-]")
+MAX_EXAMPLES = 5
+
+
+def sanitize_key(raw: str) -> str:
+    """A WebDataset key: no dots (they separate key from extension), no path separators."""
+    key = _KEY_RE.sub("_", str(raw).strip())
+    if not key:
+        raise ValueError(f"empty sample id {raw!r}")
+    return key
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, then rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SkipCounter:
+    """Skipped items counted by reason, with a few example ids per reason."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, example: str, count: int = 1) -> None:
+        self.counts[reason] += count
+        bucket = self.examples.setdefault(reason, [])
+        if len(bucket) < MAX_EXAMPLES and example not in bucket:
+            bucket.append(example)
+
+    def merge(self, other: dict[str, dict]) -> None:
+        for reason, entry in other.items():
+            self.counts[reason] += entry["count"]
+            bucket = self.examples.setdefault(reason, [])
+            for example in entry.get("examples", []):
+                if len(bucket) < MAX_EXAMPLES and example not in bucket:
+                    bucket.append(example)
+
+    def to_dict(self) -> dict[str, dict]:
+        return {reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
+                for reason in sorted(self.counts)}
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def write_shard(out_dir: Path, name: str, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
+    """Write samples (key, {extension: bytes}) to ``name.tar`` atomically; return its index.
+
+    Headers are deterministic (mtime 0, uid 0), so the same samples give the same bytes and
+    the same sha256 on every machine.
+    """
+    tar_path = out_dir / f"{name}.tar"
+    tmp_path = out_dir / f".{name}.tar.tmp.{os.getpid()}"
+    entries = []
+    with open(tmp_path, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, members in samples:
+                offsets = {}
+                for ext in sorted(members):
+                    if not SAFE_EXTENSIONS.match(ext):
+                        raise ValueError(f"refusing unsafe member type {ext!r} for sample {key}")
+                    data = members[ext]
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o644
+                    header_at = tar.offset
+                    tar.addfile(info, io.BytesIO(data))
+                    header_len = len(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+                    offsets[ext] = [header_at + header_len, len(data)]
+                entries.append({"key": key, "members": offsets})
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp_path, tar_path)
+    return {
+        "name": name,
+        "file": tar_path.name,
+        "num_samples": len(entries),
+        "size_bytes": tar_path.stat().st_size,
+        "sha256": sha256_file(tar_path),
+        "samples": entries,
+    }
+
+
+def index_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.idx.json"
+
+
+def shard_complete(out_dir: Path, name: str) -> bool:
+    """A shard is complete when its tar and its index (written after the tar) both exist."""
+    return (out_dir / f"{name}.tar").is_file() and index_path(out_dir, name).is_file()
+
+
+def load_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest.json (run `python -m prior_dist.shardify` "
+                                "first, or `finalize` after an array job)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_index(directory: str | Path, name: str) -> dict:
+    path = index_path(Path(directory), name)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: shard index missing") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: shard index is not valid JSON: {exc}") from exc

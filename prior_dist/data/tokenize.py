@@ -1,0 +1,112 @@
+"""Tokenisers and sentence-by-sentence tokenisation of reports.
+
+A Hugging Face tokenizer loads from a local directory or a hub id. Where none is available
+(offline machines, tests), a BERT WordPiece vocabulary is trained from the shards' own text with
+`tokenizers` and saved, so the same vocabulary is reused on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_tokenizer(spec: str, allow_download: bool = False):
+    """A `transformers` fast tokenizer from a local directory or (when allowed) a hub id."""
+    from transformers import AutoTokenizer
+
+    local = Path(spec).expanduser()
+    if local.exists():
+        return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+    return AutoTokenizer.from_pretrained(spec, local_files_only=not allow_download)
+
+
+def _shard_sentences(shard_dir: Path, limit: int) -> list[str]:
+    texts: list[str] = []
+    for tar_path in sorted(shard_dir.glob("train-*.tar")) or sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    texts.extend(meta.get("sentences", []))
+                    if len(texts) >= limit:
+                        return texts
+    return texts
+
+
+def build_wordpiece(shard_dir: str | Path, out_dir: str | Path, vocab_size: int = 4096,
+                    max_sentences: int = 200_000):
+    """Train a lower-cased BERT WordPiece vocabulary on the shards' sentences; return a tokenizer."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
+
+    out = Path(out_dir)
+    vocab = out / "vocab.txt"
+    if not vocab.is_file():
+        sentences = _shard_sentences(Path(shard_dir), max_sentences)
+        if not sentences:
+            raise ValueError(f"{shard_dir}: no report sentences found to build a vocabulary from")
+        trainer = BertWordPieceTokenizer(lowercase=True)
+        trainer.train_from_iterator(sentences, vocab_size=vocab_size, min_frequency=1,
+                                    special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".vocab.txt.tmp.{os.getpid()}"
+        trainer.save_model(str(out), prefix=None)
+        os.replace(out / "vocab.txt", tmp)
+        tokenizer = BertTokenizer(vocab=str(tmp), do_lower_case=True)
+        # save_pretrained writes the config files AutoTokenizer needs; vocab.txt goes last so
+        # its presence means the directory is complete.
+        tokenizer.save_pretrained(str(out))
+        os.replace(tmp, vocab)
+    return BertTokenizer.from_pretrained(str(out))
+
+
+def resolve_tokenizer(spec: str | None, shard_dir: str | Path | None, cache_dir: str | Path | None = None):
+    """`spec` when it loads; otherwise (with one warning) a WordPiece vocabulary built from shards."""
+    if spec:
+        try:
+            return load_tokenizer(spec)
+        except (OSError, ValueError) as exc:
+            if shard_dir is None:
+                raise
+            warnings.warn(f"tokenizer {spec!r} is not available offline ({exc}); "
+                          "building a WordPiece vocabulary from the shards instead", stacklevel=2)
+    if shard_dir is None:
+        raise ValueError("no tokenizer given and no shard directory to build one from")
+    cache = Path(cache_dir) if cache_dir else Path(shard_dir) / "wordpiece"
+    return build_wordpiece(shard_dir, cache)
+
+
+def tokenize_sentences(tokenizer, sentences: list[str], max_tokens: int = 256
+                       ) -> tuple[list[int], list[int]]:
+    """[CLS] s1 s2 ... [SEP], tokenised sentence by sentence so boundaries are exact.
+
+    Returns (input_ids, sentence_index) where sentence_index is -1 for special tokens. When the
+    budget runs out the last sentence is cut and [SEP] kept; sentences that lost every token
+    are dropped, and the kept ones are numbered 0..S-1 without gaps.
+    """
+    if max_tokens < 3:
+        raise ValueError(f"max_tokens must be >= 3, got {max_tokens}")
+    pieces = tokenizer(sentences, add_special_tokens=False)["input_ids"] if sentences else []
+    budget = max_tokens - 2
+    ids = [tokenizer.cls_token_id]
+    sentence_index = [-1]
+    kept = 0
+    for piece in pieces:
+        if budget <= 0:
+            break
+        piece = piece[:budget]
+        if not piece:
+            continue
+        ids.extend(piece)
+        sentence_index.extend([kept] * len(piece))
+        budget -= len(piece)
+        kept += 1
+    ids.append(tokenizer.sep_token_id)
+    sentence_index.append(-1)
+    return ids, sentence_index

@@ -1,0 +1,50 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m ...` in a subprocess, as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
+                          cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """61 phantom studies in shards of 7: counts that divide neither the shards nor the batches."""
+    out = tmp_path_factory.mktemp("phantom")
+    from prior_dist.data.build import build_shards
+    from prior_dist.data.prepare import PrepareSettings
+    from prior_dist.data.sources import enumerate_phantom
+
+    records, skipped, source = enumerate_phantom(61, seed=3)
+    build_shards(records, skipped, source, PrepareSettings(image_size=64, phantom_seed=3), out,
+                 shard_size=7, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(phantom_dir):
+    from prior_dist.data.tokenize import build_wordpiece
+
+    return build_wordpiece(phantom_dir, phantom_dir / "wordpiece", vocab_size=800)
+
+
+@pytest.fixture()
+def phantom_copy(phantom_dir, tmp_path) -> Path:
+    dest = tmp_path / "shards"
+    shutil.copytree(phantom_dir, dest)
+    return dest

@@ -1,0 +1,54 @@
+"""Fixture builders for image files in every supported format (tests build their own data)."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def gradient(height: int, width: int, max_value: int = 255) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return ((x + y) / (height + width - 2) * max_value).astype(np.uint16 if max_value > 255 else np.uint8)
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def dicom_bytes(array: np.ndarray, bits_stored: int = 12, photometric: str = "MONOCHROME2",
+                window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0) -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = array.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if slope != 1.0 or intercept != 0.0:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = array.astype("<u2").tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
