@@ -112,6 +112,10 @@ class SplitIndex:
     def __len__(self) -> int:
         return sum(self.source_sizes)
 
+    def epoch_length(self) -> int:
+        """Samples in one epoch of the weighted mixture (weight 1: each sample once)."""
+        return sum(int(round(s.weight * n)) for s, n in zip(self.sources, self.source_sizes))
+
 
 def epoch_order(index: SplitIndex, seed: int, epoch: int, shuffle: bool, mode: Mode = "indexed",
                 samples_per_epoch: int | None = None) -> np.ndarray:
@@ -386,6 +390,9 @@ class PriorLoader:
             raise ValueError(f"mode must be 'indexed', 'stream' or 'resampled', got {self.mode!r}")
         if remote and self.mode != "stream":
             raise ValueError("remote sources (pipe:, http(s)://) cannot seek: use mode='stream'")
+        if self.mode == "stream" and any(s.weight != 1.0 for s in self.sources):
+            raise ValueError("stream mode reads each shard once: source weights other than 1 need "
+                             "mode='indexed' or 'resampled'")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.transform = SampleTransform(tokenizer, transform or TransformConfig(), seed, label_names)
@@ -394,7 +401,7 @@ class PriorLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.last_batch = last_batch
         self.pad_token_id = tokenizer.pad_token_id
-        total = (samples_per_epoch or len(self.index)) if self.mode == "resampled" else len(self.index)
+        total = (samples_per_epoch or len(self.index)) if self.mode == "resampled" else self.index.epoch_length()
         self.samples_per_epoch = total
         if self.mode == "stream":
             per_rank = (-(-total // self.world_size) if last_batch == "uneven" else total // self.world_size)

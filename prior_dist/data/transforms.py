@@ -163,6 +163,7 @@ def collate(samples: list[dict], pad_token_id: int, image_size: int,
         "num_sentences": (sentence_index.max(dim=1).values + 1 if batch_size and length
                           else torch.zeros(batch_size, dtype=torch.long)),
         "sentences": [s["sentences"] for s in samples],
+        "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
     }
     if num_labels is not None:
         batch["labels"] = (torch.tensor([s["labels"] for s in samples], dtype=torch.float32)

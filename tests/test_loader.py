@@ -1,0 +1,220 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prior_dist.data.loader import BatchPlan, PriorLoader
+from prior_dist.data.shards import load_index, load_manifest
+from prior_dist.data.transforms import TransformConfig, swap_laterality
+
+CFG = TransformConfig(image_size=32)
+
+
+def all_keys(directory, split="train"):
+    manifest = load_manifest(directory)
+    return sorted(s["key"] for shard in manifest["splits"][split]["shards"]
+                  for s in load_index(directory, shard["name"])["samples"])
+
+
+def make(directory, tokenizer, batch, rank=0, world=1, **kw):
+    kw.setdefault("transform", CFG)
+    return PriorLoader(directory, tokenizer, batch, rank=rank, world_size=world, seed=7, **kw)
+
+
+def epoch_batches(loaders):
+    return [list(loader) for loader in loaders]
+
+
+@pytest.mark.parametrize("world,batch", [(1, 5), (2, 4), (3, 3), (4, 16)])
+def test_exactly_once_and_equal_counts(phantom_dir, tokenizer, world, batch):
+    loaders = [make(phantom_dir, tokenizer, batch, r, world) for r in range(world)]
+    per_rank = epoch_batches(loaders)
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == len(loaders[0])
+    served = [k for batches in per_rank for b in batches for k in b["key"]]
+    assert sorted(served) == all_keys(phantom_dir)  # every sample once, none twice
+
+
+def test_batches_independent_of_world_size_and_workers(phantom_dir, tokenizer):
+    single = list(make(phantom_dir, tokenizer, 6))
+    pair = epoch_batches([make(phantom_dir, tokenizer, 3, r, 2, num_workers=2) for r in range(2)])
+    assert len(single) == len(pair[0]) == len(pair[1])
+    for step, whole in enumerate(single):
+        parts = [pair[0][step], pair[1][step]]
+        assert whole["key"] == parts[0]["key"] + parts[1]["key"]
+        assert torch.equal(whole["image"], torch.cat([p["image"] for p in parts]))
+        for row, key in enumerate(whole["key"]):
+            part = parts[0] if key in parts[0]["key"] else parts[1]
+            prow = part["key"].index(key)
+            n = int(whole["attention_mask"][row].sum())
+            assert torch.equal(whole["input_ids"][row, :n], part["input_ids"][prow, :n])
+            assert torch.equal(whole["sentence_index"][row, :n], part["sentence_index"][prow, :n])
+
+
+def test_epochs_reshuffle_and_are_reproducible(phantom_dir, tokenizer):
+    loader = make(phantom_dir, tokenizer, 4)
+    first = [k for b in loader for k in b["key"]]
+    second = [k for b in loader for k in b["key"]]  # iterating again moves to epoch 1
+    assert loader.epoch == 1 and sorted(first) == sorted(second) and first != second
+    again = make(phantom_dir, tokenizer, 4)
+    assert [k for b in again for k in b["key"]] == first
+
+
+def test_mid_epoch_resume_with_workers(phantom_dir, tokenizer):
+    reference = make(phantom_dir, tokenizer, 4, num_workers=2)
+    expected = list(reference) + list(reference)  # two epochs
+    loader = make(phantom_dir, tokenizer, 4, num_workers=2)
+    seen = []
+    for batch in loader:
+        seen.append(batch)
+        if len(seen) == 3:
+            break
+    state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
+    resumed = make(phantom_dir, tokenizer, 4, num_workers=2)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)  # a training loop's set_epoch must not rewind a resumed position
+    seen += list(resumed) + list(resumed)
+    assert [b["key"] for b in seen] == [b["key"] for b in expected]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(seen, expected))
+
+
+def test_resume_on_another_world_size_with_same_global_batch(phantom_dir, tokenizer):
+    one = make(phantom_dir, tokenizer, 4)
+    it = iter(one)
+    next(it), next(it)
+    state = one.state_dict()
+    rest_single = [b["key"] for b in it]
+    ranks = [make(phantom_dir, tokenizer, 2, r, 2) for r in range(2)]
+    for loader in ranks:
+        loader.load_state_dict(state)
+    rest_pair = epoch_batches(ranks)
+    assert rest_single == [a["key"] + b["key"] for a, b in zip(*rest_pair)]
+    wrong = make(phantom_dir, tokenizer, 3)
+    with pytest.raises(ValueError, match="global batch"):
+        wrong.load_state_dict(state)
+
+
+def test_last_batch_rules():
+    plan = BatchPlan(10, 3, 2, "uneven")
+    assert plan.num_steps == 2
+    assert [plan.rank_slice(1, r) for r in range(2)] == [(6, 8), (8, 10)]
+    tiny = BatchPlan(7, 3, 2, "uneven")
+    assert [tiny.rank_slice(1, r) for r in range(2)] == [(6, 6), (6, 7)]  # a rank may get none
+    assert BatchPlan(10, 3, 2, "drop").num_steps == 1
+    with pytest.raises(ValueError, match="last_batch"):
+        BatchPlan(10, 3, 2, "pad")
+
+
+def test_drop_mode_serves_whole_batches(phantom_dir, tokenizer):
+    loaders = [make(phantom_dir, tokenizer, 4, r, 2, last_batch="drop") for r in range(2)]
+    for batches in epoch_batches(loaders):
+        assert all(len(b["key"]) == 4 for b in batches)
+
+
+def _corrupt_image_member(directory, shard_name, position):
+    entry = load_index(directory, shard_name)["samples"][position]
+    offset, _ = entry["members"]["jpg"] if "jpg" in entry["members"] else entry["members"]["0.jpg"]
+    with open(directory / f"{shard_name}.tar", "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\0" * 64)
+    return entry["key"]
+
+
+@pytest.mark.parametrize("mode", ["indexed", "stream"])
+def test_corrupt_and_truncated_samples_are_skipped_and_counted(phantom_copy, tokenizer, mode):
+    bad_key = _corrupt_image_member(phantom_copy, "train-000000", 2)
+    shard = phantom_copy / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    loaders = [make(phantom_copy, tokenizer, 3, r, 2, mode=mode, num_workers=2 if mode == "stream" else 0)
+               for r in range(2)]
+    per_rank = epoch_batches(loaders)
+    assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0])
+    served = [k for batches in per_rank for b in batches for k in b["key"]]
+    skipped = sum(l.skipped["corrupt_sample"] for l in loaders)
+    assert bad_key not in served and len(set(served)) == len(served)
+    assert 2 <= skipped and len(served) + skipped == len(all_keys(phantom_copy))
+
+
+def test_stream_mode_exactly_once_and_resume(phantom_dir, tokenizer):
+    def stream(r, world=2):
+        return make(phantom_dir, tokenizer, 3, r, world, mode="stream", num_workers=2)
+
+    per_rank = epoch_batches([stream(r) for r in range(2)])
+    assert len(per_rank[0]) == len(per_rank[1])
+    served = [k for batches in per_rank for b in batches for k in b["key"]]
+    assert sorted(served) == all_keys(phantom_dir)
+    loader = stream(1)
+    head = []
+    for batch in loader:
+        head.append(batch["key"])
+        if len(head) == 4:
+            break
+    resumed = stream(1)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + [b["key"] for b in resumed] == [b["key"] for b in per_rank[1]]
+
+
+def test_resampled_mode_and_weighted_mixture(phantom_dir, tokenizer, tmp_path):
+    loader = make(phantom_dir, tokenizer, 4, mode="resampled", samples_per_epoch=20)
+    keys = [k for b in loader for k in b["key"]]
+    assert len(keys) == 20 and set(keys) <= set(all_keys(phantom_dir))
+    from prior_dist.data.build import build_shards
+    from prior_dist.data.prepare import PrepareSettings
+    from prior_dist.data.sources import enumerate_phantom
+
+    other = tmp_path / "other"
+    records, skipped, source = enumerate_phantom(30, seed=9)
+    build_shards(records, skipped, source, PrepareSettings(image_size=48, phantom_seed=9), other,
+                 shard_size=8, progress=False)
+    mixed = PriorLoader([str(phantom_dir), f"{other}:2"], tokenizer, 5, seed=1, transform=CFG,
+                        rank=0, world_size=1)
+    keys = [k for b in mixed for k in b["key"]]
+    n_other = len(all_keys(other))
+    assert len(keys) == len(all_keys(phantom_dir)) + 2 * n_other
+    assert sum(k.startswith("ph0009") for k in keys) == 2 * n_other
+
+
+def test_flip_swaps_laterality_and_mirrors_image(phantom_dir, tokenizer):
+    plain = TransformConfig(image_size=32, rotation_degrees=0, shuffle_sentences=False)
+    flipped = TransformConfig(image_size=32, rotation_degrees=0, shuffle_sentences=False, flip_probability=1.0)
+    a = next(iter(make(phantom_dir, tokenizer, 8, transform=plain)))
+    b = next(iter(make(phantom_dir, tokenizer, 8, transform=flipped)))
+    assert a["key"] == b["key"] and bool(b["flipped"].all()) and not a["flipped"].any()
+    assert torch.equal(torch.flip(a["image"], dims=[-1]), b["image"])
+    assert b["sentences"] == [[swap_laterality(s) for s in sents] for sents in a["sentences"]]
+    assert swap_laterality("Left effusion, RIGHT lung, left-sided.") == "Right effusion, LEFT lung, right-sided."
+
+
+def test_batch_contract_and_labels(phantom_dir, tokenizer):
+    loader = make(phantom_dir, tokenizer, 4, label_names=["Edema", "Cardiomegaly", "Missing"])
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 1, 32, 32) and batch["image"].dtype == torch.float32
+    length = int(batch["attention_mask"].sum(1).max())
+    assert batch["input_ids"].shape[1] == length  # padded to the batch's own longest report
+    assert (batch["sentence_index"][batch["attention_mask"] == 0] == -1).all()
+    assert (batch["sentence_index"][:, 0] == -1).all()  # [CLS]
+    assert batch["labels"].shape == (4, 3) and torch.isnan(batch["labels"][:, 2]).all()
+    assert [len(s) for s in batch["sentences"]] == batch["num_sentences"].tolist()
+
+
+def test_truncation_keeps_sep_and_drops_empty_sentences(tokenizer):
+    from prior_dist.data.tokenize import tokenize_sentences
+
+    ids, index = tokenize_sentences(tokenizer, ["no pleural effusion .", "heart normal .", "lungs clear ."], 8)
+    assert len(ids) == 8 and ids[-1] == tokenizer.sep_token_id and ids[0] == tokenizer.cls_token_id
+    assert index == [-1, 0, 0, 0, 0, 1, 1, -1]  # third sentence lost every token: dropped
+    with pytest.raises(ValueError):
+        tokenize_sentences(tokenizer, ["x"], 2)
+
+
+def test_bad_configuration_is_named(phantom_dir, tokenizer):
+    with pytest.raises(ValueError, match="rank"):
+        make(phantom_dir, tokenizer, 4, rank=2, world=2)
+    with pytest.raises(ValueError, match="split"):
+        make(phantom_dir, tokenizer, 4, split="nope")
+    with pytest.raises(ValueError, match="flip_probability"):
+        TransformConfig(flip_probability=2)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        make(phantom_dir / "missing", tokenizer, 4)
+    with pytest.raises(ValueError, match="stream"):
+        PriorLoader("pipe:cat x", tokenizer, 4, mode="indexed")
