@@ -218,3 +218,13 @@ def test_bad_configuration_is_named(phantom_dir, tokenizer):
         make(phantom_dir / "missing", tokenizer, 4)
     with pytest.raises(ValueError, match="stream"):
         PriorLoader("pipe:cat x", tokenizer, 4, mode="indexed")
+
+
+def test_stream_cli_reports_exactly_once(phantom_dir):
+    from conftest import run_cli
+
+    proc = run_cli("prior_dist.stream", str(phantom_dir), "--batch-size", "8", "--workers", "1", "--image-size", "32")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["exactly_once"] is True and report["samples"] == len(all_keys(phantom_dir))
+    proc = run_cli("prior_dist.stream", str(phantom_dir / "nowhere"), check=False)
+    assert proc.returncode == 2 and "manifest" in proc.stderr

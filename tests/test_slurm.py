@@ -1,0 +1,66 @@
+"""shardify as a real SLURM array job plus a dependent finalize job (the submit script)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from prior_dist.data.shards import load_manifest
+
+pytestmark = pytest.mark.slurm
+
+
+def _cluster_up() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)"
+    proc = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True)
+    if proc.returncode != 0 or "up" not in proc.stdout:
+        return f"sbatch present but no partition is up: {proc.stderr.strip() or proc.stdout.strip()}"
+    return None
+
+
+def _wait(job_ids: list[str], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"],
+                             capture_output=True, text=True).stdout.strip()
+        if not out:
+            return
+        time.sleep(1)
+    subprocess.run(["scancel", *job_ids])
+    raise AssertionError(f"SLURM jobs {job_ids} did not finish in {timeout}s")
+
+
+def test_shardify_array_job_and_finalize(tmp_path):
+    reason = _cluster_up()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "shards"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO))
+    args = ["phantom", "--num", "30", "--seed", "2", "--shard-size", "4", "--image-size", "32"]
+    proc = subprocess.run(["bash", str(REPO / "launch/slurm/shardify_submit.sh"), "3", str(out), *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    array_id, final_id = words[2].rstrip(","), words[5]
+    _wait([array_id, final_id])
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("prior-shardify-*.out"))
+    assert (out / "manifest.json").is_file(), logs
+    parts = sorted(p.name for p in out.glob("manifest.part-*"))
+    assert parts == [f"manifest.part-{i:05d}-of-00003.json" for i in range(3)], logs
+    manifest = load_manifest(out)
+    assert manifest["totals"]["samples"] == 30
+    # The same shards as a single local run: assignment does not depend on the task count.
+    local = tmp_path / "local"
+    subprocess.run([sys.executable, "-m", "prior_dist.shardify", *args, "--out", str(local), "--no-progress"],
+                   check=True, env=env, capture_output=True)
+    shas = lambda m: {s["name"]: s["sha256"] for e in m["splits"].values() for s in e["shards"]}  # noqa: E731
+    assert shas(manifest) == shas(load_manifest(local))
+    assert json.loads(subprocess.run([sys.executable, "-m", "prior_dist.shardify", "verify", str(out)],
+                                     env=env, capture_output=True, text=True).returncode.__str__()) == 0
