@@ -228,3 +228,31 @@ def test_stream_cli_reports_exactly_once(phantom_dir):
     assert report["exactly_once"] is True and report["samples"] == len(all_keys(phantom_dir))
     proc = run_cli("prior_dist.stream", str(phantom_dir / "nowhere"), check=False)
     assert proc.returncode == 2 and "manifest" in proc.stderr
+
+
+def test_fused_squash_rotate_matches_two_step():
+    from PIL import Image
+
+    from prior_dist.data.phantom import make_study
+    from prior_dist.data.transforms import squash_rotate
+
+    image = Image.fromarray(make_study(1, seed=2, size=160).images[0]).resize((160, 200))
+    for angle in (0.0, 4.5, -3.0):
+        two_step = image.resize((128, 128), Image.Resampling.BILINEAR).rotate(
+            angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+        fused = squash_rotate(image, 128, angle)
+        error = lambda im: np.abs(np.asarray(im, dtype=float) - np.asarray(two_step, dtype=float))[8:-8, 8:-8].mean()  # noqa: E731
+        # One interpolation instead of two: close, not equal; the wrong direction is far off.
+        assert fused.size == (128, 128) and error(fused) < 2.5, (angle, error(fused))
+        if angle:
+            assert error(squash_rotate(image, 128, -angle)) > 4 * error(fused)
+
+
+def test_token_cache_gives_identical_ids(tokenizer):
+    from prior_dist.data.tokenize import tokenize_sentences
+
+    sentences = ["No pneumothorax.", "There is a small left pleural effusion.", "No pneumothorax.", "Heart normal."]
+    cache = {}
+    for budget in (256, 9):
+        assert tokenize_sentences(tokenizer, sentences, budget, cache) == tokenize_sentences(tokenizer, sentences, budget)
+    assert len(cache) == 3

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_CACHE_LIMIT = 500_000  # distinct sentences kept per worker before the cache starts over
 
 
 def load_tokenizer(spec: str, allow_download: bool = False):
@@ -82,8 +83,8 @@ def resolve_tokenizer(spec: str | None, shard_dir: str | Path | None, cache_dir:
     return build_wordpiece(shard_dir, cache)
 
 
-def tokenize_sentences(tokenizer, sentences: list[str], max_tokens: int = 256
-                       ) -> tuple[list[int], list[int]]:
+def tokenize_sentences(tokenizer, sentences: list[str], max_tokens: int = 256,
+                       cache: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
     """[CLS] s1 s2 ... [SEP], tokenised sentence by sentence so boundaries are exact.
 
     Returns (input_ids, sentence_index) where sentence_index is -1 for special tokens. When the
@@ -92,7 +93,16 @@ def tokenize_sentences(tokenizer, sentences: list[str], max_tokens: int = 256
     """
     if max_tokens < 3:
         raise ValueError(f"max_tokens must be >= 3, got {max_tokens}")
-    pieces = tokenizer(sentences, add_special_tokens=False)["input_ids"] if sentences else []
+    if cache is None:
+        pieces = tokenizer(sentences, add_special_tokens=False)["input_ids"] if sentences else []
+    else:
+        # Report sentences repeat heavily ("No pneumothorax."): tokenise each distinct one once.
+        missing = [s for s in dict.fromkeys(sentences) if s not in cache]
+        if missing:
+            if len(cache) + len(missing) > _CACHE_LIMIT:
+                cache.clear()
+            cache.update(zip(missing, tokenizer(missing, add_special_tokens=False)["input_ids"]))
+        pieces = [cache[s] for s in sentences]
     budget = max_tokens - 2
     ids = [tokenizer.cls_token_id]
     sentence_index = [-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -78,6 +79,25 @@ def image_members(members: dict[str, bytes]) -> list[str]:
     return sorted(names, key=lambda e: int(_IMAGE_EXT.match(e).group(1) or 0))
 
 
+def squash_rotate(image: Image.Image, size: int, angle: float) -> Image.Image:
+    """Squash-resize to `size` x `size` and rotate by `angle` degrees (counter-clockwise, as
+    PIL's `rotate`) in one bilinear pass: one affine map from output to input pixels."""
+    if not angle:
+        if image.size == (size, size):
+            return image
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    sx, sy = image.width / size, image.height / size
+    theta = -math.radians(angle)
+    cos, sin = math.cos(theta), math.sin(theta)
+    centre = size / 2
+    coefficients = (
+        sx * cos, sx * sin, sx * (centre - cos * centre - sin * centre),
+        -sy * sin, sy * cos, sy * (centre + sin * centre - cos * centre),
+    )
+    return image.transform((size, size), Image.Transform.AFFINE, coefficients,
+                           resample=Image.Resampling.BILINEAR, fillcolor=0)
+
+
 class SampleTransform:
     """Turns a sample's raw members into model inputs (image tensor, token ids, metadata)."""
 
@@ -87,6 +107,7 @@ class SampleTransform:
         self.config = config
         self.seed = seed
         self.label_names = list(label_names) if label_names else None
+        self.token_cache: dict[str, list[int]] = {}
 
     def __call__(self, key: str, members: dict[str, bytes], epoch: int) -> dict:
         cfg = self.config
@@ -107,9 +128,7 @@ class SampleTransform:
             image = image.convert("L")
         except (OSError, ValueError, SyntaxError) as exc:
             raise CorruptSample(f"{key}.{chosen}: image does not decode: {exc}") from exc
-        image = image.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
-        if angle:
-            image = image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+        image = squash_rotate(image, cfg.image_size, angle)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).div_(255.0)
@@ -122,7 +141,8 @@ class SampleTransform:
             sentences = sentences[: cfg.max_sentences]
         if flip:
             sentences = [swap_laterality(s) for s in sentences]
-        input_ids, sentence_index = tokenize_sentences(self.tokenizer, sentences, cfg.max_tokens)
+        input_ids, sentence_index = tokenize_sentences(self.tokenizer, sentences, cfg.max_tokens,
+                                                        self.token_cache)
         kept = max(sentence_index) + 1
         out = {
             "key": key,
