@@ -256,3 +256,14 @@ def test_token_cache_gives_identical_ids(tokenizer):
     for budget in (256, 9):
         assert tokenize_sentences(tokenizer, sentences, budget, cache) == tokenize_sentences(tokenizer, sentences, budget)
     assert len(cache) == 3
+
+
+def test_pipe_source_streams_exactly_once(phantom_dir, tokenizer):
+    from prior_dist.data.loader import Source
+
+    source = Source(location=f"pipe:cat {phantom_dir}", manifest_dir=str(phantom_dir))
+    loaders = [PriorLoader(source, tokenizer, 4, rank=r, world_size=2, seed=7, transform=CFG) for r in range(2)]
+    assert loaders[0].mode == "stream"
+    per_rank = epoch_batches(loaders)
+    assert len(per_rank[0]) == len(per_rank[1])
+    assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == all_keys(phantom_dir)
