@@ -1,6 +1,5 @@
 """shardify as a real SLURM array job plus a dependent finalize job (the submit script)."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -62,5 +61,6 @@ def test_shardify_array_job_and_finalize(tmp_path):
                    check=True, env=env, capture_output=True)
     shas = lambda m: {s["name"]: s["sha256"] for e in m["splits"].values() for s in e["shards"]}  # noqa: E731
     assert shas(manifest) == shas(load_manifest(local))
-    assert json.loads(subprocess.run([sys.executable, "-m", "prior_dist.shardify", "verify", str(out)],
-                                     env=env, capture_output=True, text=True).returncode.__str__()) == 0
+    verify = subprocess.run([sys.executable, "-m", "prior_dist.shardify", "verify", str(out)],
+                            env=env, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr

@@ -323,10 +323,9 @@ class StreamSamples(IterableDataset):
         epoch = self.epoch
         shard_ids, start, end = self.worker_range(epoch, worker, num_workers)
         skip = self.skip_per_worker[worker] if worker < len(self.skip_per_worker) else 0
-        # Deterministic chunk shuffle: positions are permuted within chunks of `chunk`.
-        produced = 0
+        # Deterministic chunk shuffle: positions are permuted within chunks of `chunk`, so a
+        # resume re-reads only the chunk it stopped in.
         buffer: list[tuple[str, dict | None]] = []
-        chunk_index = 0
 
         def flush():
             nonlocal chunk_index
