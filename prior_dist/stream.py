@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_second": round(len(keys) / elapsed, 1), "mean_tokens": round(tokens / max(len(keys), 1), 1),
         "exactly_once": (len(set(keys)) == len(keys) and
                          len(keys) + loader.skipped["corrupt_sample"] == loader.samples_per_epoch)
-        if full_epoch and loader.mode != "resampled" else None,
+        if full_epoch and loader.mode != "resampled" and all(s.weight == 1.0 for s in loader.sources)
+        else None,
     }
     print(json.dumps(report))
     return 0 if report["exactly_once"] in (True, None) else 1

@@ -75,7 +75,7 @@ def test_mid_epoch_resume_with_workers(phantom_dir, tokenizer):
     resumed.set_epoch(0)  # a training loop's set_epoch must not rewind a resumed position
     seen += list(resumed) + list(resumed)
     assert [b["key"] for b in seen] == [b["key"] for b in expected]
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(seen, expected))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(seen, expected, strict=True))
 
 
 def test_resume_on_another_world_size_with_same_global_batch(phantom_dir, tokenizer):
@@ -88,7 +88,7 @@ def test_resume_on_another_world_size_with_same_global_batch(phantom_dir, tokeni
     for loader in ranks:
         loader.load_state_dict(state)
     rest_pair = epoch_batches(ranks)
-    assert rest_single == [a["key"] + b["key"] for a, b in zip(*rest_pair)]
+    assert rest_single == [a["key"] + b["key"] for a, b in zip(*rest_pair, strict=True)]
     wrong = make(phantom_dir, tokenizer, 3)
     with pytest.raises(ValueError, match="global batch"):
         wrong.load_state_dict(state)

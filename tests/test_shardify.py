@@ -4,7 +4,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import run_cli
 from imaging import dicom_bytes, gradient, jpeg_bytes, png_bytes

@@ -208,7 +208,7 @@ def verify(out_dir: str | Path) -> list[str]:
     out = Path(out_dir)
     problems: list[str] = []
     manifest = load_manifest(out)
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         for shard in entry["shards"]:
             path = out / shard["file"]
             if not path.is_file():

@@ -24,7 +24,6 @@ import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np

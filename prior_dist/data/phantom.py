@@ -118,12 +118,11 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return rows[:, i0] * (1 - t)[None, :] + rows[:, i0 + 1] * t[None, :]
 
 
-def _render(rng: np.random.Generator, size: int, findings: list[Finding], anatomy: dict,
-            view_jitter: bool) -> tuple[np.ndarray, np.ndarray]:
+def _render(rng: np.random.Generator, size: int, findings: list[Finding], anatomy: dict
+            ) -> tuple[np.ndarray, np.ndarray]:
     c = _Canvas(size)
     a = anatomy
-    shift_x = a["shift_x"] + (rng.normal(0, 0.008) if view_jitter else 0.0)
-    shift_y = a["shift_y"] + (rng.normal(0, 0.008) if view_jitter else 0.0)
+    shift_x, shift_y = a["shift_x"], a["shift_y"]
     # Patient's right lung is on the image's left.
     lung_cx = {"right": 0.32 + shift_x, "left": 0.68 + shift_x}
     lung_cy = 0.47 + shift_y
@@ -456,17 +455,14 @@ def make_study(index: int, seed: int = 0, size: int = 256, studies_per_subject: 
     findings = _sample_findings(rng)
     anatomy = _anatomy(rng, findings)
     num_images = 2 if rng.random() < 0.2 else 1
-    images, mask = [], None
-    for view in range(num_images):
+    # One rendering per study; further views are the same anatomy and findings with their own
+    # exposure and noise, so views agree on what they show.
+    image, mask = _render(_rng(seed, "study", index, "draw"), size, findings, anatomy)
+    images = [image]
+    for view in range(1, num_images):
         view_rng = _rng(seed, "study", index, "view", view)
-        # Findings are drawn with the same random state in every view so they agree.
-        image, view_mask = _render(_rng(seed, "study", index, "draw"), size, findings, anatomy,
-                                   view_jitter=False)
-        if view > 0:
-            noise = view_rng.normal(0, 6.0, image.shape)
-            image = np.clip(image.astype(np.float32) * view_rng.uniform(0.9, 1.1) + noise, 0, 255).astype(np.uint8)
-        images.append(image)
-        mask = view_mask if mask is None else mask
+        noise = view_rng.normal(0, 6.0, image.shape)
+        images.append(np.clip(image.astype(np.float32) * view_rng.uniform(0.9, 1.1) + noise, 0, 255).astype(np.uint8))
     report = write_report(_rng(seed, "report", index), findings)
     present = {f.name for f in findings}
     labels = {LABEL_NAMES[name]: int(name in present) for name in FINDINGS}

@@ -11,7 +11,7 @@ from typing import Literal
 from PIL import Image
 
 from prior_dist.data import images as imgs
-from prior_dist.data.reports import decode_report_bytes, parse_report
+from prior_dist.data.reports import decode_report_bytes, extract_sections
 from prior_dist.data.sources import StudyRecord
 
 
@@ -88,7 +88,7 @@ def prepare_study(record: StudyRecord, settings: PrepareSettings) -> tuple[dict[
         text, notes = _report_text(record, settings)
     if not text.strip():
         raise Skip("empty_report", record.key)
-    parsed = parse_report(text)
+    parsed = extract_sections(text)
     if not parsed.has_sections:
         raise Skip("no_sections", record.key)
     if not parsed.sentences:

@@ -153,11 +153,6 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def parse_report(text: str) -> ParsedReport:
-    """Sections and sentences of one report (alias kept for readability at call sites)."""
-    return extract_sections(text)
-
-
 def decode_report_bytes(data: bytes) -> tuple[str, bool]:
     """Decode report bytes as UTF-8; fall back to cp1252/latin-1. Returns (text, was_clean)."""
     try:
