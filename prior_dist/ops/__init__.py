@@ -1,0 +1,1 @@
+"""Tensor operations with a reference implementation and optional fused kernels."""

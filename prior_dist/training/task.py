@@ -1,0 +1,110 @@
+"""The PRIOR task: a batch and a stage plan in, named losses and their weighted total out."""
+
+from __future__ import annotations
+
+import torch
+
+from prior_dist.losses import (LocalGather, align_to_targets, global_contrastive_loss,
+                               hungarian_assignment, image_reconstruction_loss,
+                               intra_report_contrastive_loss, prototype_kl_loss,
+                               prototype_l1_loss, sentence_generation_loss, simsiam_loss)
+from prior_dist.losses.contrastive import Gather
+from prior_dist.models.prior import PriorModel
+from prior_dist.training.curriculum import StagePlan
+
+
+class PriorTask:
+    """Wraps a `PriorModel` (or a DeepSpeed engine's module) and a gather for the global loss."""
+
+    def __init__(self, model: PriorModel, gather: Gather | None = None):
+        self.model = model
+        self.gather = gather or LocalGather()
+
+    def __call__(self, batch: dict, plan: StagePlan,
+                 gumbel_noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Losses by name (only those `plan` runs) plus `total`, the weighted sum.
+
+        `gumbel_noise` may hold U(0, 1) tensors `sentences [B, S, K]` and `generated [B, Q, K]`
+        to tie the prototype bank's noise to the samples; otherwise it is drawn from torch's RNG.
+        """
+        model = self.model
+        img = model.encode_image(batch["image"])
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"],
+                                batch["sentence_index"], plan.max_sentences)
+        return self.head_losses(img, txt.sentences, txt.sentence_mask, batch["image"], plan,
+                                gumbel_noise)
+
+    def head_losses(self, img, sentences, mask, image, plan: StagePlan,
+                    gumbel_noise: dict[str, torch.Tensor] | None = None,
+                    generated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Everything after the encoders. `generated [B, Q, D]` replaces the sentence decoder's
+        output when given (benchmarks time the heads without the decoder networks)."""
+        model, noise = self.model, gumbel_noise or {}
+        losses: dict[str, torch.Tensor] = {}
+        aligned = sentences
+        if plan.use_prototypes or plan.runs("proto"):
+            prototypes = model.prototype_bank(sentences, _noise(noise, "sentences", sentences))
+            if plan.runs("proto"):
+                losses["proto"] = prototype_l1_loss(sentences, prototypes, mask)
+            if plan.use_prototypes:
+                aligned = prototypes
+        report = model.report_embedding(aligned, mask)
+        if plan.runs("global"):
+            losses["global"] = global_contrastive_loss(img.global_embedding, report,
+                                                       model.global_scale, self.gather)
+        local = model.local_alignment(img.patch_tokens, aligned, mask)
+        if plan.runs("local_image"):
+            losses["local_image"] = simsiam_loss(model.predictor, img.patch_tokens,
+                                                 local.image_context)
+        if plan.runs("local_text"):
+            losses["local_text"] = intra_report_contrastive_loss(local.text_context, aligned,
+                                                                 mask, model.local_scale)
+        if plan.runs("rec_image"):
+            reconstruction = model.reconstruct_image(img.patch_tokens, local.image_context,
+                                                     img.grid)
+            losses["rec_image"] = image_reconstruction_loss(reconstruction, image)
+        if any(plan.runs(n) for n in ("spg", "kl", "gpa")):
+            if generated is None:
+                generated = model.sentence_decoder(img.patch_tokens)
+            losses.update(self._generation_losses(generated, sentences, aligned, mask, report,
+                                                  plan, noise))
+        total = sum(plan.weights[name] * value for name, value in losses.items())
+        return {**losses, "total": total}
+
+    def _generation_losses(self, generated, sentences, aligned, mask, report, plan, noise):
+        model = self.model
+        num_queries = generated.shape[1]
+        targets = _pad_rows(aligned[:, :num_queries], num_queries)           # prototypes
+        real = _pad_rows(sentences[:, :num_queries], num_queries)
+        target_mask = _pad_rows(mask[:, :num_queries], num_queries)
+        targets = targets * target_mask[..., None].to(targets.dtype)
+        cost = torch.cdist(generated.detach().float(), targets.detach().float(), p=1)
+        assignment = hungarian_assignment(cost)
+        matched = align_to_targets(generated, assignment, model.cfg.compat.matching)
+        out = {}
+        if plan.runs("spg"):
+            out["spg"] = sentence_generation_loss(matched, targets)
+        if plan.runs("kl"):
+            out["kl"] = prototype_kl_loss(real, matched, model.prototype_bank.prototypes,
+                                          target_mask)
+        if plan.runs("gpa"):
+            generated_prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
+            generated_report = model.report_embedding(generated_prototypes, target_mask)
+            out["gpa"] = global_contrastive_loss(generated_report, report, model.global_scale,
+                                                 self.gather)
+        return out
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero-pad (or keep) dimension 1 to `rows`."""
+    missing = rows - x.shape[1]
+    if missing <= 0:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], missing, *x.shape[2:])], dim=1)
+
+
+def _noise(noise: dict, name: str, like: torch.Tensor) -> torch.Tensor | None:
+    value = noise.get(name)
+    if value is None:
+        return None
+    return value[:, :like.shape[1]]
