@@ -30,7 +30,8 @@ class LocalGather:
 
 
 def global_contrastive_loss(image_BD: torch.Tensor, text_BD: torch.Tensor,
-                            logit_scale: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
+                            logit_scale: torch.Tensor,
+                            gather: Gather | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of this rank's rows against the whole global batch (spec section 2).
 
     Labels are offset by the global rank. Every rank must hold the same B (the loader
@@ -69,9 +70,9 @@ def intra_report_contrastive_loss(context_BSD: torch.Tensor, sentences_BSD: torc
     # Rows: context -> sentences; columns: sentence -> contexts. 
     row_lse = torch.logsumexp(logits, dim=2)
     col_lse = torch.logsumexp(logits, dim=1)
-    weights = fp32(valid)
-    per_row = torch.where(valid, row_lse - diagonal, 0.0) + torch.where(valid, col_lse - diagonal, 0.0)
-    counts = weights.sum(1)
+    per_row = (torch.where(valid, row_lse - diagonal, 0.0)
+               + torch.where(valid, col_lse - diagonal, 0.0))
+    counts = fp32(valid).sum(1)
     has_any = counts > 0
     per_report = per_row.sum(1) / (2 * counts.clamp_min(1))
     return per_report[has_any].mean() if bool(has_any.any()) else per_report.sum() * 0

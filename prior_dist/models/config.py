@@ -244,7 +244,8 @@ def _paper() -> ModelConfig:
 
 
 def _demo() -> ModelConfig:
-    # Trains in minutes on a CPU at 128 px (a 4x4 patch grid): ResNet-10-like tower, 2-layer BERT, small heads.
+    # Trains in minutes on a CPU at 128 px (a 4x4 patch grid): a ResNet-10-like tower, a
+    # 2-layer BERT, small heads.
     return ModelConfig(
         image=ImageTowerConfig(image_size=128, block="basic", layers=(1, 1, 1, 1), width=16,
                                pool_heads=4),

@@ -51,7 +51,8 @@ class _DecoderLayer(nn.Module):
         self.ffn_out = nn.Linear(intermediate, dim)
         self.ffn_norm = layer_norm(dim, 1e-12)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, causal: bool, impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, causal: bool,
+                impl: str) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         q, k, v = rearrange(self.self_qkv(x), "b n (three h d) -> three b h n d", three=3,
                             h=self.heads)

@@ -41,19 +41,22 @@ class AttentionPool(nn.Module):
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
             init_projection(linear)
 
-    def forward(self, tokens_BNC: torch.Tensor, mask_BN: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens_BNC: torch.Tensor,
+                mask_BN: torch.Tensor | None = None) -> torch.Tensor:
         if mask_BN is None:
             mean = tokens_BNC.mean(dim=1, keepdim=True)
             key_mask = None
         else:
             weights = mask_BN.to(tokens_BNC.dtype)[..., None]
-            mean = (tokens_BNC * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
+            mean = ((tokens_BNC * weights).sum(1, keepdim=True)
+                    / weights.sum(1, keepdim=True).clamp_min(1))
             key_mask = torch.cat([mask_BN.new_ones(mask_BN.shape[0], 1), mask_BN], dim=1)
         x = torch.cat([mean, tokens_BNC], dim=1)
         if self.positional_embedding is not None:
             if x.shape[1] != self.positional_embedding.shape[0]:
-                raise ValueError(f"attention pool built for {self.positional_embedding.shape[0] - 1} "
-                                 f"tokens, got {x.shape[1] - 1}: check image.image_size")
+                built = self.positional_embedding.shape[0] - 1
+                raise ValueError(f"attention pool built for {built} tokens, got "
+                                 f"{x.shape[1] - 1}: check image.image_size")
             x = x + self.positional_embedding.to(x.dtype)
         q = rearrange(self.q_proj(x[:, :1]), "b n (h d) -> b h n d", h=self.num_heads)
         k = rearrange(self.k_proj(x), "b n (h d) -> b h n d", h=self.num_heads)

@@ -25,7 +25,8 @@ class SentencePrototypeBank(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ self.prototypes.float().t()
 
-    def forward(self, x_ND: torch.Tensor, uniform_noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor,
+                uniform_noise: torch.Tensor | None = None) -> torch.Tensor:
         """`q = p W` with `p = softmax((x Wᵀ + g) / tau)`, computed in fp32.
 
         Noise is drawn in training (and at evaluation with `eval_gumbel`, the reference quirk);

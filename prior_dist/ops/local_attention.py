@@ -47,7 +47,8 @@ def resolve_local_attention_impl(impl: str, device: torch.device) -> str:
     if impl == "triton":
         raise RuntimeError("local_attention_impl='triton' requested but no Triton kernel is "
                            "available in this build; use 'auto' or 'torch'")
-    raise ValueError(f"local_attention_impl must be one of ['auto', 'triton', 'torch'], got {impl!r}")
+    raise ValueError("local_attention_impl must be one of ['auto', 'triton', 'torch'], "
+                     f"got {impl!r}")
 
 
 def local_attention(query, key, value, query_mask=None, key_mask=None, *, scale: float,

@@ -88,8 +88,8 @@ class PriorTask:
             out["kl"] = prototype_kl_loss(real, matched, model.prototype_bank.prototypes,
                                           target_mask)
         if plan.runs("gpa"):
-            generated_prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
-            generated_report = model.report_embedding(generated_prototypes, target_mask)
+            prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
+            generated_report = model.report_embedding(prototypes, target_mask)
             out["gpa"] = global_contrastive_loss(generated_report, report, model.global_scale,
                                                  self.gather)
         return out
