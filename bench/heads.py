@@ -142,6 +142,14 @@ def bench_demo_share(batch: int, repeats: int, device: torch.device) -> dict:
         t_enc = median_time(encoders_only, repeats, device)
         results[f"stage{stage}"] = {"step_s": t_whole, "encoders_s": t_enc,
                                     "heads_share": max(0.0, (t_whole - t_enc) / t_whole)}
+    img = model.encode_image(data["image"])
+    tokens = img.patch_tokens.detach().requires_grad_(True)
+
+    def image_decoder():
+        model.zero_grad(set_to_none=True)
+        model.reconstruct_image(tokens, tokens, img.grid).square().mean().backward()
+
+    results["stage3"]["image_decoder_s"] = median_time(image_decoder, repeats, device)
     return {"batch": batch, **results}
 
 
@@ -172,6 +180,8 @@ def main() -> int:
         print(f"[2] demo step {stage}, B={share['batch']}: {s['step_s'] * 1e3:.1f} ms, encoders "
               f"{s['encoders_s'] * 1e3:.1f} ms -> heads {100 * s['heads_share']:.1f}% "
               "(target <= 15%)")
+    print(f"[2] of which the image decoder network (fwd+bwd) alone: "
+          f"{share['stage3']['image_decoder_s'] * 1e3:.1f} ms")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "paper_heads": heads,
