@@ -1,0 +1,29 @@
+"""All-gather with gradient, the `Gather` the global loss takes (prior_dist.losses.contrastive)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+class AllGather:
+    """Concatenate `[B, D]` from every rank of `group`; gradients flow back to every rank.
+
+    The backward sums each rank's gradient contributions (reduce-scatter on NCCL, all-to-all on
+    gloo); with gradients averaged over ranks afterwards (DDP, DeepSpeed), the update equals
+    that of the full-batch loss.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("AllGather needs an initialised process group; use "
+                               "prior_dist.losses.LocalGather in a single process")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return x
+        return torch.cat(dist_fn.all_gather(x, group=self.group))
