@@ -4,11 +4,13 @@
 `A = act(Q Kᵀ · scale)` with masked keys contributing exactly zero and masked query rows
 output zero, then `out = A V`. `activation="sigmoid"` is PRIOR's (rows need not sum to one);
 `"softmax"` is the word-level (GLoRIA-style) variant. The pure PyTorch reference below is the
-ground truth that fused kernels are tested against.
+ground truth that fused kernels are tested against; `prior_dist.kernels` holds the Triton
+kernel that `impl="triton"` (or `auto` on CUDA) runs instead.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -40,21 +42,57 @@ def local_attention_reference(query: torch.Tensor, key: torch.Tensor, value: tor
     return (out, weights) if return_attention else out
 
 
-def resolve_local_attention_impl(impl: str, device: torch.device) -> str:
-    """'torch' (no fused kernel is built yet) for 'auto' | 'torch'; an explicit 'triton' raises."""
-    if impl == "torch" or impl == "auto":
+_WARNED: set[str] = set()
+
+
+def resolve_local_attention_impl(impl: str, query: torch.Tensor, key: torch.Tensor,
+                                 value: torch.Tensor) -> str:
+    """'triton' or 'torch' for a setting of 'auto' | 'triton' | 'torch'.
+
+    `auto` takes the Triton kernel on CUDA when Triton imports and the shapes are supported,
+    otherwise the reference (with one warning on CUDA; on the CPU the reference is the path).
+    An explicit `triton` that cannot run raises, naming the reason.
+    """
+    if impl == "torch":
         return "torch"
+    if impl not in ("auto", "triton"):
+        raise ValueError("local_attention_impl must be one of ['auto', 'triton', 'torch'], "
+                         f"got {impl!r}")
+    from prior_dist.kernels.local_attention import unsupported_reason
+
+    reason = unsupported_reason(query, key, value)
     if impl == "triton":
-        raise RuntimeError("local_attention_impl='triton' requested but no Triton kernel is "
-                           "available in this build; use 'auto' or 'torch'")
-    raise ValueError("local_attention_impl must be one of ['auto', 'triton', 'torch'], "
-                     f"got {impl!r}")
+        if reason is not None:
+            raise RuntimeError(f"local_attention_impl='triton' cannot run: {reason}; use "
+                               "'auto' or 'torch'")
+        return "triton"
+    if query.device.type != "cuda":
+        return "torch"
+    if reason is not None:
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"local_attention_impl='auto': Triton kernel not used ({reason}); "
+                          "using the PyTorch reference", stacklevel=3)
+        return "torch"
+    return "triton"
 
 
 def local_attention(query, key, value, query_mask=None, key_mask=None, *, scale: float,
                     activation: Activation = "sigmoid", return_attention: bool = False,
                     impl: str = "auto"):
-    """Dispatching entry point used by the model (see module docstring)."""
-    resolve_local_attention_impl(impl, query.device)
+    """Dispatching entry point used by the model (see module docstring).
+
+    On the Triton path the attention maps carry no gradient; `auto` keeps the reference when
+    maps are asked for while gradients are being recorded, so they stay differentiable.
+    """
+    chosen = resolve_local_attention_impl(impl, query, key, value)
+    if (chosen == "triton" and impl == "auto" and return_attention and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (query, key, value))):
+        chosen = "torch"
+    if chosen == "triton":
+        from prior_dist.kernels.local_attention import triton_local_attention
+
+        return triton_local_attention(query, key, value, query_mask, key_mask, scale=scale,
+                                      activation=activation, return_attention=return_attention)
     return local_attention_reference(query, key, value, query_mask, key_mask, scale, activation,
                                      return_attention)
