@@ -137,3 +137,22 @@ def test_model_losses_equal_with_triton_local_attention():
     for name in ("local_image", "local_text", "global"):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
+    """bench/kernels.py (the GPU suite's benchmark) runs end to end on tiny shapes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench/kernels.py"), "--smoke", "--device",
+                           "cpu", "--repeats", "1", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["activation"] for r in results] == ["sigmoid", "softmax"]
+    assert all(r["triton"]["max_rel_diff_vs_eager"] < 1e-5 for r in results)
