@@ -28,7 +28,7 @@ COMPONENTS = (
     ("report attention pool", ("report_pool.",)),
     ("local alignment + predictor", ("local_alignment.", "predictor.")),
     ("prototype bank", ("prototype_bank.",)),
-    ("logit scales", ("logit_scale", "local_logit_scale")),
+    ("logit scales", ("logit_scales.",)),
 )
 
 

@@ -12,7 +12,7 @@ shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
 export PYTHON SHARDIFY_ARGS="$* --out $out"
-array=$(sbatch --parsable --array=0-$((tasks - 1)) "$here/shardify_array.sbatch")
+array=$(sbatch --parsable --array=0-$((tasks - 1)) "$here/shardify.sbatch")
 final=$(sbatch --parsable --dependency=afterok:"$array" --job-name=prior-shardify-finalize \
   --output="prior-shardify-finalize-%j.out" --wrap "$PYTHON -m prior_dist.shardify finalize $out")
 echo "array job $array, finalize job $final"

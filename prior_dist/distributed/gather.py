@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+
+from prior_dist.distributed.collectives import all_gather_with_grad
 
 
 class AllGather:
     """Concatenate `[B, D]` from every rank of `group`; gradients flow back to every rank.
 
-    The backward sums each rank's gradient contributions (reduce-scatter on NCCL, all-to-all on
-    gloo); with gradients averaged over ranks afterwards (DDP, DeepSpeed), the update equals
-    that of the full-batch loss.
+    The backward sums each rank's gradient contributions; with gradients averaged over ranks
+    afterwards (DDP, DeepSpeed), the update equals that of the full-batch loss.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
@@ -26,4 +26,4 @@ class AllGather:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x
-        return torch.cat(dist_fn.all_gather(x, group=self.group))
+        return all_gather_with_grad(x, self.group)

@@ -55,8 +55,9 @@ def intra_report_contrastive_loss(context_BSD: torch.Tensor, sentences_BSD: torc
                                   mask_BS: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Sentence j's attended image context must pick sentence j among its report's sentences.
 
-    Symmetric; mean over each report's sentences, then over reports. A one-sentence report
-    gives exactly zero; a report without sentences is left out.
+    Symmetric; mean over each report's sentences, then over all B reports (a one-sentence report
+    gives exactly zero, as does a report without sentences), so the mean over ranks of equal B
+    is the mean over the global batch.
     """
     context = F.normalize(fp32(context_BSD), dim=-1)
     sentences = F.normalize(fp32(sentences_BSD), dim=-1)
@@ -73,6 +74,4 @@ def intra_report_contrastive_loss(context_BSD: torch.Tensor, sentences_BSD: torc
     per_row = (torch.where(valid, row_lse - diagonal, 0.0)
                + torch.where(valid, col_lse - diagonal, 0.0))
     counts = fp32(valid).sum(1)
-    has_any = counts > 0
-    per_report = per_row.sum(1) / (2 * counts.clamp_min(1))
-    return per_report[has_any].mean() if bool(has_any.any()) else per_report.sum() * 0
+    return (per_row.sum(1) / (2 * counts.clamp_min(1))).mean()

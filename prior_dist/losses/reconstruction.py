@@ -8,12 +8,18 @@ import torch.nn.functional as F
 from prior_dist.losses.precision import fp32
 
 
+def _per_report_mean(values_BS: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
+    """Mean over each report's valid rows, then over all B reports (empty reports give 0):
+    averaged over ranks of equal B this is the global-batch value."""
+    m = fp32(mask_BS)
+    return ((values_BS * m).sum(1) / m.sum(1).clamp_min(1)).mean()
+
+
 def prototype_l1_loss(sentences_BSD: torch.Tensor, prototypes_BSD: torch.Tensor,
                       mask_BS: torch.Tensor) -> torch.Tensor:
-    """Mean |x - q| over the valid sentences' elements."""
-    w = fp32(mask_BS)[..., None]
-    diff = (fp32(sentences_BSD) - fp32(prototypes_BSD)).abs() * w
-    return diff.sum() / (w.sum() * sentences_BSD.shape[-1]).clamp_min(1)
+    """Mean |x - q| over each valid sentence's elements, per report, then over reports."""
+    diff = (fp32(sentences_BSD) - fp32(prototypes_BSD)).abs().mean(-1)
+    return _per_report_mean(diff, mask_BS)
 
 
 def image_reconstruction_loss(reconstruction: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -25,12 +31,11 @@ def sentence_generation_loss(matched_BQD: torch.Tensor, targets_BQD: torch.Tenso
     return F.l1_loss(fp32(matched_BQD), fp32(targets_BQD))
 
 
-def prototype_kl_loss(real_BQD: torch.Tensor, matched_BQD: torch.Tensor,
-                      prototypes_KD: torch.Tensor, mask_BQ: torch.Tensor) -> torch.Tensor:
-    """L_kl: KL(softmax(E Wᵀ) || softmax(Ŷ Wᵀ)), summed over prototypes, mean over real rows."""
-    w = fp32(prototypes_KD)
-    log_p = F.log_softmax(fp32(real_BQD) @ w.t(), dim=-1)
-    log_q = F.log_softmax(fp32(matched_BQD) @ w.t(), dim=-1)
+def prototype_kl_loss(real_logits_BQK: torch.Tensor, matched_logits_BQK: torch.Tensor,
+                      mask_BQ: torch.Tensor) -> torch.Tensor:
+    """L_kl: KL(softmax(E Wᵀ) || softmax(Ŷ Wᵀ)) from the two logit tensors, summed over
+    prototypes, mean over real rows."""
+    log_p = F.log_softmax(fp32(real_logits_BQK), dim=-1)
+    log_q = F.log_softmax(fp32(matched_logits_BQK), dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    m = fp32(mask_BQ)
-    return (kl * m).sum() / m.sum().clamp_min(1)
+    return _per_report_mean(kl, mask_BQ)

@@ -99,8 +99,10 @@ class BertEncoder(nn.Module):
                              f"{self.cfg.max_position_embeddings}")
         mask = attention_mask.to(torch.bool)
         positions = torch.arange(length, device=input_ids.device)
+        # Every parameter is used through its module's forward (ZeRO-3 gathers it there).
+        token_types = torch.zeros_like(positions)
         x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
-             + self.token_type_embeddings.weight[0])
+             + self.token_type_embeddings(token_types)[None])
         x = F.dropout(self.embed_norm(x), self.cfg.dropout, self.training)
         impl = resolve_attention_impl(self.cfg.attention_impl, x.device)
         packing = None

@@ -101,7 +101,7 @@ class SentencePrototypeDecoder(nn.Module):
         batch, num_queries = image_tokens_BPD.shape[0], self.queries.shape[0]
         positions = torch.arange(num_queries, device=self.queries.device)
         x = (self.queries + self.position_embeddings(positions)
-             + self.token_type_embeddings.weight[0]).to(image_tokens_BPD.dtype)
+             + self.token_type_embeddings(torch.zeros_like(positions))).to(image_tokens_BPD.dtype)
         x = F.dropout(self.embed_norm(x), self.dropout, self.training)
         x = x.expand(batch, -1, -1)
         impl = resolve_attention_impl(self.attention_impl, x.device)

@@ -42,22 +42,15 @@ class PriorModel(nn.Module):
             causal=compat.decoder_mask == "causal",
             unused_vocab_size=cfg.text.vocab_size if compat.reference_unused_params else None,
             attention_impl=cfg.text.attention_impl)
-        init = math.log(heads.logit_scale_init)
-        self.logit_scale = nn.Parameter(torch.tensor(init))
-        self.local_logit_scale = nn.Parameter(torch.tensor(init))
-
-    def _scale(self, log_scale: torch.Tensor) -> torch.Tensor:
-        scale = log_scale.float().exp()
-        limit = self.cfg.heads.logit_scale_max
-        return scale if limit is None else scale.clamp(max=limit)
+        self.logit_scales = LogitScales(heads.logit_scale_init, heads.logit_scale_max)
 
     @property
     def global_scale(self) -> torch.Tensor:
-        return self._scale(self.logit_scale)
+        return self.logit_scales()[0]
 
     @property
     def local_scale(self) -> torch.Tensor:
-        return self._scale(self.local_logit_scale)
+        return self.logit_scales()[1]
 
     def encode_image(self, image: torch.Tensor):
         return self.image(image)
@@ -70,12 +63,45 @@ class PriorModel(nn.Module):
         return self.report_pool(sentences_BSD, mask_BS)
 
     def reconstruct_image(self, patch_tokens_BPD: torch.Tensor, image_context_BPD: torch.Tensor,
-                          grid: tuple[int, int]) -> torch.Tensor:
-        """Decode `[Dropout2d(image map), C_i map]` to a 1-channel image."""
+                          grid: tuple[int, int],
+                          channel_uniform_BD: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode `[Dropout2d(image map), C_i map]` to a 1-channel image.
+
+        `channel_uniform_BD` (U(0, 1) per sample and channel) ties the dropout mask to the
+        samples; without it torch's RNG draws it.
+        """
         layout = self.cfg.compat.token_layout
-        image_map = self.feature_dropout(tokens_to_map(patch_tokens_BPD, grid, layout))
+        image_map = tokens_to_map(patch_tokens_BPD, grid, layout)
+        p = self.feature_dropout.p
+        if self.training and p > 0 and channel_uniform_BD is not None:
+            keep = (channel_uniform_BD >= p).to(image_map.dtype) / (1.0 - p)
+            image_map = image_map * keep[:, :, None, None]
+        else:
+            image_map = self.feature_dropout(image_map)
         context_map = tokens_to_map(image_context_BPD, grid, layout)
         return self.image_decoder(torch.cat([image_map, context_map], dim=1))
+
+
+class LogitScales(nn.Module):
+    """The learnable scales `s = exp(t)` of the global and the intra-report InfoNCE.
+
+    A module of its own so every use of the parameters happens inside its forward: ZeRO-3
+    gathers a module's parameters only around that module's forward.
+    """
+
+    def __init__(self, init: float, limit: float | None = None):
+        super().__init__()
+        self.limit = limit
+        # Shape [1], not 0-dim: DeepSpeed broadcasts parameters as byte views, which a 0-dim
+        # tensor cannot give.
+        self.global_log_scale = nn.Parameter(torch.tensor([math.log(init)]))
+        self.local_log_scale = nn.Parameter(torch.tensor([math.log(init)]))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scales = torch.cat([self.global_log_scale, self.local_log_scale]).float().exp()
+        if self.limit is not None:
+            scales = scales.clamp(max=self.limit)
+        return scales[0], scales[1]
 
 
 def build_model(cfg: ModelConfig) -> PriorModel:

@@ -22,17 +22,17 @@ class SentencePrototypeBank(nn.Module):
         self.tau = tau
         self.eval_gumbel = eval_gumbel
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.prototypes.float().t()
-
-    def forward(self, x_ND: torch.Tensor,
-                uniform_noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, uniform_noise: torch.Tensor | None = None,
+                logits_only: bool = False) -> torch.Tensor:
         """`q = p W` with `p = softmax((x Wᵀ + g) / tau)`, computed in fp32.
 
         Noise is drawn in training (and at evaluation with `eval_gumbel`, the reference quirk);
         pass `uniform_noise` (same shape as the logits, U(0, 1)) to tie it to the samples.
+        `logits_only` returns `x Wᵀ` (fp32): still through forward, where ZeRO-3 gathers `W`.
         """
-        logits = self.logits(x_ND)
+        logits = x_ND.float() @ self.prototypes.float().t()
+        if logits_only:
+            return logits
         if self.training or self.eval_gumbel:
             if uniform_noise is None:
                 uniform_noise = torch.rand_like(logits)

@@ -101,7 +101,7 @@ def heads_losses(model, patches, image_global, tokens, sentence_index, generated
         if use_prototypes:
             noise = None if noise_sentences is None else noise_sentences[b, :n]
             aligned = prototypes(bank, sentences, noise)
-            out["proto"].append((sentences - aligned).abs().flatten())
+            out["proto"].append((sentences - aligned).abs().mean())
         reports.append(attention_pool(pool, aligned))
         c_t, c_i = local_alignment(model.local_alignment, patches[b], aligned)
         out["local_image"].append(simsiam(model.predictor, patches[b], c_i))
@@ -114,14 +114,10 @@ def heads_losses(model, patches, image_global, tokens, sentence_index, generated
             out["spg"].append((matched - targets).abs().mean())
             p = F.log_softmax(sentences[:k] @ bank.prototypes.t(), dim=-1)
             r = F.log_softmax(matched[:k] @ bank.prototypes.t(), dim=-1)
-            out["kl"].append((p.exp() * (p - r)).sum(-1))
+            out["kl"].append((p.exp() * (p - r)).sum(-1).mean())
             noise = None if noise_generated is None else noise_generated[b, :k]
             generated_reports.append(attention_pool(pool, prototypes(bank, matched[:k], noise)))
-    # Per-report means for the local losses and L_spg; the prototype L1 and the KL average
-    # over every real sentence of the batch.
-    pooled = {"proto", "kl"}
-    losses = {k: (torch.cat(v) if k in pooled else torch.stack(v)).mean()
-              for k, v in out.items() if v}
+    losses = {k: torch.stack(v).mean() for k, v in out.items() if v}
     report = torch.stack(reports)
     losses["global"] = global_infonce(image_global, report, model.global_scale)
     if generated is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from prior_dist.losses import (LocalGather, align_to_targets, global_contrastive_loss,
                                hungarian_assignment, image_reconstruction_loss,
@@ -13,19 +14,26 @@ from prior_dist.models.prior import PriorModel
 from prior_dist.training.curriculum import StagePlan
 
 
-class PriorTask:
-    """Wraps a `PriorModel` (or a DeepSpeed engine's module) and a gather for the global loss."""
+class PriorTask(nn.Module):
+    """A `PriorModel` and the gather of the global loss; its forward returns the losses.
+
+    This is the module a DeepSpeed engine wraps, so every parameter is used inside the forward
+    of the module that owns it (what ZeRO-3 needs).
+    """
 
     def __init__(self, model: PriorModel, gather: Gather | None = None):
+        super().__init__()
         self.model = model
         self.gather = gather or LocalGather()
 
-    def __call__(self, batch: dict, plan: StagePlan,
-                 gumbel_noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, plan: StagePlan,
+                gumbel_noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Losses by name (only those `plan` runs) plus `total`, the weighted sum.
 
-        `gumbel_noise` may hold U(0, 1) tensors `sentences [B, S, K]` and `generated [B, Q, K]`
-        to tie the prototype bank's noise to the samples; otherwise it is drawn from torch's RNG.
+        `gumbel_noise` may hold U(0, 1) tensors `sentences [B, S, K]`, `generated [B, Q, K]`
+        (the prototype bank's noise) and `feature_keep [B, D]` (the stage-3 feature dropout) to
+        tie that randomness to the samples (`prior_dist.training.noise`); otherwise torch's RNG
+        draws it.
         """
         model = self.model
         img = model.encode_image(batch["image"])
@@ -61,7 +69,7 @@ class PriorTask:
                                                                  mask, model.local_scale)
         if plan.runs("rec_image"):
             reconstruction = model.reconstruct_image(img.patch_tokens, local.image_context,
-                                                     img.grid)
+                                                     img.grid, noise.get("feature_keep"))
             losses["rec_image"] = image_reconstruction_loss(reconstruction, image)
         if any(plan.runs(n) for n in ("spg", "kl", "gpa")):
             if generated is None:
@@ -85,8 +93,9 @@ class PriorTask:
         if plan.runs("spg"):
             out["spg"] = sentence_generation_loss(matched, targets)
         if plan.runs("kl"):
-            out["kl"] = prototype_kl_loss(real, matched, model.prototype_bank.prototypes,
-                                          target_mask)
+            bank = model.prototype_bank
+            out["kl"] = prototype_kl_loss(bank(real, logits_only=True),
+                                          bank(matched, logits_only=True), target_mask)
         if plan.runs("gpa"):
             prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
             generated_report = model.report_embedding(prototypes, target_mask)

@@ -1,0 +1,15 @@
+"""Pretrain PRIOR: `deepspeed launch/pretrain.py --config configs/zero2.json [options]`.
+
+Also runs under `torchrun --nproc_per_node N launch/pretrain.py ...` and `srun python
+launch/pretrain.py ...`. Options: `python launch/pretrain.py --help`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prior_dist.training.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of pretrained PRIOR models (zero-shot classification first)."""

@@ -1,0 +1,145 @@
+"""Checkpoints that survive preemption: DeepSpeed states plus our client state, marked complete.
+
+Layout: `RUN_DIR/checkpoints/step00000120/` holds DeepSpeed's files, `rank00000.pt` ... (each
+rank's loader position and RNG states) and, written last by rank 0 after every rank finished,
+`complete.json`. A crash during a save leaves a directory without `complete.json`, which
+`--resume auto` never picks; the next run removes it before it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "complete.json"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """`auto`: the newest complete checkpoint (or None); `none`: None; else that directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise ValueError(f"--resume {resume}: not a complete checkpoint (no {MARKER}); "
+                         "complete ones: " + ", ".join(str(p) for p in complete_checkpoints(run_dir)))
+    return path
+
+
+def remove_partial(run_dir: Path) -> list[str]:
+    """Delete checkpoint directories that a crashed save left without `complete.json`."""
+    root = checkpoint_root(run_dir)
+    removed = []
+    if root.is_dir():
+        for path in sorted(root.iterdir()):
+            if path.is_dir() and not (path / MARKER).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict,
+                    keep_last: int) -> Path:
+    """Save on every rank (a collective); returns the checkpoint directory."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for(step)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    _atomic_torch_save(rank_state, root / tag / f"rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        marker = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                  "stage": client_state.get("stage"), "epoch": client_state.get("epoch")}
+        tmp = root / tag / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker, indent=2))
+        os.replace(tmp, root / tag / MARKER)
+        _prune(root, keep_last, newest=root / tag)
+    dist.barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int, newest: Path) -> None:
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    # Directories a crashed save left behind (older than the newest complete one).
+    for partial in root.iterdir():
+        if partial.is_dir() and not (partial / MARKER).is_file() and partial.name < newest.name:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path) -> tuple[dict, dict | None]:
+    """Restore DeepSpeed states; returns (client_state, this rank's state or None).
+
+    A different world size is refused for ZeRO stages >= 1 (partitioned optimizer states);
+    ZeRO-0 states are whole, and the loader position does not depend on the world size.
+    """
+    marker = json.loads((path / MARKER).read_text())
+    world = dist.get_world_size()
+    stage = engine.zero_optimization_stage()
+    if marker["world_size"] != world and (stage >= 1 or marker["zero_stage"] >= 1):
+        raise ValueError(
+            f"checkpoint {path} was written by {marker['world_size']} ranks with ZeRO stage "
+            f"{marker['zero_stage']}; this run has {world} ranks (ZeRO stage {stage}). ZeRO "
+            "partitions optimizer states by rank: resume with the same number of ranks, or "
+            "convert it with DeepSpeed's ds_to_universal.py and load that universal checkpoint "
+            "(not wired into this launcher)")
+    if marker["zero_stage"] != stage:
+        raise ValueError(f"checkpoint {path} was written with ZeRO stage {marker['zero_stage']}; "
+                         f"this run uses stage {stage}: use the same DeepSpeed config")
+    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                               load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+    if load_path is None:
+        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+    rank_file = path / f"rank{dist.get_rank():05d}.pt"
+    rank_state = (torch.load(rank_file, map_location="cpu", weights_only=False)
+                  if rank_file.is_file() and marker["world_size"] == world else None)
+    return client or {}, rank_state

@@ -1,0 +1,104 @@
+"""Launching real pretraining runs for tests: the `deepspeed` launcher, 1 or 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import REPO
+
+# Long enough stage 3 for runs that are interrupted on purpose.
+LONG = ["train.stages.2.steps=60"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(num_ranks: int) -> list[str]:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    return [exe, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
+
+
+def ds_config(tmp: Path, micro: int, stage: int = 2, **extra) -> Path:
+    path = tmp / f"ds_micro{micro}_zero{stage}_{len(extra)}.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro,
+                                "gradient_accumulation_steps": 1,
+                                "zero_optimization": {"stage": stage}, **extra}))
+    return path
+
+
+def pretrain_args(config: Path, run_dir: Path, shards: Path, *extra: str,
+                  overrides: list[str] = ()) -> list[str]:
+    sets = [f"data.path={shards}", "optim.eps=1e-6", *overrides]
+    return [str(REPO / "launch/pretrain.py"), "--config", str(config), "--recipe", "tiny",
+            "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def launch(num_ranks: int, config: Path, run_dir: Path, shards: Path, *extra: str,
+           overrides: list[str] = (), check: bool = True,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = deepspeed_cmd(num_ranks) + pretrain_args(config, run_dir, shards, *extra,
+                                                   overrides=overrides)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def start(num_ranks: int, config: Path, run_dir: Path, shards: Path, *extra: str,
+          overrides: list[str] = ()) -> subprocess.Popen:
+    cmd = deepspeed_cmd(num_ranks) + pretrain_args(config, run_dir, shards, *extra,
+                                                   overrides=overrides)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=REPO, start_new_session=True)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_state(run_dir: Path, step: int) -> dict:
+    path = run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+LOSS_KEYS = ("loss", "global", "local_image", "local_text", "proto", "rec_image", "spg", "kl",
+             "gpa")
+
+
+def assert_traces_close(a: list[dict], b: list[dict], rtol: float, atol: float = 1e-6) -> None:
+    """Every loss term of every step within rtol (relative) + atol (for terms near zero, like
+    the SimSiam cosine loss, whose natural scale is 1)."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x["stage"] == y["stage"]
+        for key in LOSS_KEYS:
+            if key in x or key in y:
+                assert abs(x[key] - y[key]) <= rtol * abs(y[key]) + atol, (x["step"], key,
+                                                                           x[key], y[key])
+
+
+def max_param_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a
+               if a[k].is_floating_point())
