@@ -46,8 +46,9 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / MARKER).is_file():
+        found = ", ".join(str(p) for p in complete_checkpoints(run_dir)) or "none"
         raise ValueError(f"--resume {resume}: not a complete checkpoint (no {MARKER}); "
-                         "complete ones: " + ", ".join(str(p) for p in complete_checkpoints(run_dir)))
+                         f"complete ones in the run directory: {found}")
     return path
 
 

@@ -91,7 +91,8 @@ class OptimConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.weight_decay >= 0,
+                 f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class TrainConfig:
         object.__setattr__(self, "inject_nonfinite_steps", tuple(self.inject_nonfinite_steps))
         _require(len(stages) == 3, f"train.stages must list the 3 curriculum stages, got "
                                    f"{len(stages)}")
-        _require(self.sentence_cap >= 1, f"train.sentence_cap must be >= 1, got {self.sentence_cap}")
+        _require(self.sentence_cap >= 1,
+                 f"train.sentence_cap must be >= 1, got {self.sentence_cap}")
         _require(self.max_nonfinite_steps >= 1,
                  f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")
@@ -228,7 +230,8 @@ def recipe_from_dict(raw: dict) -> Recipe:
     allowed = set(SECTIONS) | {"name", "model", "deepspeed_expect"}
     unknown = set(raw) - allowed
     if unknown:
-        raise ValueError(f"recipe: unknown section(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"recipe: unknown section(s) {sorted(unknown)}; "
+                         f"allowed: {sorted(allowed)}")
     model_raw = dict(raw.get("model") or {})
     base = model_config(model_raw.pop("name", "paper"), model_raw.pop("compat_preset", "default"))
     merged = base.to_dict()
