@@ -63,3 +63,30 @@ def test_shardify_array_job_and_finalize(tmp_path):
     verify = subprocess.run([sys.executable, "-m", "prior_dist.shardify", "verify", str(out)],
                             env=env, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+
+
+def test_pretrain_batch_job_with_two_srun_tasks(tmp_path):
+    """launch/slurm/pretrain.sbatch: 2 tasks under srun (rank and world size from SLURM, the
+    rendezvous on the first node), tiny recipe, to a final checkpoint."""
+    reason = _cluster_up()
+    if reason:
+        pytest.skip(reason)
+    from tests.pretrain_runs import ds_config
+
+    shards, run_dir = tmp_path / "shards", tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), PRIOR_REPO=str(REPO),
+               RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
+    args = ["--config", str(ds_config(tmp_path, 8)), "--recipe", "tiny", "--set",
+            f"data.path={shards}", "--max-steps", "4"]
+    proc = subprocess.run(["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=1",
+                           "--time=10", str(REPO / "launch/slurm/pretrain.sbatch"), *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("prior-pretrain-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs
+    import json
+
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4], logs
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    assert resolved["world_size"] == 2
+    assert (run_dir / "checkpoints" / "step00000004" / "complete.json").is_file()

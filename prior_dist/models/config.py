@@ -141,6 +141,9 @@ class HeadsConfig:
     decoder_max_positions: int = 512
     image_decoder_widths: tuple[int, ...] = (768, 384, 192, 96, 48)
     feature_dropout: float = 0.5           # Dropout2d over the image token map (stage 3)
+    # Stop-gradient on the targets of L_spg (SPB prototypes) and L_kl (sentence embeddings):
+    # the spec does not say; without it the demo collapsed in stage 3 (docs/model.md).
+    detach_generation_targets: bool = True
 
     def __post_init__(self) -> None:
         owner = "heads"

@@ -86,6 +86,8 @@ class PriorTask(nn.Module):
         real = _pad_rows(sentences[:, :num_queries], num_queries)
         target_mask = _pad_rows(mask[:, :num_queries], num_queries)
         targets = targets * target_mask[..., None].to(targets.dtype)
+        if model.cfg.heads.detach_generation_targets:
+            targets, real = targets.detach(), real.detach()
         cost = torch.cdist(generated.detach().float(), targets.detach().float(), p=1)
         assignment = hungarian_assignment(cost)
         matched = align_to_targets(generated, assignment, model.cfg.compat.matching)
