@@ -175,3 +175,17 @@ def test_world_size_change_is_refused_for_zero2(reference, shards):
     proc = launch(1, ds_config(tmp, 16), run, shards, "--max-steps", "4", check=False)
     assert proc.returncode != 0
     assert "written by 2 ranks with ZeRO stage 2; this run has 1 ranks" in proc.stderr
+
+
+def test_torchrun_launcher_runs_the_same_script(reference, shards):
+    import subprocess
+    import sys
+
+    from tests.pretrain_runs import env, pretrain_args
+
+    run = reference["tmp"] / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", *pretrain_args(ds_config(reference["tmp"], 8), run, shards, "--max-steps", "3")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_traces_close(metrics(run), metrics(reference["two"])[:3], rtol=1e-5)

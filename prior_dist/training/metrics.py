@@ -63,9 +63,9 @@ class MetricsLogger:
                             dynamic_ncols=True)
 
     def step(self, record: dict, keys: list[str] | None = None,
-             bank_sha256: str | None = None) -> None:
+             bank_sha256: str | None = None, rank_memory_mb: float | None = None) -> None:
         if self.audit is not None and keys is not None:
-            line = {"step": record["step"], "keys": keys}
+            line = {"step": record["step"], "keys": keys, "memory_mb": rank_memory_mb}
             if bank_sha256 is not None:
                 line["prototype_bank_sha256"] = bank_sha256
             self.audit.write(line)

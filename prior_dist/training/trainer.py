@@ -147,10 +147,13 @@ class Trainer:
                  f"{ds.precision}, micro-batch {ds.micro_batch_size} x accumulation "
                  f"{ds.gradient_accumulation_steps} x {self.world} ranks; {steps_per_epoch} "
                  f"steps per epoch; stages end at steps {[s.end for s in self.spans]}"
-                 + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
+                 + (f"; resumed from {self.resumed_from} (loaded in {self.load_seconds:.2f} s)"
+                    if self.resumed_from else ""))
 
     def _restore(self, path: Path) -> None:
+        start = time.perf_counter()
         client, rank_state = ckpt.load_checkpoint(self.engine, path)
+        self.load_seconds = time.perf_counter() - start
         self.step = int(client["step"])
         self.stage = client.get("stage")
         if rank_state is not None:
@@ -275,7 +278,8 @@ class Trainer:
             self.step += 1
             step_time = time.perf_counter() - start
             record = self._record(span, epoch, lr, totals, step_time, wait, gas, flops_per_micro)
-            self.metrics.step(record, keys, self._bank_digest() if self.audit_samples else None)
+            self.metrics.step(record, keys, self._bank_digest() if self.audit_samples else None,
+                              memory_mb(self.device))
             due_time = (recipe.checkpoint.every_minutes is not None and self.rank == 0 and
                         time.monotonic() - last_save_time >= 60 * recipe.checkpoint.every_minutes)
             stop, timed = self._agree([float(self.stop_signal is not None), float(due_time)])
@@ -335,7 +339,7 @@ class Trainer:
         start = time.perf_counter()
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.step, client, rank_state,
                                     self.recipe.checkpoint.keep_last)
-        self.log(f"checkpoint {path} ({time.perf_counter() - start:.1f} s)")
+        self.log(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
         return path
 
     def evaluate(self) -> dict:
