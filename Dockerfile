@@ -1,18 +1,20 @@
-# prior_dist for GPU clusters: CUDA runtime, Python 3.11, the pinned torch stack and the project.
-FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-RUN apt-get update && apt-get install -y --no-install-recommends \
-        python3.11 python3.11-venv python3.11-dev build-essential git numactl \
+# prior_dist for GPU clusters, on a CUDA PyTorch base image whose torch matches the pin.
+#   docker build -t prior_dist .            (EXTRAS=test to skip building flash-attn)
+#   docker run --gpus all --ipc=host -v $PWD/shards:/app/shards -v $PWD/runs:/app/runs prior_dist \
+#     deepspeed launch/pretrain.py --config configs/zero2.json
+ARG BASE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-devel
+FROM ${BASE}
+ARG EXTRAS=gpu,test
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 \
+    TOKENIZERS_PARALLELISM=false MAX_JOBS=8
+RUN apt-get update && apt-get install -y --no-install-recommends git numactl \
     && rm -rf /var/lib/apt/lists/*
-RUN python3.11 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-# Dependencies first, so code changes do not re-install torch.
+# Dependencies first, so code changes do not re-install them. flash-attn (the `gpu` extra)
+# compiles against the image's torch; without it the encoders use PyTorch SDPA.
 COPY pyproject.toml README.md ./
-RUN mkdir -p prior_dist && touch prior_dist/__init__.py && pip install --no-cache-dir -e ".[test]" \
-    && pip install --no-cache-dir "triton>=3.0"
+RUN mkdir -p prior_dist && touch prior_dist/__init__.py \
+    && pip install --no-cache-dir -e ".[${EXTRAS}]" --no-build-isolation
 COPY . .
 RUN pip install --no-cache-dir --no-deps -e .
-# flash-attn is optional (`pip install -e ".[gpu]"` builds it from source, which takes long);
-# without it the encoders use PyTorch SDPA.
-CMD ["python", "-m", "prior_dist.shardify", "--help"]
+CMD ["deepspeed", "launch/pretrain.py", "--config", "configs/zero2.json"]
