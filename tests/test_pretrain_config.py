@@ -1,0 +1,71 @@
+"""Bad configurations are refused before any process group starts, naming the field."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prior_dist.training.recipe import load_recipe
+from prior_dist.training.schedule import learning_rate, plan_stages
+from tests.conftest import REPO
+from tests.pretrain_runs import env
+
+
+def _run(tmp_path, config: dict | str | None, *args):
+    path = tmp_path / "ds.json"
+    if isinstance(config, dict):
+        path.write_text(json.dumps(config))
+    elif isinstance(config, str):
+        path.write_text(config)
+    cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(path),
+           "--run-dir", str(tmp_path / "run"), *args]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
+    return proc, time.time() - start
+
+
+GOOD = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
+
+
+@pytest.mark.parametrize("config, args, message", [
+    (GOOD, ["--recipe", "paper"],
+     "needs train_micro_batch_size_per_gpu=98 but"),
+    ({**GOOD, "optimizer": {"type": "Adam"}}, ["--recipe", "tiny"], "remove the 'optimizer'"),
+    ("{not json", ["--recipe", "tiny"], "not valid JSON"),
+    ({"zero_optimization": {"stage": 2}}, ["--recipe", "tiny"],
+     "train_micro_batch_size_per_gpu must be a positive integer"),
+    ({**GOOD, "zero_optimization": {"stage": 5}}, ["--recipe", "tiny"],
+     "zero_optimization.stage must be 0, 1, 2 or 3"),
+    ({**GOOD, "fp16": {"enabled": True}}, ["--recipe", "tiny"], "fp16 needs a CUDA device"),
+    (GOOD, ["--recipe", "tiny", "--set", "train.sed=1"], "unknown field(s) ['sed']"),
+    (GOOD, ["--recipe", "tiny", "--set", "train.seed=abc"], "train.seed must be int"),
+    (GOOD, ["--recipe", "tiny", "--set", "model.heads.local_attention_impl=cuda"],
+     "heads.local_attention_impl must be one of"),
+    (GOOD, ["--recipe", "nope"], "no such recipe"),
+    (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
+])
+def test_refused_with_a_message(tmp_path, config, args, message):
+    if "fp16" in str(config) and __import__("torch").cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    proc, seconds = _run(tmp_path, config, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()        # nothing started
+
+
+def test_schedule_warmup_then_cosine():
+    recipe, _ = load_recipe("paper")
+    spans = plan_stages(recipe.train.stages, steps_per_epoch=10)
+    assert [(s.start, s.steps, s.warmup) for s in spans] == [(0, 200, 10), (200, 300, 10),
+                                                              (500, 1000, 50)]
+    first, third = spans[0], spans[2]
+    assert learning_rate(first, 0) == pytest.approx(1e-7)
+    assert learning_rate(first, 5) == pytest.approx(1e-7 + (1e-5 - 1e-7) / 2)
+    assert learning_rate(first, 10) == pytest.approx(1e-5)
+    assert learning_rate(first, 105) == pytest.approx(0.5e-5)
+    assert learning_rate(third, 500) == pytest.approx(1e-8)
+    assert learning_rate(third, 1499) < 1e-9
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        plan_stages(recipe.train.stages, steps_per_epoch=0)
