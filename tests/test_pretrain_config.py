@@ -69,3 +69,10 @@ def test_schedule_warmup_then_cosine():
     assert learning_rate(third, 1499) < 1e-9
     with pytest.raises(ValueError, match="smaller than one global batch"):
         plan_stages(recipe.train.stages, steps_per_epoch=0)
+
+
+def test_missing_data_source_is_named(tmp_path):
+    proc, _ = _run(tmp_path, GOOD, "--recipe", "tiny", "--data",
+                   f"{tmp_path / 'a'}:2,{tmp_path / 'b'}")
+    assert proc.returncode == 2, proc.stderr
+    assert f"data.path source {tmp_path / 'b'}: no manifest.json" in proc.stderr

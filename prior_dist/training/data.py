@@ -23,16 +23,34 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def data_sources(cfg: DataConfig) -> list[str]:
+    """`data.path` as a list of loader sources: `DIR`, `DIR:WEIGHT`, comma-separated."""
+    entries = [e.strip() for e in str(cfg.path).split(",") if e.strip()]
+    if not entries:
+        raise ValueError("data.path is empty")
+    return entries
+
+
 def ensure_phantom_shards(cfg: DataConfig, seed: int, log=print) -> Path:
-    """`cfg.path` when it holds a manifest; phantom shards generated there first when asked."""
+    """The first local source directory (phantom shards generated there first when asked);
+    every local source must hold a manifest.json."""
     from prior_dist.data.build import build_shards
+    from prior_dist.data.loader import parse_sources
     from prior_dist.data.prepare import PrepareSettings
     from prior_dist.data.sources import enumerate_phantom
 
-    path = Path(cfg.path)
+    sources = parse_sources(data_sources(cfg))
+    local = [Path(s.location) for s in sources if not s.remote]
+    for extra in local[1:]:
+        if not (extra / "manifest.json").is_file():
+            raise ValueError(f"data.path source {extra}: no manifest.json")
+    if not local:
+        raise ValueError("data.path: at least one local shard directory is needed (for the "
+                         "manifest counts and the tokenizer)")
+    path = local[0]
     if (path / "manifest.json").is_file():
         return path
-    if cfg.phantom_studies is None:
+    if cfg.phantom_studies is None or len(sources) > 1:
         raise ValueError(f"data.path {path}: no manifest.json (prepare data with "
                          "`python -m prior_dist.shardify`, or set data.phantom_studies to "
                          "generate phantom shards there)")
@@ -62,11 +80,11 @@ def transform_config(cfg: DataConfig, image_size: int, train: bool) -> Transform
                            max_tokens=cfg.max_tokens, shuffle_sentences=train)
 
 
-def training_loader(cfg: DataConfig, shards: Path, tokenizer, micro_batch_size: int,
+def training_loader(cfg: DataConfig, tokenizer, micro_batch_size: int,
                     image_size: int, seed: int, rank: int, world_size: int) -> PriorLoader:
     # Drop the ragged last batch: every rank must hold the same number of samples for the
     # gathered contrastive loss and for batch statistics to match the global batch.
-    return PriorLoader(shards, tokenizer, micro_batch_size, split="train",
+    return PriorLoader(data_sources(cfg), tokenizer, micro_batch_size, split="train",
                        transform=transform_config(cfg, image_size, train=True), seed=seed,
                        rank=rank, world_size=world_size, num_workers=cfg.workers, mode=cfg.mode,
                        last_batch="drop")

@@ -114,7 +114,7 @@ class Trainer:
             config=engine_config(ds, recipe, self.device.type))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ds.precision,
                                                                           torch.float32)
-        self.loader = training_loader(recipe.data, shards, self.tokenizer, ds.micro_batch_size,
+        self.loader = training_loader(recipe.data, self.tokenizer, ds.micro_batch_size,
                                       cfg.image.image_size, recipe.train.seed, self.rank,
                                       self.world)
         steps_per_epoch = len(self.loader) // ds.gradient_accumulation_steps
@@ -346,10 +346,11 @@ class Trainer:
         """Zero-shot accuracy on the held-out split; every rank runs it (ZeRO-3 needs all)."""
         from prior_dist.data.loader import PriorLoader
         from prior_dist.evaluation.zero_shot import zero_shot_accuracy
-        from prior_dist.training.data import transform_config
+        from prior_dist.training.data import data_sources, transform_config
 
         recipe = self.recipe
-        loader = PriorLoader(self.shards, self.tokenizer, recipe.eval.micro_batch_size,
+        loader = PriorLoader(data_sources(recipe.data), self.tokenizer,
+                             recipe.eval.micro_batch_size,
                              split=recipe.data.eval_split,
                              transform=transform_config(recipe.data,
                                                         self.model_cfg.image.image_size, False),
