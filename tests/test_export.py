@@ -1,0 +1,74 @@
+"""Export round trips: torchvision, transformers and our own loader give the same embeddings."""
+
+import torch
+from torch import nn
+
+from prior_dist.evaluation.load import LoadedModel, load_export, load_model
+from prior_dist.export import export_model
+from prior_dist.models import build_model, model_config
+from tests.conftest import run_cli
+from tests.model_batch import ragged_batch
+from tests.pretrain_runs import ds_config, launch
+
+
+def test_export_of_a_run_round_trips(tmp_path, tokenizer):
+    from prior_dist.training.data import ensure_phantom_shards
+    from prior_dist.training.recipe import load_recipe
+
+    shards = tmp_path / "shards"
+    recipe, _ = load_recipe("tiny", [f"data.path={shards}"])
+    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    run = tmp_path / "run"
+    launch(1, ds_config(tmp_path, 8), run, shards, "--max-steps", "2")
+    out = tmp_path / "export"
+    run_cli("prior_dist.export", "--checkpoint", str(run), "--out", str(out))
+    original, exported = load_model(run), load_export(out)
+    assert exported.info["training_steps"] == 2
+    assert exported.info["data"]["manifest_sha256"]
+    batch = ragged_batch(original.model.cfg, sentence_counts=(3, 1))
+    with torch.no_grad():
+        a = original.model.encode_image(batch["image"])
+        b = exported.model.encode_image(batch["image"])
+        assert torch.equal(a.global_embedding, b.global_embedding)
+        assert torch.equal(a.patch_tokens, b.patch_tokens)
+        ta = original.model.encode_text(batch["input_ids"], batch["attention_mask"],
+                                        batch["sentence_index"])
+        tb = exported.model.encode_text(batch["input_ids"], batch["attention_mask"],
+                                        batch["sentence_index"])
+        assert torch.equal(ta.sentences, tb.sentences)
+
+    from transformers import AutoModel, AutoTokenizer
+
+    hf = AutoModel.from_pretrained(str(out / "text_encoder")).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(out / "text_encoder"))
+    text = "There is a small right pleural effusion."
+    assert hf_tok(text)["input_ids"] == original.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        expected = original.model.text.bert(batch["input_ids"], batch["attention_mask"])
+        got = hf(input_ids=batch["input_ids"],
+                 attention_mask=batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert float((got[real] - expected[real]).norm() / expected[real].norm()) < 1e-5
+
+
+def test_resnet50_export_loads_strictly_into_torchvision(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+    from torchvision.models import resnet50
+
+    tiny = model_config("tiny")
+    cfg = model_config("paper").replace(text=tiny.text, heads=tiny.heads)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    export_model(LoadedModel(model, tokenizer, "unit-test", {"step": 0}), tmp_path / "export")
+    net = resnet50()
+    net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    net.avgpool = nn.Identity()
+    net.load_state_dict(load_file(str(tmp_path / "export" / "image_encoder.safetensors")),
+                        strict=True)
+    net.eval()
+    image = torch.randn(2, 1, 224, 224)
+    with torch.no_grad():
+        ours = model.image.backbone(image)
+        theirs = net(image).view(2, 2048, 7, 7)
+    torch.testing.assert_close(theirs, ours)
