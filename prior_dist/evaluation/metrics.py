@@ -1,0 +1,62 @@
+"""Evaluation metrics written out plainly (no scikit-learn dependency)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN if one class."""
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    ranks = torch.empty_like(scores)
+    sorted_scores = scores[order]
+    i, n = 0, len(scores)
+    position = torch.arange(1, n + 1, dtype=torch.float64)
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = position[i:j + 1].mean()
+        i = j + 1
+    rank_sum = float(ranks[labels].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def macro_auc(scores_NC: torch.Tensor, labels_NC: torch.Tensor) -> tuple[float, list[float]]:
+    per_class = [roc_auc(scores_NC[:, c], labels_NC[:, c]) for c in range(scores_NC.shape[1])]
+    valid = [a for a in per_class if a == a]
+    return (sum(valid) / len(valid) if valid else float("nan")), per_class
+
+
+def macro_f1(predicted: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    scores = []
+    for c in range(num_classes):
+        tp = int(((predicted == c) & (target == c)).sum())
+        fp = int(((predicted == c) & (target != c)).sum())
+        fn = int(((predicted != c) & (target == c)).sum())
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / num_classes
+
+
+def retrieval_metrics(similarity_QN: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Query i's match is item i: Recall@K and the median rank (1 = first)."""
+    target = similarity_QN.diagonal()
+    ranks = (similarity_QN > target[:, None]).sum(1) + 1
+    out = {f"recall@{k}": float((ranks <= k).double().mean()) for k in ks}
+    out["median_rank"] = float(ranks.double().median())
+    return out
+
+
+def precision_at_k(similarity_QN: torch.Tensor, query_labels: torch.Tensor,
+                   item_labels: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Fraction of the top K items whose label vector equals the query's (same findings)."""
+    out = {}
+    for k in ks:
+        top = similarity_QN.topk(min(k, similarity_QN.shape[1]), dim=1).indices
+        same = (item_labels[top] == query_labels[:, None]).all(-1)
+        out[f"precision@{k}"] = float(same.double().mean())
+    return out

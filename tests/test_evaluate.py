@@ -1,0 +1,59 @@
+"""Evaluation metrics against brute force, and the evaluate CLI on a real tiny run."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from prior_dist.evaluation.metrics import (macro_f1, precision_at_k, retrieval_metrics,
+                                           roc_auc)
+from tests.conftest import run_cli
+from tests.pretrain_runs import ds_config, launch
+
+
+def test_auc_equals_pairwise_count_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40,), generator=g).double()    # many ties
+    labels = torch.rand(40, generator=g) > 0.6
+    pos, neg = scores[labels], scores[~labels]
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p, n in itertools.product(pos, neg)]
+    assert roc_auc(scores, labels) == pytest.approx(sum(pairs) / len(pairs))
+    assert roc_auc(scores, torch.zeros(40, dtype=torch.bool)) != roc_auc(scores, labels)
+
+
+def test_retrieval_and_precision_and_f1():
+    sim = torch.eye(4) + 0.1 * torch.tensor([[0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 20],
+                                              [0, 0, 0, 0.]])
+    r = retrieval_metrics(sim)
+    assert r["recall@1"] == 0.75 and r["recall@5"] == 1.0 and r["median_rank"] == 1.0
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
+    assert precision_at_k(sim, labels, labels, ks=(1,))["precision@1"] == 1.0
+    assert macro_f1(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2) == pytest.approx(
+        (2 / 3 + 2 / 3) / 2)
+
+
+def test_evaluate_cli_on_a_tiny_run(tmp_path):
+    from prior_dist.training.data import ensure_phantom_shards
+    from prior_dist.training.recipe import load_recipe
+
+    shards = tmp_path / "shards"
+    recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
+    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    run = tmp_path / "run"
+    launch(1, ds_config(tmp_path, 8), run, shards, "--max-steps", "2")
+    for task, extra in (("zero-shot", []), ("retrieval", []),
+                        ("linear-probe", ["--fractions", "0.5,1", "--seeds", "0,1"])):
+        out = tmp_path / f"{task}.json"
+        proc = run_cli("prior_dist.evaluate", task, "--checkpoint", str(run), "--out", str(out),
+                       *extra)
+        result = json.loads(out.read_text())
+        assert "pretrained" in result and "random_init" in result, proc.stdout
+        assert task in proc.stdout
+    zs = json.loads((tmp_path / "zero-shot.json").read_text())["pretrained"]
+    assert 0 <= zs["paper_score"]["accuracy"] <= 1 and zs["images"] > 0
+    probe = json.loads((tmp_path / "linear-probe.json").read_text())["pretrained"]
+    assert probe["1"]["labels_used"] == probe["train_images"]
+    bad = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"),
+                  check=False)
+    assert bad.returncode == 2 and "neither a run directory" in bad.stderr
