@@ -33,15 +33,22 @@ def test_retrieval_and_precision_and_f1():
         (2 / 3 + 2 / 3) / 2)
 
 
-def test_evaluate_cli_on_a_tiny_run(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
     from prior_dist.training.data import ensure_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
-    shards = tmp_path / "shards"
+    tmp = tmp_path_factory.mktemp("evaluate")
+    shards = tmp / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
     ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
-    run = tmp_path / "run"
-    launch(1, ds_config(tmp_path, 8), run, shards, "--max-steps", "2")
+    run = tmp / "run"
+    launch(1, ds_config(tmp, 8), run, shards, "--max-steps", "4")
+    return run
+
+
+def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
+    run = tiny_run
     for task, extra in (("zero-shot", []), ("retrieval", []),
                         ("linear-probe", ["--fractions", "0.5,1", "--seeds", "0,1"])):
         out = tmp_path / f"{task}.json"
@@ -57,3 +64,17 @@ def test_evaluate_cli_on_a_tiny_run(tmp_path):
     bad = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"),
                   check=False)
     assert bad.returncode == 2 and "neither a run directory" in bad.stderr
+
+
+@pytest.mark.parametrize("kind", ["curves", "attention", "confusion", "neighbours"])
+def test_visualize_writes_pngs(tiny_run, tmp_path, kind):
+    from PIL import Image
+
+    where = ["--run", str(tiny_run)] if kind == "curves" else ["--checkpoint", str(tiny_run),
+                                                                "--index", "2"]
+    proc = run_cli("prior_dist.visualize", kind, *where, "--out", str(tmp_path))
+    path = proc.stdout.strip().rsplit(" ", 1)[-1]
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width >= 400 and png.height >= 300
+        # Not a blank canvas: the picture has more than a handful of colours.
+        assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20

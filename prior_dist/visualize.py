@@ -1,0 +1,226 @@
+"""`python -m prior_dist.visualize KIND ...`: PNGs to look at rather than numbers to read.
+
+- `curves --run RUN_DIR`: every loss term per optimizer step, stage boundaries marked.
+- `attention --checkpoint X [--index N]`: an image and its report; each sentence's
+  local-alignment attention over the image as a heatmap overlay.
+- `confusion --checkpoint X`: the zero-shot confusion matrix on the split.
+- `neighbours --checkpoint X [--index N] [--k 5]`: a query image and its nearest reports.
+All write into `--out DIR` (default: the current directory) and print the file names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TERMS = ("loss", "global", "local_image", "local_text", "proto", "rec_image", "spg", "kl",
+              "gpa")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(run_dir: Path, out: Path) -> Path:
+    plt = _pyplot()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl is empty")
+    terms = [t for t in LOSS_TERMS if any(t in r for r in rows)]
+    boundaries = [r["step"] for a, r in zip(rows, rows[1:]) if r["stage"] != a["stage"]]
+    cols = 3
+    fig, axes = plt.subplots(-(-len(terms) // cols), cols, figsize=(12, 3 * -(-len(terms) // cols)),
+                             squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        steps = [r["step"] for r in rows if term in r]
+        ax.plot(steps, [r[term] for r in rows if term in r], linewidth=1)
+        for b in boundaries:
+            ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(term)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(terms):]:
+        ax.axis("off")
+    fig.suptitle(f"{run_dir.name}: losses per step (dashed: stage changes)")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _sample(loaded, data: str, split: str, index: int):
+    from prior_dist.evaluate import ZERO_SHOT_CLASSES, _loader
+
+    seen = 0
+    for batch in _loader(loaded, data, split, ZERO_SHOT_CLASSES, batch_size=16):
+        size = len(batch["key"])
+        if index < seen + size:
+            i = index - seen
+
+            def pick(v):
+                if torch.is_tensor(v) and v.dim() and v.shape[0] == size:
+                    return v[i:i + 1]
+                if isinstance(v, list) and len(v) == size:
+                    return [v[i]]
+                return v
+
+            return {k: pick(v) for k, v in batch.items()}
+        seen += len(batch["key"])
+    raise ValueError(f"--index {index}: the {split} split has {seen} samples")
+
+
+@torch.no_grad()
+def attention_maps(loaded, data: str, split: str, index: int, out: Path) -> Path:
+    plt = _pyplot()
+    model = loaded.model
+    sample = _sample(loaded, data, split, index)
+    img = model.encode_image(sample["image"])
+    txt = model.encode_text(sample["input_ids"], sample["attention_mask"],
+                            sample["sentence_index"])
+    sentences = model.prototype_bank(txt.sentences)
+    local = model.local_alignment(img.patch_tokens, sentences, txt.sentence_mask,
+                                  return_attention=True)
+    count = int(txt.sentence_mask.sum())
+    h, w = img.grid
+    maps = local.sentence_to_patch[0, :count].reshape(count, 1, h, w)
+    size = sample["image"].shape[-1]
+    maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+    image = sample["image"][0, 0].float()
+    texts = sample["sentences"][0][:count]
+    cols = min(4, count + 1)
+    rows = -(-(count + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    axes.flat[0].imshow(image, cmap="gray")
+    axes.flat[0].set_title(sample["key"][0], fontsize=8)
+    for ax, heat, text in zip(list(axes.flat)[1:], maps[:, 0], texts):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(heat, cmap="jet", alpha=0.45)
+        ax.set_title("\n".join(textwrap.wrap(text, 34)[:3]), fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / f"attention_{sample['key'][0]}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def confusion_matrix(loaded, data: str, split: str, out: Path) -> Path:
+    from prior_dist.evaluate import ZERO_SHOT_CLASSES, _loader
+    from prior_dist.evaluation.zero_shot import class_prompts, zero_shot_scores
+
+    plt = _pyplot()
+    model = loaded.model
+    prompts = class_prompts(model, loaded.tokenizer, ZERO_SHOT_CLASSES, "{} is observed", 256,
+                            torch.device("cpu"), True)
+    n = len(ZERO_SHOT_CLASSES)
+    matrix = torch.zeros(n, n, dtype=torch.long)
+    for batch in _loader(loaded, data, split, ZERO_SHOT_CLASSES):
+        single = batch["labels"].sum(1) == 1
+        if bool(single.any()):
+            predicted = zero_shot_scores(model, batch["image"][single], prompts).argmax(1)
+            for t, p in zip(batch["labels"][single].argmax(1).tolist(), predicted.tolist()):
+                matrix[t, p] += 1
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.imshow(matrix, cmap="Blues")
+    for t in range(n):
+        for p in range(n):
+            ax.text(p, t, int(matrix[t, p]), ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(n), ZERO_SHOT_CLASSES, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), ZERO_SHOT_CLASSES, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = float(matrix.diagonal().sum() / matrix.sum().clamp_min(1))
+    ax.set_title(f"zero-shot, {split} split: accuracy {accuracy:.3f}")
+    fig.tight_layout()
+    path = out / "zero_shot_confusion.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def nearest_reports(loaded, data: str, split: str, index: int, k: int, out: Path) -> Path:
+    from prior_dist.evaluate import ZERO_SHOT_CLASSES, _embeddings, _loader
+
+    plt = _pyplot()
+    images, reports, _, _ = _embeddings(loaded, data, split, ZERO_SHOT_CLASSES)
+    texts = [s for batch in _loader(loaded, data, split, ZERO_SHOT_CLASSES)
+             for s in batch["sentences"]]
+    if not 0 <= index < len(images):
+        raise ValueError(f"--index {index}: the {split} split has {len(images)} samples")
+    top = (images[index] @ reports.t()).topk(min(k, len(reports)))
+    sample = _sample(loaded, data, split, index)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 2]})
+    left.imshow(sample["image"][0, 0].float(), cmap="gray")
+    left.set_title(f"query {sample['key'][0]}", fontsize=9)
+    left.axis("off")
+    lines = []
+    for rank, (score, j) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+        mark = " (its own report)" if j == index else ""
+        report = " ".join(texts[j])
+        lines.append(f"{rank}. cos {score:.3f}{mark}\n" + "\n".join(textwrap.wrap(report, 90)[:3]))
+    right.text(0, 1, "\n\n".join(lines), va="top", fontsize=8, family="monospace")
+    right.axis("off")
+    fig.tight_layout()
+    path = out / f"neighbours_{sample['key'][0]}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prior_dist.visualize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["curves", "attention", "confusion", "neighbours"])
+    parser.add_argument("--run", help="run directory (curves)")
+    parser.add_argument("--checkpoint", help="run, checkpoint or export directory")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.kind == "curves":
+            if not args.run:
+                raise ValueError("curves needs --run RUN_DIR")
+            path = training_curves(Path(args.run), out)
+        else:
+            from prior_dist.evaluation.load import load_model
+
+            if not args.checkpoint:
+                raise ValueError(f"{args.kind} needs --checkpoint")
+            loaded = load_model(args.checkpoint)
+            data = args.data or loaded.info.get("data_path") or loaded.info.get(
+                "data", {}).get("path")
+            if args.kind == "attention":
+                path = attention_maps(loaded, data, args.split, args.index, out)
+            elif args.kind == "confusion":
+                path = confusion_matrix(loaded, data, args.split, out)
+            else:
+                path = nearest_reports(loaded, data, args.split, args.index, args.k, out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"visualize: error: {err}", file=sys.stderr)
+        return 2
+    print(f"visualize: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
