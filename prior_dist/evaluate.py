@@ -31,11 +31,13 @@ def _loader(loaded, data: str, split: str, labels, batch_size: int = 64):
     from prior_dist.data.loader import PriorLoader
     from prior_dist.data.transforms import TransformConfig
 
-    size = loaded.model.cfg.image.image_size
+    cfg = loaded.model.cfg
     return PriorLoader(data, loaded.tokenizer, batch_size, split=split, rank=0, world_size=1,
                        shuffle=False, label_names=list(labels),
-                       transform=TransformConfig(image_size=size, rotation_degrees=0.0,
-                                                 shuffle_sentences=False))
+                       transform=TransformConfig(image_size=cfg.image.image_size,
+                                                 rotation_degrees=0.0, shuffle_sentences=False,
+                                                 max_tokens=min(256,
+                                                                cfg.text.max_position_embeddings)))
 
 
 @torch.no_grad()

@@ -189,3 +189,13 @@ def test_torchrun_launcher_runs_the_same_script(reference, shards):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_traces_close(metrics(run), metrics(reference["two"])[:3], rtol=1e-5)
+
+
+def test_evaluation_during_pretraining_is_logged(reference, shards):
+    run = reference["tmp"] / "periodic_eval"
+    launch(1, ds_config(reference["tmp"], 16), run, shards, "--max-steps", "4",
+           overrides=["eval.every_steps=2"])
+    lines = metrics(run)
+    assert [("eval_i2t_recall@5" in line) for line in lines] == [False, True, False, True]
+    assert 0 <= lines[1]["eval_i2t_recall@5"] <= 1 and 0 <= lines[3]["eval_t2i_recall@5"] <= 1
+    assert "eval_zero_shot_accuracy" in lines[3]

@@ -162,8 +162,14 @@ class EvalConfig:
     prompt: str = "{} is observed"
     local_weight: float = 0.5
     micro_batch_size: int = 32
+    # During pretraining: zero-shot accuracy and retrieval recall on this split every N
+    # optimizer steps, logged with that step in metrics.jsonl (null: off).
+    every_steps: int | None = None
+    split: str = "validate"
 
     def __post_init__(self) -> None:
+        _require(self.every_steps is None or self.every_steps >= 1,
+                 f"eval.every_steps must be >= 1 or null, got {self.every_steps}")
         object.__setattr__(self, "classes", tuple(self.classes))
         _require(len(self.classes) >= 2, "eval.classes must name at least 2 classes")
         _require("{}" in self.prompt, f"eval.prompt must contain '{{}}', got {self.prompt!r}")

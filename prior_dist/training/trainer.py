@@ -278,6 +278,9 @@ class Trainer:
             self.step += 1
             step_time = time.perf_counter() - start
             record = self._record(span, epoch, lr, totals, step_time, wait, gas, flops_per_micro)
+            every = recipe.eval.every_steps
+            if every and self.step % every == 0:
+                record.update(self.periodic_eval())
             self.metrics.step(record, keys, self._bank_digest() if self.audit_samples else None,
                               memory_mb(self.device))
             due_time = (recipe.checkpoint.every_minutes is not None and self.rank == 0 and
@@ -342,27 +345,53 @@ class Trainer:
         self.log(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
         return path
 
-    def evaluate(self) -> dict:
-        """Zero-shot accuracy on the held-out split; every rank runs it (ZeRO-3 needs all)."""
+    def periodic_eval(self) -> dict:
+        """Zero-shot accuracy and retrieval recall on `eval.split`, for metrics.jsonl."""
+        from prior_dist.evaluate import retrieval
+        from prior_dist.evaluation.load import LoadedModel
+        from prior_dist.training.data import data_sources
+
+        recipe = self.recipe
+        start = time.perf_counter()
+        zero_shot = self._zero_shot(recipe.eval.split)
+        self.engine.eval()
+        try:
+            found = retrieval(LoadedModel(self.engine.module.model, self.tokenizer, "training"),
+                              data_sources(recipe.data), recipe.eval.split,
+                              recipe.eval.classes)
+        finally:
+            self.engine.train()
+        accuracy = zero_shot["accuracy"]
+        return {"eval_zero_shot_accuracy": None if accuracy != accuracy else accuracy,
+                "eval_i2t_recall@5": found["image_to_text"]["recall@5"],
+                "eval_t2i_recall@5": found["text_to_image"]["recall@5"],
+                "eval_time_s": time.perf_counter() - start}
+
+    def _zero_shot(self, split: str) -> dict:
         from prior_dist.data.loader import PriorLoader
         from prior_dist.evaluation.zero_shot import zero_shot_accuracy
         from prior_dist.training.data import data_sources, transform_config
 
         recipe = self.recipe
         loader = PriorLoader(data_sources(recipe.data), self.tokenizer,
-                             recipe.eval.micro_batch_size,
-                             split=recipe.data.eval_split,
+                             recipe.eval.micro_batch_size, split=split,
                              transform=transform_config(recipe.data,
                                                         self.model_cfg.image.image_size, False),
                              rank=0, world_size=1, num_workers=0, shuffle=False,
                              label_names=list(recipe.eval.classes))
-        model = self.engine.module.model
         self.engine.eval()
-        result = zero_shot_accuracy(model, loader, self.tokenizer, recipe.eval.classes,
-                                    recipe.eval.prompt, recipe.eval.local_weight,
-                                    recipe.data.max_tokens, self.device,
-                                    use_prototypes=True)
-        self.engine.train()
+        try:
+            return zero_shot_accuracy(self.engine.module.model, loader, self.tokenizer,
+                                      recipe.eval.classes, recipe.eval.prompt,
+                                      recipe.eval.local_weight, recipe.data.max_tokens,
+                                      self.device, use_prototypes=True)
+        finally:
+            self.engine.train()
+
+    def evaluate(self) -> dict:
+        """Zero-shot accuracy on the held-out split; every rank runs it (ZeRO-3 needs all)."""
+        recipe = self.recipe
+        result = self._zero_shot(recipe.data.eval_split)
         if self.rank == 0:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         self.log(f"zero-shot accuracy on the {recipe.data.eval_split} split: "
