@@ -78,3 +78,32 @@ def test_visualize_writes_pngs(tiny_run, tmp_path, kind):
         assert png.format == "PNG" and png.width >= 400 and png.height >= 300
         # Not a blank canvas: the picture has more than a handful of colours.
         assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
+
+
+@pytest.mark.slurm
+def test_evaluate_array_job(tiny_run, tmp_path):
+    """launch/slurm/evaluate.sbatch: one array task per (task, seed)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)")
+    out = tmp_path / "results"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), CHECKPOINT=str(tiny_run),
+               OUT_DIR=str(out), TASKS="zero-shot linear-probe", SEEDS="0 1")
+    proc = subprocess.run(["sbatch", "--wait", "--array=0-3", "--cpus-per-task=1",
+                           str(REPO / "launch/slurm/evaluate.sbatch"), "--no-baseline",
+                           "--fractions", "1"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    logs = "\n".join(p.read_text() for p in tmp_path.glob("prior-evaluate-*.out"))
+    assert proc.returncode == 0, proc.stderr + logs
+    assert sorted(p.name for p in out.iterdir()) == [
+        "linear-probe-seed0.json", "linear-probe-seed1.json", "zero-shot-seed0.json",
+        "zero-shot-seed1.json"], logs
+    probe = json.loads((out / "linear-probe-seed1.json").read_text())["pretrained"]
+    assert probe["1"]["per_seed"] and "random_init" not in json.loads(
+        (out / "linear-probe-seed1.json").read_text())
