@@ -156,3 +156,23 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert [r["activation"] for r in results] == ["sigmoid", "softmax"]
     assert all(r["triton"]["max_rel_diff_vs_eager"] < 1e-5 for r in results)
+
+
+def test_auto_falls_back_once_when_the_kernel_fails(monkeypatch):
+    import prior_dist.kernels.local_attention as host
+    import prior_dist.ops.local_attention as ops
+
+    q, k, v, qm, km = _inputs((2, 6, 5, 8), torch.float32, seed=4)
+    monkeypatch.setattr(ops, "_AUTO_FAILED", [])
+    monkeypatch.setattr(ops, "resolve_local_attention_impl", lambda impl, *a: "triton")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(host, "triton_local_attention", broken)
+    with pytest.warns(UserWarning, match="simulated compile failure"):
+        out = local_attention(q, k, v, qm, km, scale=0.3, impl="auto")
+    torch.testing.assert_close(out, local_attention_reference(q, k, v, qm, km, 0.3))
+    assert len(ops._AUTO_FAILED) == 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        local_attention(q, k, v, qm, km, scale=0.3, impl="triton")

@@ -78,7 +78,7 @@ def choose_tiling(sq: int, sk: int, d: int, device_type: str) -> Tiling:
 def _precision(dtype: torch.dtype) -> dict:
     """tl.dot settings: fp32 inputs multiply in full precision (no TF32) so fp32 results match
     the reference; bf16 operands are widened exactly under the interpreter (see `_dot`)."""
-    return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    return {"PRECISION": "ieee" if dtype == torch.float32 else "default",
             "UPCAST": interpreter_on() and dtype == torch.bfloat16}
 
 

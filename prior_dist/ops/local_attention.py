@@ -43,6 +43,7 @@ def local_attention_reference(query: torch.Tensor, key: torch.Tensor, value: tor
 
 
 _WARNED: set[str] = set()
+_AUTO_FAILED: list[str] = []
 
 
 def resolve_local_attention_impl(impl: str, query: torch.Tensor, key: torch.Tensor,
@@ -89,10 +90,22 @@ def local_attention(query, key, value, query_mask=None, key_mask=None, *, scale:
     if (chosen == "triton" and impl == "auto" and return_attention and torch.is_grad_enabled()
             and any(t.requires_grad for t in (query, key, value))):
         chosen = "torch"
+    if chosen == "triton" and impl == "auto" and _AUTO_FAILED:
+        chosen = "torch"
     if chosen == "triton":
         from prior_dist.kernels.local_attention import triton_local_attention
 
-        return triton_local_attention(query, key, value, query_mask, key_mask, scale=scale,
-                                      activation=activation, return_attention=return_attention)
+        try:
+            return triton_local_attention(query, key, value, query_mask, key_mask, scale=scale,
+                                          activation=activation,
+                                          return_attention=return_attention)
+        except Exception as err:  # noqa: BLE001 - a kernel that fails to compile or launch
+            if impl != "auto":
+                raise
+            # `auto` must not break a training run over an optional kernel: fall back for the
+            # rest of the process, once, loudly.
+            _AUTO_FAILED.append(repr(err))
+            warnings.warn(f"local_attention_impl='auto': the Triton kernel failed ({err!r}); "
+                          "using the PyTorch reference from now on", stacklevel=2)
     return local_attention_reference(query, key, value, query_mask, key_mask, scale, activation,
                                      return_attention)
