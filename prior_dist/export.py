@@ -26,7 +26,7 @@ import torch
 IMAGE_FILE, HEADS_FILE, TEXT_DIR = "image_encoder.safetensors", "heads.safetensors", "text_encoder"
 
 
-def bert_to_hf(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+def bert_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our BERT encoder's state dict in Hugging Face `BertModel` names (q/k/v split again)."""
     top = {"word_embeddings": "embeddings.word_embeddings",
            "position_embeddings": "embeddings.position_embeddings",
@@ -94,7 +94,7 @@ def export_model(loaded, out_dir: str | Path) -> Path:
 
     from transformers import BertModel
 
-    hf_state = bert_to_hf(bert, cfg.text.num_layers)
+    hf_state = bert_to_hf(bert)
     hf = BertModel(_hf_config(cfg.text), add_pooling_layer="pooler.dense.weight" in hf_state)
     result = hf.load_state_dict(hf_state, strict=False)
     unexpected_missing = [k for k in result.missing_keys if "position_ids" not in k]

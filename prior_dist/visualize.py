@@ -32,6 +32,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def training_curves(run_dir: Path, out: Path) -> Path:
     plt = _pyplot()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -53,11 +60,7 @@ def training_curves(run_dir: Path, out: Path) -> Path:
     for ax in list(axes.flat)[len(terms):]:
         ax.axis("off")
     fig.suptitle(f"{run_dir.name}: losses per step (dashed: stage changes)")
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "curves.png")
 
 
 def _sample(loaded, data: str, split: str, index: int):
@@ -110,11 +113,7 @@ def attention_maps(loaded, data: str, split: str, index: int, out: Path) -> Path
         ax.set_title("\n".join(textwrap.wrap(text, 34)[:3]), fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
-    path = out / f"attention_{sample['key'][0]}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"attention_{sample['key'][0]}.png")
 
 
 @torch.no_grad()
@@ -145,11 +144,7 @@ def confusion_matrix(loaded, data: str, split: str, out: Path) -> Path:
     ax.set_ylabel("true")
     accuracy = float(matrix.diagonal().sum() / matrix.sum().clamp_min(1))
     ax.set_title(f"zero-shot, {split} split: accuracy {accuracy:.3f}")
-    fig.tight_layout()
-    path = out / "zero_shot_confusion.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "zero_shot_confusion.png")
 
 
 @torch.no_grad()
@@ -175,11 +170,7 @@ def nearest_reports(loaded, data: str, split: str, index: int, k: int, out: Path
         lines.append(f"{rank}. cos {score:.3f}{mark}\n" + "\n".join(textwrap.wrap(report, 90)[:3]))
     right.text(0, 1, "\n\n".join(lines), va="top", fontsize=8, family="monospace")
     right.axis("off")
-    fig.tight_layout()
-    path = out / f"neighbours_{sample['key'][0]}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"neighbours_{sample['key'][0]}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,8 +60,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     cfg = cfg.replace(text=replace(cfg.text, pretrained=None),
                       image=replace(cfg.image, pretrained=None))
     model = build_model(cfg)
-    missing = model.load_state_dict(_checkpoint_state(checkpoint), strict=True)
-    assert not missing.missing_keys and not missing.unexpected_keys
+    model.load_state_dict(_checkpoint_state(checkpoint), strict=True)
     model.eval()
     data_raw = dict(resolved["recipe"]["data"])
     data = DataConfig(**data_raw)

@@ -11,6 +11,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -90,17 +91,34 @@ def _mask(mask: torch.Tensor | None, batch: int, n: int, device) -> torch.Tensor
     return mask.to(device=device, dtype=torch.int8).contiguous()
 
 
+class _Launch(NamedTuple):
+    batch: int
+    sq: int
+    sk: int
+    d: int
+    qm: torch.Tensor
+    km: torch.Tensor
+    softmax: bool
+    tiles: Tiling
+    precision: dict
+
+
+def _launch_setup(q, k, query_mask, key_mask, activation: str) -> _Launch:
+    """Shapes, int8 masks, tiling and dot settings shared by the forward and backward launch."""
+    batch, sq, d = q.shape
+    sk = k.shape[1]
+    return _Launch(batch, sq, sk, d, _mask(query_mask, batch, sq, q.device),
+                   _mask(key_mask, batch, sk, q.device), activation == "softmax",
+                   choose_tiling(sq, sk, d, q.device.type), _precision(q.dtype))
+
+
 def launch_forward(q, k, v, query_mask, key_mask, scale: float, activation: str,
                    store_attention: bool = False, out=None, attention=None):
     """(out [B, Sq, D], lse [B, Sq] or None, attention [B, Sq, Sk] or None)."""
     kernels = _triton_modules()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    batch, sq, d = q.shape
-    sk = k.shape[1]
-    qm, km = _mask(query_mask, batch, sq, q.device), _mask(key_mask, batch, sk, q.device)
-    softmax = activation == "softmax"
-    tiles = choose_tiling(sq, sk, d, q.device.type)
-    precision = _precision(q.dtype)
+    batch, sq, sk, d, qm, km, softmax, tiles, precision = _launch_setup(q, k, query_mask,
+                                                                        key_mask, activation)
     lse = torch.empty(batch, sq, device=q.device, dtype=torch.float32) if softmax else None
     if softmax:
         kernels._softmax_stats_kernel[(triton_cdiv(sq, tiles.bq), batch)](
@@ -122,12 +140,8 @@ def launch_backward(q, k, v, out, grad_out, query_mask, key_mask, lse, scale: fl
     """(dq, dk, dv) for `grad_out`; `out` and `lse` come from `launch_forward`."""
     kernels = _triton_modules()
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    batch, sq, d = q.shape
-    sk = k.shape[1]
-    qm, km = _mask(query_mask, batch, sq, q.device), _mask(key_mask, batch, sk, q.device)
-    softmax = activation == "softmax"
-    tiles = choose_tiling(sq, sk, d, q.device.type)
-    precision = _precision(q.dtype)
+    batch, sq, sk, d, qm, km, softmax, tiles, precision = _launch_setup(q, k, query_mask,
+                                                                        key_mask, activation)
     # Softmax backward needs rowsum(dO * O) per query: cheap, [B, Sq].
     delta = (grad_out.float() * out.float()).sum(-1).contiguous() if softmax else None
     dq = torch.empty_like(q) if dq is None else dq

@@ -147,6 +147,17 @@ def _score_grad(q_ptr, k_ptr, v_ptr, do_ptr, b, q_offs, k_offs, q_valid, k_valid
 
 
 @triton.jit
+def _row_stats(lse_ptr, delta_ptr, b, q_offs, Sq, BQ: tl.constexpr, SOFTMAX: tl.constexpr):
+    """The softmax backward's per-query (log-sum-exp, rowsum(dO * O)); zeros for sigmoid."""
+    lse = tl.zeros((BQ,), dtype=tl.float32)
+    delta = tl.zeros((BQ,), dtype=tl.float32)
+    if SOFTMAX:
+        lse = tl.load(lse_ptr + b * Sq + q_offs, mask=q_offs < Sq, other=float("-inf"))
+        delta = tl.load(delta_ptr + b * Sq + q_offs, mask=q_offs < Sq, other=0.0)
+    return lse, delta
+
+
+@triton.jit
 def _backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, qmask_ptr, kmask_ptr, lse_ptr, delta_ptr,
                         dq_ptr, Sq, Sk, D, scale, SOFTMAX: tl.constexpr, BQ: tl.constexpr,
                         BK: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
@@ -157,11 +168,7 @@ def _backward_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, qmask_ptr, kmask_ptr, lse_p
     q_offs = pid_q * BQ + tl.arange(0, BQ)
     t = pid_t * BT + tl.arange(0, BT)
     q_valid = _valid(qmask_ptr, b, q_offs, Sq)
-    lse = tl.zeros((BQ,), dtype=tl.float32)
-    delta = tl.zeros((BQ,), dtype=tl.float32)
-    if SOFTMAX:
-        lse = tl.load(lse_ptr + b * Sq + q_offs, mask=q_offs < Sq, other=float("-inf"))
-        delta = tl.load(delta_ptr + b * Sq + q_offs, mask=q_offs < Sq, other=0.0)
+    lse, delta = _row_stats(lse_ptr, delta_ptr, b, q_offs, Sq, BQ, SOFTMAX)
     acc = tl.zeros((BQ, BT), dtype=tl.float32)
     for k0 in range(0, Sk, BK):
         k_offs = k0 + tl.arange(0, BK)
@@ -192,11 +199,7 @@ def _backward_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, qmask_ptr, kmask_ptr, lse
     for q0 in range(0, Sq, BQ):
         q_offs = q0 + tl.arange(0, BQ)
         q_valid = _valid(qmask_ptr, b, q_offs, Sq)
-        lse = tl.zeros((BQ,), dtype=tl.float32)
-        delta = tl.zeros((BQ,), dtype=tl.float32)
-        if SOFTMAX:
-            lse = tl.load(lse_ptr + b * Sq + q_offs, mask=q_offs < Sq, other=float("-inf"))
-            delta = tl.load(delta_ptr + b * Sq + q_offs, mask=q_offs < Sq, other=0.0)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, b, q_offs, Sq, BQ, SOFTMAX)
         a, ds = _score_grad(q_ptr, k_ptr, v_ptr, do_ptr, b, q_offs, k_offs, q_valid, k_valid,
                             lse, delta, Sq, Sk, D, scale, SOFTMAX, BQ, BK, BD, PRECISION,
                             UPCAST)

@@ -101,19 +101,16 @@ def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, rank_s
         tmp = root / tag / (MARKER + ".tmp")
         tmp.write_text(json.dumps(marker, indent=2))
         os.replace(tmp, root / tag / MARKER)
-        _prune(root, keep_last, newest=root / tag)
+        _prune(root, keep_last)
     dist.barrier()
     return root / tag
 
 
-def _prune(root: Path, keep_last: int, newest: Path) -> None:
-    complete = sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
-    for old in complete[:-keep_last]:
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints (incomplete ones are removed at start-up
+    by `remove_partial`)."""
+    for old in complete_checkpoints(root.parent)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    # Directories a crashed save left behind (older than the newest complete one).
-    for partial in root.iterdir():
-        if partial.is_dir() and not (partial / MARKER).is_file() and partial.name < newest.name:
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def load_checkpoint(engine, path: Path) -> tuple[dict, dict | None]:

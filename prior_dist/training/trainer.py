@@ -91,7 +91,6 @@ class Trainer:
         torch.manual_seed(recipe.train.seed)
         shards = ensure_phantom_shards(recipe.data, recipe.train.seed, self.log)
         self.tokenizer = load_training_tokenizer(recipe.data, shards)
-        self.shards = shards
         cfg = recipe.model
         text = cfg.text
         if text.pretrained is None and text.vocab_size != len(self.tokenizer):
