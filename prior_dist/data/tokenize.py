@@ -40,10 +40,38 @@ def _shard_sentences(shard_dir: Path, limit: int) -> list[str]:
     return texts
 
 
+def wordpiece_vocabulary(sentences: list[str], vocab_size: int) -> list[str]:
+    """A deterministic WordPiece vocabulary: the special tokens, every character (alone and as a
+    `##` continuation) and then whole words by falling frequency, ties in alphabetical order.
+
+    (The `tokenizers` WordPiece trainer breaks frequency ties differently from one process to
+    the next, so rebuilding a vocabulary on another node or run gave other token ids.)
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for sentence in sentences
+                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(sentence)))
+    characters = sorted({c for word in words for c in word})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + characters
+    vocab += [f"##{c}" for c in characters]
+    known = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+            known.add(word)
+    return vocab
+
+
 def build_wordpiece(shard_dir: str | Path, out_dir: str | Path, vocab_size: int = 4096,
                     max_sentences: int = 200_000):
-    """Train a lower-cased BERT WordPiece vocabulary on the shards' sentences; return a tokenizer."""
-    from tokenizers import BertWordPieceTokenizer
+    """Build a lower-cased BERT WordPiece vocabulary from the shards' sentences (the same
+    vocabulary for the same shards, on any machine); return a tokenizer."""
     from transformers import BertTokenizer
 
     out = Path(out_dir)
@@ -52,13 +80,9 @@ def build_wordpiece(shard_dir: str | Path, out_dir: str | Path, vocab_size: int 
         sentences = _shard_sentences(Path(shard_dir), max_sentences)
         if not sentences:
             raise ValueError(f"{shard_dir}: no report sentences found to build a vocabulary from")
-        trainer = BertWordPieceTokenizer(lowercase=True)
-        trainer.train_from_iterator(sentences, vocab_size=vocab_size, min_frequency=1,
-                                    special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".vocab.txt.tmp.{os.getpid()}"
-        trainer.save_model(str(out), prefix=None)
-        os.replace(out / "vocab.txt", tmp)
+        tmp.write_text("".join(t + "\n" for t in wordpiece_vocabulary(sentences, vocab_size)))
         tokenizer = BertTokenizer(vocab=str(tmp), do_lower_case=True)
         # save_pretrained writes the config files AutoTokenizer needs; vocab.txt goes last so
         # its presence means the directory is complete.
