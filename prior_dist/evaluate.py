@@ -1,11 +1,16 @@
-"""`python -m prior_dist.evaluate TASK --checkpoint RUN_DIR|EXPORT_DIR [--data DIR] --out FILE`.
+"""`python -m prior_dist.evaluate TASK --checkpoint RUN_DIR|EXPORT_DIR [--data SPEC] --out FILE`.
 
-Tasks so far: `zero-shot` (paper score and global-only: accuracy, macro F1, per-class AUC),
+Tasks: `zero-shot` (paper score and global-only: accuracy, macro F1, per-class AUC),
 `retrieval` (image-to-text and text-to-image Recall@1/5/10, median rank, Precision@K by
 label), `linear-probe` (frozen image encoder, logistic head on 1% / 10% / 100% of the training
-labels, several seeds, macro AUC mean and standard deviation). Every task reports the same
-numbers for a randomly initialised encoder of the same configuration next to the pretrained one.
-`--data` defaults to the shards the run was trained on.
+labels, several seeds; macro AUC, and accuracy for single-label sets), `segmentation` (U-Net
+decoder on the image tower; Dice and IoU) and `detection` (RetinaNet or Faster R-CNN on the
+tower; mAP@0.5 and COCO mAP), the last two at the same label fractions and seeds. Every task
+reports the same numbers for a randomly initialised encoder of the same configuration next to
+the pretrained one. `--data` defaults to the shards the run was trained on; `KIND:PATH` reads a
+public layout (chexpert, chexpert5x200, rsna, siim, covidx: see
+`prior_dist/evaluation/datasets.py`). `splits` writes a dataset's split lists for
+`--split-file`.
 """
 
 from __future__ import annotations
@@ -40,22 +45,57 @@ def _loader(loaded, data: str, split: str, labels, batch_size: int = 64):
                                                                 cfg.text.max_position_embeddings)))
 
 
+def _downstream(data: str, split: str, args=None):
+    from prior_dist.evaluation.datasets import open_dataset
+
+    options = {}
+    if args is not None and data.startswith("chexpert:"):
+        options["uncertain"] = args.uncertain
+    return open_dataset(data, split, getattr(args, "split_file", None), **options)
+
+
+def _image_batches(loaded, dataset, batch_size: int = 64):
+    """(normalised images [B, 1, S, S], labels [B, C]) over a downstream split, streamed."""
+    from torch.utils.data import DataLoader
+
+    from prior_dist.evaluation.tensors import _Resized, normalise
+
+    size = loaded.model.cfg.image.image_size
+    skipped = 0
+    for chunk in DataLoader(_Resized(dataset, size, False, False), batch_size=batch_size,
+                            num_workers=2, collate_fn=list):
+        good = [c for c in chunk if "error" not in c]
+        skipped += len(chunk) - len(good)
+        if good:
+            yield (normalise(torch.stack([c["image"] for c in good])),
+                   torch.stack([c["labels"] for c in good]))
+    if skipped:
+        print(f"evaluate: {dataset.name} [{dataset.split}]: skipped {skipped} unreadable images")
+
+
 @torch.no_grad()
-def zero_shot(loaded, data: str, split: str, classes=ZERO_SHOT_CLASSES,
-              prompts=("{} is observed",), local_weight: float = 0.5) -> dict:
+def zero_shot(loaded, data: str, split: str, classes=None,
+              prompts=("{} is observed",), local_weight: float = 0.5, args=None) -> dict:
     model = loaded.model
     device = next(model.parameters()).device
+    dataset = _downstream(data, split, args)
+    classes = tuple(classes or (dataset.classes if dataset.exclusive else ZERO_SHOT_CLASSES))
+    missing = [c for c in classes if c not in dataset.classes]
+    if missing:
+        raise ValueError(f"{data}: classes {missing} not in its labels {list(dataset.classes)}")
+    columns = [dataset.classes.index(c) for c in classes]
     per_prompt = [class_prompts(model, loaded.tokenizer, classes, p, 256, device, True)
                   for p in prompts]
     combined, global_only, targets = [], [], []
-    for batch in _loader(loaded, data, split, classes):
-        single = batch["labels"].sum(1) == 1
+    for images, labels in _image_batches(loaded, dataset):
+        labels = labels[:, columns]
+        single = (labels.nan_to_num(0).sum(1) == 1) & ~labels.isnan().any(1)
         if not bool(single.any()):
             continue
-        images = batch["image"][single].to(device)
+        images = images[single].to(device)
         combined.append(sum(zero_shot_scores(model, images, p, local_weight) for p in per_prompt))
         global_only.append(sum(zero_shot_scores(model, images, p, 0.0) for p in per_prompt))
-        targets.append(batch["labels"][single].argmax(1))
+        targets.append(labels[single].argmax(1))
     if not targets:
         raise ValueError(f"{data} [{split}]: no image with exactly one of {list(classes)}")
     target = torch.cat(targets)
@@ -100,15 +140,38 @@ def retrieval(loaded, data: str, split: str, classes=ZERO_SHOT_CLASSES) -> dict:
                               **precision_at_k(similarity.t(), labels, labels)}}
 
 
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 300) -> torch.nn.Linear:
+@torch.no_grad()
+def _image_features(loaded, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled patch tokens of the frozen image encoder, and the labels."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    features, labels = [], []
+    for images, y in _image_batches(loaded, dataset):
+        features.append(model.encode_image(images.to(device)).patch_tokens.float().mean(1).cpu())
+        labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, seed: int, exclusive: bool,
+                  steps: int = 300) -> torch.nn.Linear:
+    """Logistic regression by L-BFGS: softmax for single-label sets, else one sigmoid per class
+    with unknown (NaN) labels left out of the loss."""
     torch.manual_seed(seed)
     head = torch.nn.Linear(x.shape[1], y.shape[1])
     optimizer = torch.optim.LBFGS(head.parameters(), lr=0.5, max_iter=steps,
                                   line_search_fn="strong_wolfe")
+    known = ~y.isnan()
+    target = y.nan_to_num(0.0)
 
     def closure():
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(head(x), y) + 1e-4 * head.weight.square().sum()
+        logits = head(x)
+        if exclusive:
+            fit = F.cross_entropy(logits, target.argmax(1))
+        else:
+            fit = (F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+                   * known).sum() / known.sum().clamp_min(1)
+        loss = fit + 1e-4 * head.weight.square().sum()
         loss.backward()
         return loss
 
@@ -116,26 +179,74 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 300)
     return head
 
 
-def linear_probe(loaded, data: str, train_split: str, split: str, classes=PROBE_CLASSES,
-                 fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2)) -> dict:
-    _, _, train_x, train_y = _embeddings(loaded, data, train_split, classes)
-    _, _, test_x, test_y = _embeddings(loaded, data, split, classes)
+def linear_probe(loaded, data: str, train_split: str, split: str, classes=None,
+                 fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), args=None) -> dict:
+    from prior_dist.evaluation.tensors import label_subset
+
+    train_set, test_set = _downstream(data, train_split, args), _downstream(data, split, args)
+    classes = tuple(classes or (PROBE_CLASSES if not train_set.exclusive and set(PROBE_CLASSES)
+                                <= set(train_set.classes) else train_set.classes))
+    columns = [train_set.classes.index(c) for c in classes]
+    train_x, train_y = _image_features(loaded, train_set)
+    test_x, test_y = _image_features(loaded, test_set)
+    train_y, test_y = train_y[:, columns], test_y[:, columns]
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    out = {"classes": list(classes), "train_images": len(train_x), "test_images": len(test_x)}
+    exclusive = train_set.exclusive
+    out = {"classes": list(classes), "train_images": len(train_x), "test_images": len(test_x),
+           "exclusive": exclusive, "train_split_sha256": train_set.split_digest(),
+           "test_split_sha256": test_set.split_digest()}
     for fraction in fractions:
-        aucs = []
+        aucs, accuracies = [], []
         for seed in seeds:
-            g = torch.Generator().manual_seed(seed)
-            count = max(2, round(fraction * len(train_x)))
-            pick = torch.randperm(len(train_x), generator=g)[:count]
-            head = _fit_logistic(train_x[pick], train_y[pick].float(), seed)
+            pick = label_subset(len(train_x), fraction, seed)
+            head = _fit_logistic(train_x[pick], train_y[pick], seed, exclusive)
             with torch.no_grad():
-                aucs.append(macro_auc(head(test_x), test_y)[0])
+                scores = head(test_x)
+            aucs.append(macro_auc(scores, test_y)[0])
+            if exclusive:
+                accuracies.append(float((scores.argmax(1) == test_y.argmax(1)).double().mean()))
         valid = [a for a in aucs if a == a]
-        out[f"{fraction:g}"] = {"labels_used": count, "macro_auc_mean": statistics.mean(valid),
-                                "macro_auc_std": statistics.pstdev(valid), "per_seed": aucs}
+        out[f"{fraction:g}"] = {"labels_used": len(pick),
+                                "macro_auc_mean": statistics.mean(valid) if valid else None,
+                                "macro_auc_std": statistics.pstdev(valid) if valid else None,
+                                "per_seed": aucs}
+        if exclusive:
+            out[f"{fraction:g}"].update(accuracy_mean=statistics.mean(accuracies),
+                                        accuracy_std=statistics.pstdev(accuracies))
     return out
+
+
+def dense_task(task: str, loaded, data: str, train_split: str, split: str, fractions, seeds,
+               args) -> dict:
+    """Segmentation or detection: decode both splits once, then one fine-tune per
+    (fraction, seed)."""
+    from prior_dist.evaluation.tensors import materialize
+
+    size = loaded.model.cfg.image.image_size
+    train_set, test_set = _downstream(data, train_split, args), _downstream(data, split, args)
+    seg = task == "segmentation"
+    classes = train_set.mask_classes if seg else train_set.box_classes
+    if not classes:
+        raise ValueError(f"{data}: has no {'masks' if seg else 'boxes'} for {task}")
+    train = materialize(train_set, size, masks=seg, boxes=not seg)
+    test = materialize(test_set, size, masks=seg, boxes=not seg)
+    tower = loaded.model.image
+    if seg:
+        from prior_dist.evaluation.segmentation import segmentation_task
+
+        result = segmentation_task(tower, size, train, test, classes, fractions, seeds,
+                                   args.steps, args.finetune)
+    else:
+        from prior_dist.evaluation.detection import detection_task
+
+        result = detection_task(tower, size, train, test, classes, fractions, seeds, args.steps,
+                                args.detector, args.finetune)
+    result.update(train_split_sha256=train_set.split_digest(),
+                  test_split_sha256=test_set.split_digest(),
+                  skipped={"train": sum(train.skipped.values()),
+                           "test": sum(test.skipped.values())})
+    return result
 
 
 def random_init_like(loaded):
@@ -148,19 +259,26 @@ def random_init_like(loaded):
     return LoadedModel(model, loaded.tokenizer, "random-init", {})
 
 
-TASKS = {"zero-shot", "retrieval", "linear-probe"}
+TASKS = {"zero-shot", "retrieval", "linear-probe", "segmentation", "detection"}
 
 
 def run_task(task: str, loaded, data: str, args) -> dict:
+    torch.manual_seed(0)
     if task == "zero-shot":
-        return zero_shot(loaded, data, args.split, prompts=tuple(args.prompt or
-                                                                 ["{} is observed"]))
+        classes = args.classes.split(",") if args.classes else None
+        return zero_shot(loaded, data, args.split, classes,
+                         prompts=tuple(args.prompt or ["{} is observed"]), args=args)
     if task == "retrieval":
+        if ":" in data and not Path(data).exists():
+            raise ValueError(f"retrieval needs reports; {data} has none (use pretraining shards)")
         return retrieval(loaded, data, args.split)
     fractions = tuple(float(f) for f in args.fractions.split(","))
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    return linear_probe(loaded, data, args.train_split, args.split, fractions=fractions,
-                        seeds=seeds)
+    if task == "linear-probe":
+        classes = args.classes.split(",") if args.classes else None
+        return linear_probe(loaded, data, args.train_split, args.split, classes, fractions,
+                            seeds, args=args)
+    return dense_task(task, loaded, data, args.train_split, args.split, fractions, seeds, args)
 
 
 def _headline(task: str, result: dict) -> str:
@@ -173,27 +291,67 @@ def _headline(task: str, result: dict) -> str:
         return (f"i2t R@1/5/10 {i2t['recall@1']:.3f}/{i2t['recall@5']:.3f}/{i2t['recall@10']:.3f}"
                 f" P@5 {i2t['precision@5']:.3f}; t2i R@1/5/10 {t2i['recall@1']:.3f}/"
                 f"{t2i['recall@5']:.3f}/{t2i['recall@10']:.3f}")
+    if task == "segmentation":
+        return ", ".join(f"{k}: Dice {v['mean_dice_mean']:.3f} ± {v['mean_dice_std']:.3f} IoU "
+                         f"{v['mean_iou_mean']:.3f}" for k, v in result.items()
+                         if isinstance(v, dict) and "mean_dice_mean" in v)
+    if task == "detection":
+        return ", ".join(f"{k}: mAP@0.5 {v['map_50_mean']:.3f} ± {v['map_50_std']:.3f} mAP "
+                         f"{v['map_mean']:.3f}" for k, v in result.items()
+                         if isinstance(v, dict) and "map_mean" in v)
     return ", ".join(f"{k}: AUC {v['macro_auc_mean']:.3f} ± {v['macro_auc_std']:.3f}"
-                     for k, v in result.items() if isinstance(v, dict))
+                     + (f" acc {v['accuracy_mean']:.3f}" if "accuracy_mean" in v else "")
+                     for k, v in result.items()
+                     if isinstance(v, dict) and v.get("macro_auc_mean") is not None)
+
+
+def _write_splits(args) -> int:
+    from prior_dist.evaluation.datasets import write_split_file
+
+    if not args.data or not args.out:
+        print("evaluate: error: splits needs --data KIND:PATH and --out FILE", file=sys.stderr)
+        return 2
+    options = {"uncertain": args.uncertain} if args.data.startswith("chexpert:") else {}
+    try:
+        counts = write_split_file(args.data, args.out, **options)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"splits of {args.data}: {counts} -> {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prior_dist.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=sorted(TASKS))
-    parser.add_argument("--checkpoint", required=True, help="run, checkpoint or export directory")
-    parser.add_argument("--data", default=None, help="shard directory (default: the run's)")
+    parser.add_argument("task", choices=sorted(TASKS | {"splits"}))
+    parser.add_argument("--checkpoint", help="run, checkpoint or export directory")
+    parser.add_argument("--data", default=None,
+                        help="shard directory (default: the run's) or KIND:PATH")
+    parser.add_argument("--split-file", default=None, help="JSON {split: [keys]} (KIND:PATH)")
+    parser.add_argument("--uncertain", default="ignore", choices=("ignore", "ones", "zeros"),
+                        help="CheXpert -1 labels")
+    parser.add_argument("--classes", default=None, help="comma-separated class subset")
     parser.add_argument("--split", default="test")
     parser.add_argument("--train-split", default="train", help="linear-probe training split")
     parser.add_argument("--prompt", action="append", help="zero-shot prompt with {} (repeatable)")
     parser.add_argument("--fractions", default="0.01,0.1,1.0")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="optimizer steps per segmentation/detection fine-tune")
+    parser.add_argument("--finetune", action="store_true",
+                        help="segmentation/detection: train the encoder too (default frozen)")
+    parser.add_argument("--detector", default="retinanet", choices=("retinanet", "faster_rcnn"))
     parser.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder")
     parser.add_argument("--out", default=None, help="results.json")
     args = parser.parse_args(argv)
     from prior_dist.evaluation.load import load_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.task == "splits":
+        return _write_splits(args)
+    if not args.checkpoint:
+        parser.error("--checkpoint is required")
     try:
         loaded = load_model(args.checkpoint)
         data = args.data or loaded.info.get("data_path") or loaded.info.get("data", {}).get("path")

@@ -50,7 +50,9 @@ def tiny_run(tmp_path_factory):
 def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
     run = tiny_run
     for task, extra in (("zero-shot", []), ("retrieval", []),
-                        ("linear-probe", ["--fractions", "0.5,1", "--seeds", "0,1"])):
+                        ("linear-probe", ["--fractions", "0.5,1", "--seeds", "0,1"]),
+                        ("segmentation", ["--fractions", "1", "--seeds", "0", "--steps", "3"]),
+                        ("detection", ["--fractions", "0.5", "--seeds", "0", "--steps", "3"])):
         out = tmp_path / f"{task}.json"
         proc = run_cli("prior_dist.evaluate", task, "--checkpoint", str(run), "--out", str(out),
                        *extra)
@@ -61,6 +63,13 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
     assert 0 <= zs["paper_score"]["accuracy"] <= 1 and zs["images"] > 0
     probe = json.loads((tmp_path / "linear-probe.json").read_text())["pretrained"]
     assert probe["1"]["labels_used"] == probe["train_images"]
+    seg = json.loads((tmp_path / "segmentation.json").read_text())
+    for name in ("pretrained", "random_init"):
+        dice = seg[name]["1"]["mean_dice_mean"]
+        assert 0 <= dice <= 1 and len(seg[name]["classes"]) == 8
+    det = json.loads((tmp_path / "detection.json").read_text())["pretrained"]
+    assert det["detector"] == "retinanet" and det["test_boxes"] > 0
+    assert 0 <= det["0.5"]["map_50_mean"] <= 1 and det["0.5"]["labels_used"] < det["train_images"]
     bad = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"),
                   check=False)
     assert bad.returncode == 2 and "neither a run directory" in bad.stderr
@@ -107,3 +116,45 @@ def test_evaluate_array_job(tiny_run, tmp_path):
     probe = json.loads((out / "linear-probe-seed1.json").read_text())["pretrained"]
     assert probe["1"]["per_seed"] and "random_init" not in json.loads(
         (out / "linear-probe-seed1.json").read_text())
+
+
+def test_evaluate_on_public_layouts(tiny_run, tmp_path):
+    """Zero-shot on a 5x200-format JSON and a linear probe on COVIDx label files: image-only
+    data, no reports, no tokenizer work."""
+    import numpy as np
+
+    from tests.imaging import png_bytes
+
+    g = np.random.default_rng(0)
+    classes = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    for i in range(10):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(g.integers(0, 255, (40, 40), np.uint8)))
+    (tmp_path / "5x200.json").write_text(json.dumps(
+        {c: [f"{i}.png" for i in range(10) if i % 5 == k] for k, c in enumerate(classes)}))
+    out = tmp_path / "zs.json"
+    run_cli("prior_dist.evaluate", "zero-shot", "--checkpoint", str(tiny_run), "--data",
+            f"chexpert5x200:{tmp_path / '5x200.json'}", "--out", str(out))
+    zs = json.loads(out.read_text())["pretrained"]
+    assert zs["images"] == 10 and zs["classes"] == classes
+    covidx = tmp_path / "covidx"
+    for name, count in (("train", 24), ("test", 8)):
+        (covidx / name).mkdir(parents=True)
+        lines = []
+        for i in range(count):
+            label = ("negative", "positive")[i % 2]
+            pixels = g.integers(0, 120, (40, 40), np.uint8) + (100 if label == "positive" else 0)
+            (covidx / name / f"{i}.png").write_bytes(png_bytes(pixels.astype(np.uint8)))
+            lines.append(f"p{name}{i} {i}.png {label} src")
+        (covidx / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    (covidx / "test" / "3.png").write_bytes(b"not a png")        # skipped and counted
+    out = tmp_path / "probe.json"
+    proc = run_cli("prior_dist.evaluate", "linear-probe", "--checkpoint", str(tiny_run),
+                   "--data", f"covidx:{covidx}", "--fractions", "1", "--seeds", "0",
+                   "--out", str(out))
+    probe = json.loads(out.read_text())["pretrained"]
+    assert probe["exclusive"] and probe["classes"] == ["negative", "positive"]
+    assert probe["test_images"] == 7 and "skipped 1 unreadable" in proc.stdout
+    assert 0 <= probe["1"]["accuracy_mean"] <= 1
+    bad = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tiny_run), "--data",
+                  f"covidx:{covidx}", check=False)
+    assert bad.returncode == 2 and "retrieval needs reports" in bad.stderr

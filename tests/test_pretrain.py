@@ -199,3 +199,23 @@ def test_evaluation_during_pretraining_is_logged(reference, shards):
     assert [("eval_i2t_recall@5" in line) for line in lines] == [False, True, False, True]
     assert 0 <= lines[1]["eval_i2t_recall@5"] <= 1 and 0 <= lines[3]["eval_t2i_recall@5"] <= 1
     assert "eval_zero_shot_accuracy" in lines[3]
+
+
+def test_sentence_initialised_bank_is_rank_independent(reference, shards):
+    """`heads.prototype_init=sentences` under ZeRO-3 on 2 ranks: the bank is set from the
+    gathered global batch, stays identical on both ranks, and the run equals 1 rank at 2B."""
+    tmp = reference["tmp"]
+    option = ("--set", "model.heads.prototype_init=sentences")
+    one, two = tmp / "init_one", tmp / "init_two"
+    proc = launch(1, ds_config(tmp, 16), one, shards, "--max-steps", "5", *option)
+    assert "prototype bank set from" in proc.stdout
+    launch(2, ds_config(tmp, 8, 3), two, shards, "--max-steps", "5", "--audit-samples", *option)
+    assert_traces_close(metrics(two), metrics(one), rtol=1e-5)
+    ranks = [[json.loads(line) for line in (two / "samples" / f"rank{r}.jsonl").read_text()
+              .splitlines()] for r in range(2)]
+    assert all(a["prototype_bank_sha256"] == b["prototype_bank_sha256"] for a, b in zip(*ranks))
+    # Stage 2 starts at step 4: the bank then differs from the N(0, 1) run's.
+    plain = metrics(reference["one"])
+    assert metrics(one)[3]["proto"] != pytest.approx(plain[3]["proto"], rel=1e-3)
+    assert [r["global"] for r in metrics(one)[:3]] == pytest.approx(
+        [r["global"] for r in plain[:3]], rel=1e-6)

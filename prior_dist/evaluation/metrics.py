@@ -27,7 +27,12 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def macro_auc(scores_NC: torch.Tensor, labels_NC: torch.Tensor) -> tuple[float, list[float]]:
-    per_class = [roc_auc(scores_NC[:, c], labels_NC[:, c]) for c in range(scores_NC.shape[1])]
+    """Mean of the per-class AUCs; unknown (NaN) labels are left out of their class."""
+    labels_NC = labels_NC.float()
+    per_class = []
+    for c in range(scores_NC.shape[1]):
+        known = ~labels_NC[:, c].isnan()
+        per_class.append(roc_auc(scores_NC[known, c], labels_NC[known, c]))
     valid = [a for a in per_class if a == a]
     return (sum(valid) / len(valid) if valid else float("nan")), per_class
 

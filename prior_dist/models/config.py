@@ -133,6 +133,10 @@ class HeadsConfig:
     local_attention_impl: LocalAttentionImpl = "auto"
     num_prototypes: int = 512
     gumbel_tau: float = 0.9
+    # `normal`: W ~ N(0, 1), as in the paper. `sentences`: at the start of stage 2, W is set to
+    # the most spread-out sentence embeddings of the first global batch (farthest-point
+    # sampling), a standard remedy for codebook collapse (docs/model.md).
+    prototype_init: Literal["normal", "sentences"] = "normal"
     num_queries: int = 16
     decoder_layers: int = 8
     decoder_heads: int = 12
@@ -154,6 +158,7 @@ class HeadsConfig:
         _choice(owner, "local_attention_impl", self.local_attention_impl,
                 ("auto", "triton", "torch"))
         _probability(owner, "decoder_dropout", self.decoder_dropout)
+        _choice(owner, "prototype_init", self.prototype_init, ("normal", "sentences"))
         _probability(owner, "feature_dropout", self.feature_dropout)
         object.__setattr__(self, "image_decoder_widths", tuple(self.image_decoder_widths))
         if len(self.image_decoder_widths) != 5 or min(self.image_decoder_widths) < 1:

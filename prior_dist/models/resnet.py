@@ -50,6 +50,15 @@ class ResNetBackbone(nn.Module):
         layers += [block(self.inplanes, planes, **kwargs) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    def feature_pyramid(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`{stride: [B, C, H/stride, W/stride]}` for strides 2 (stem), 4, 8, 16 and 32."""
+        stem = self.relu(self.bn1(self.conv1(image)))
+        out, x = {2: stem}, self.maxpool(stem)
+        for stride, stage in zip((4, 8, 16, 32), (self.layer1, self.layer2, self.layer3,
+                                                  self.layer4)):
+            x = out[stride] = stage(x)
+        return out
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(image))))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -93,6 +102,9 @@ class ResNetTower(nn.Module):
         init_projection(self.global_proj)
         if cfg.pretrained:
             load_imagenet(self.backbone, cfg.pretrained)
+
+    def feature_pyramid(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self.backbone.feature_pyramid(image)
 
     def forward(self, image: torch.Tensor) -> ImageFeatures:
         feature_map = self.backbone(image)

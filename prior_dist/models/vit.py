@@ -54,7 +54,18 @@ class ViTTower(nn.Module):
         init_projection(self.local_proj)
         init_projection(self.global_proj)
 
+    def feature_pyramid(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`{patch_size: [B, width, H/p, W/p]}`: the normalised patch tokens as a map (dense
+        heads build the other strides from it)."""
+        tokens = self._tokens(image)[:, 1:]
+        return {self.cfg.patch_size: rearrange(tokens, "b (h w) c -> b c h w", h=self.grid[0])}
+
     def forward(self, image: torch.Tensor) -> ImageFeatures:
+        x = self._tokens(image)
+        return ImageFeatures(global_embedding=self.global_proj(x[:, 0]),
+                             patch_tokens=self.local_proj(x[:, 1:]), grid=self.grid)
+
+    def _tokens(self, image: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(image)
         if tuple(patches.shape[-2:]) != self.grid:
             raise ValueError(f"ViT built for a {self.grid} patch grid (image.image_size), got "
@@ -67,6 +78,4 @@ class ViTTower(nn.Module):
                 x = checkpoint(block, x, impl, use_reentrant=False)
             else:
                 x = block(x, impl)
-        x = self.norm(x)
-        return ImageFeatures(global_embedding=self.global_proj(x[:, 0]),
-                             patch_tokens=self.local_proj(x[:, 1:]), grid=self.grid)
+        return self.norm(x)

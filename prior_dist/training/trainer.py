@@ -32,6 +32,7 @@ from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
 from prior_dist.training.metrics import MetricsLogger, memory_mb
 from prior_dist.training.noise import sample_noise
 from prior_dist.training.recipe import Recipe
+from prior_dist.training.prototype_init import init_bank_from_batch
 from prior_dist.training.schedule import StageSpan, learning_rate, plan_stages
 from prior_dist.training.task import PriorTask
 
@@ -206,6 +207,7 @@ class Trainer:
         last_save_time = time.monotonic()
         last_saved_step = self.step
         flops_per_micro = None
+        init_bank = False
         engine.train()
         while self.step < self.total_steps:
             span = self.span_at(self.step)
@@ -213,6 +215,7 @@ class Trainer:
                 if self.stage is not None or self.step == span.start:
                     reset_optimizer_state(engine)     # a fresh AdamW state for each stage
                     self.log(f"stage {span.stage} from step {self.step}")
+                    init_bank = span.stage == 2 and heads.prototype_init == "sentences"
                 self.stage = span.stage
             plan = stage_plan(span.stage, sentence_cap=recipe.train.sentence_cap)
             lr = learning_rate(span, self.step)
@@ -236,6 +239,11 @@ class Trainer:
                              "on every rank")
                     continue
                 data = self._to_device(batch)
+                if init_bank:
+                    distinct = init_bank_from_batch(engine.module.model, data, recipe.train.seed,
+                                                    ds.zero_stage)
+                    self.log(f"prototype bank set from {distinct} distinct sentences")
+                    init_bank = False
                 noise = None
                 if recipe.train.tie_noise_to_samples:
                     noise = sample_noise(batch, epoch, recipe.train.seed,

@@ -1,0 +1,129 @@
+"""Downstream samples as model-ready tensors, and the label-fraction subsets every fine-tuning
+task shares.
+
+Images are squashed to the model's input size and normalised as in pretraining; masks follow
+with nearest-neighbour resampling and boxes are scaled with the image. Unreadable samples are
+skipped and counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from prior_dist.data.images import ImageDecodeError
+from prior_dist.data.transforms import MIMIC_MEAN, MIMIC_STD
+from prior_dist.evaluation.datasets import DownstreamSet
+
+
+class _Resized(Dataset):
+    def __init__(self, dataset: DownstreamSet, size: int, masks: bool, boxes: bool):
+        self.dataset, self.size, self.masks, self.boxes = dataset, size, masks, boxes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            sample = self.dataset[i]
+        except (OSError, ImageDecodeError, ValueError) as exc:
+            return {"error": f"{self.dataset.records[i].key}: {exc}"}
+        size = self.size
+        width, height = sample.image.size
+        image = sample.image.resize((size, size), Image.Resampling.BILINEAR)
+        out = {"image": torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()),
+               "labels": torch.from_numpy(sample.labels)}
+        if self.masks:
+            if sample.masks is None:
+                return {"error": f"{sample.key}: no mask"}
+            out["masks"] = torch.from_numpy(np.stack([
+                np.asarray(Image.fromarray(m.astype(np.uint8)).resize(
+                    (size, size), Image.Resampling.NEAREST)) for m in sample.masks]).astype(bool))
+        if self.boxes:
+            boxes = sample.boxes if sample.boxes is not None else np.zeros((0, 4), np.float32)
+            scale = np.array([size / width, size / height] * 2, dtype=np.float32)
+            out["boxes"] = torch.from_numpy(boxes * scale)
+            out["box_labels"] = torch.from_numpy(
+                sample.box_labels if sample.box_labels is not None else np.zeros(0, np.int64))
+        return out
+
+
+@dataclass
+class TensorSet:
+    """A whole split in memory: uint8 images (normalised on use), labels, masks, boxes."""
+
+    images: torch.Tensor                      # uint8 [N, S, S]
+    labels: torch.Tensor                      # float32 [N, C], NaN = unknown
+    masks: torch.Tensor | None = None         # bool [N, M, S, S]
+    boxes: list[torch.Tensor] | None = None   # per image float32 [K, 4]
+    box_labels: list[torch.Tensor] | None = None
+    skipped: Counter | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def normalised(self, index: torch.Tensor | slice) -> torch.Tensor:
+        return normalise(self.images[index])
+
+
+def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
+    """`[B, S, S]` uint8 -> `[B, 1, S, S]` float, with the pretraining mean and std."""
+    return ((images_uint8.float() / 255.0 - MIMIC_MEAN) / MIMIC_STD).unsqueeze(1)
+
+
+def _stack(items: list[dict]) -> list[dict]:
+    return items
+
+
+def materialize(dataset: DownstreamSet, size: int, masks: bool = False, boxes: bool = False,
+                workers: int = 2) -> TensorSet:
+    """Decode and resize every sample once (in `workers` processes)."""
+    loader = DataLoader(_Resized(dataset, size, masks, boxes), batch_size=32,
+                        num_workers=workers, collate_fn=_stack)
+    kept, skipped = [], Counter()
+    for chunk in loader:
+        for item in chunk:
+            if "error" in item:
+                skipped["unreadable"] += 1
+                if skipped["unreadable"] <= 3:
+                    print(f"evaluate: skipped {item['error']}")
+            else:
+                kept.append(item)
+    if not kept:
+        raise ValueError(f"{dataset.name} [{dataset.split}]: no readable sample "
+                         f"({sum(skipped.values())} skipped)")
+    out = TensorSet(torch.stack([k["image"] for k in kept]),
+                    torch.stack([k["labels"] for k in kept]), skipped=skipped)
+    if masks:
+        out.masks = torch.stack([k["masks"] for k in kept])
+    if boxes:
+        out.boxes = [k["boxes"] for k in kept]
+        out.box_labels = [k["box_labels"] for k in kept]
+    return out
+
+
+def label_subset(num_train: int, fraction: float, seed: int, minimum: int = 2) -> torch.Tensor:
+    """The training indices one (fraction, seed) run uses: a seeded draw, at least `minimum`."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+    count = min(num_train, max(minimum, round(fraction * num_train)))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_train, generator=g)[:count]
+
+
+def batches(indices: torch.Tensor, batch_size: int, steps: int, seed: int):
+    """`steps` batches of `indices`, reshuffled each pass (small subsets repeat)."""
+    g = torch.Generator().manual_seed(seed)
+    order = indices[torch.randperm(len(indices), generator=g)]
+    position = 0
+    for _ in range(steps):
+        if position + batch_size > len(order):
+            order = indices[torch.randperm(len(indices), generator=g)]
+            position = 0
+        yield order[position:position + batch_size]
+        position += batch_size

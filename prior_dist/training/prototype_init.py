@@ -1,0 +1,80 @@
+"""Data-dependent start for the sentence prototype bank (`heads.prototype_init: sentences`).
+
+With the paper's W ~ N(0, 1), the demo's bank collapsed: after stage 2 four of 64 prototypes
+took every sentence (softmax entropy 0.02), every zero-shot prompt mapped to the same prototype,
+and the global loss went back towards chance. Starting W from real sentence embeddings, chosen
+far apart from each other, is the usual remedy for codebook collapse in vector quantisation.
+Every rank gathers the same sentences and picks the same rows, so the bank stays identical
+across ranks; the value is written into the optimiser's fp32 master copy as well.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def farthest_point_rows(x_ND: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of `min(k, N)` rows of `x`: row 0, then each time the row farthest (Euclidean)
+    from all rows chosen so far. Exact duplicates are never chosen twice while others remain."""
+    x = x_ND.double()
+    chosen = [0]
+    distance = (x - x[0]).norm(dim=-1)
+    for _ in range(1, min(k, len(x))):
+        nxt = int(distance.argmax())
+        if float(distance[nxt]) == 0.0:
+            break
+        chosen.append(nxt)
+        distance = torch.minimum(distance, (x - x[nxt]).norm(dim=-1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def initial_prototypes(sentences_ND: torch.Tensor, num_prototypes: int,
+                       seed: int) -> torch.Tensor:
+    """`[K, D]`: the farthest-point sentences; if there are fewer distinct ones than K, the rest
+    are drawn from a normal with the sentences' mean and per-dimension spread."""
+    picked = sentences_ND[farthest_point_rows(sentences_ND, num_prototypes)].float()
+    missing = num_prototypes - len(picked)
+    if missing > 0:
+        g = torch.Generator().manual_seed(seed)
+        x = sentences_ND.float()
+        spread = x.std(0) if len(x) > 1 else torch.ones(x.shape[1])
+        extra = x.mean(0) + spread * torch.randn(missing, x.shape[1], generator=g)
+        picked = torch.cat([picked, extra])
+    return picked
+
+
+def _gather_rows(x_ND: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, rank order, for unequal row counts (padded to the largest)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_ND
+    count = torch.tensor([len(x_ND)], dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    largest = int(max(c.item() for c in counts))
+    padded = x_ND.new_zeros((largest, x_ND.shape[1]))
+    padded[:len(x_ND)] = x_ND
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
+
+
+@torch.no_grad()
+def init_bank_from_batch(model, data: dict, seed: int, zero_stage: int) -> int:
+    """Set the bank from this global batch's sentences; returns how many were distinct."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    was_training = model.training
+    model.eval()
+    text = model.encode_text(data["input_ids"], data["attention_mask"], data["sentence_index"])
+    model.train(was_training)
+    sentences = _gather_rows(text.sentences[text.sentence_mask].float().cpu())
+    weight = model.prototype_bank.prototypes
+    value = initial_prototypes(sentences, weight.shape[0], seed)
+    distinct = len(farthest_point_rows(sentences, weight.shape[0]))
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0,
+                                           enabled=zero_stage == 3):
+        weight.data.copy_(value.to(weight.device, weight.dtype))
+    safe_set_full_fp32_param(weight, value.to(weight.device))
+    return distinct
