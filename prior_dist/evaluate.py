@@ -108,7 +108,10 @@ def zero_shot(loaded, data: str, split: str, classes=None,
         auc, per_class = macro_auc(scores.cpu(), onehot)
         out[name] = {"accuracy": float((predicted == target).double().mean()),
                      "macro_f1": macro_f1(predicted, target, len(classes)), "macro_auc": auc,
-                     "per_class_auc": dict(zip(classes, per_class))}
+                     "per_class_auc": dict(zip(classes, per_class)),
+                     "per_class_accuracy": {c: float((predicted[target == i] == i).double()
+                                                     .mean()) if bool((target == i).any())
+                                            else None for i, c in enumerate(classes)}}
     return out
 
 

@@ -4,6 +4,8 @@ DIR holds:
 - `image_encoder.safetensors`: the ResNet backbone in torchvision's layout (1-channel conv1, no
   `fc`): `m = torchvision.models.resnet50(); m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False);
   m.fc = nn.Identity(); m.load_state_dict(load_file(...), strict=True)` for the paper model;
+  a ViT tower in timm's `VisionTransformer` layout (`timm.create_model("vit_base_patch16_224",
+  in_chans=1, num_classes=0)` for ViT-B/16 at 224 px; the model card gives the arguments);
 - `text_encoder/`: a Hugging Face BERT directory (`AutoModel.from_pretrained`,
   `AutoTokenizer.from_pretrained`);
 - `heads.safetensors`: projections, attention pools, local alignment, predictor, prototype bank,
@@ -50,6 +52,54 @@ def bert_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_VIT_RENAMES = (("patch_embed.", "patch_embed.proj."), (".qkv.", ".attn.qkv."),
+                (".proj.", ".attn.proj."), (".fc1.", ".mlp.fc1."), (".fc2.", ".mlp.fc2."))
+
+
+def vit_to_timm(tower_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ViT tower's encoder weights (no projections) in timm `VisionTransformer` names."""
+    out = {}
+    for key, value in tower_state.items():
+        if key.startswith(("local_proj.", "global_proj.")):
+            continue
+        if key.startswith("patch_embed."):
+            key = key.replace("patch_embed.", "patch_embed.proj.", 1)
+        elif key.startswith("blocks."):
+            for ours, theirs in _VIT_RENAMES[1:]:
+                key = key.replace(ours, theirs, 1)
+        out[key] = value
+    return out
+
+
+def timm_to_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for ours, theirs in _VIT_RENAMES:
+            key = key.replace(theirs, ours, 1)
+        out[key] = value
+    return out
+
+
+def timm_arguments(image_cfg) -> dict:
+    """`timm.models.vision_transformer.VisionTransformer(**these)` loads the export strictly."""
+    return {"img_size": image_cfg.image_size, "patch_size": image_cfg.patch_size, "in_chans": 1,
+            "num_classes": 0, "embed_dim": image_cfg.vit_width, "depth": image_cfg.vit_depth,
+            "num_heads": image_cfg.vit_heads, "mlp_ratio": image_cfg.vit_mlp_ratio,
+            "qkv_bias": True, "class_token": True, "global_pool": "token"}
+
+
+def _image_state(state: dict[str, torch.Tensor], arch: str) -> tuple[dict, set]:
+    """(the image encoder in its library's layout, the model keys it came from)."""
+    if arch == "vit":
+        tower = {k.removeprefix("image."): v for k, v in state.items() if k.startswith("image.")}
+        image = vit_to_timm(tower)
+        used = {f"image.{k}" for k in tower if not k.startswith(("local_proj.", "global_proj."))}
+        return image, used
+    image = {k.removeprefix("image.backbone."): v for k, v in state.items()
+             if k.startswith("image.backbone.")}
+    return image, {f"image.backbone.{k}" for k in image}
+
+
 def _hf_config(text_cfg):
     from transformers import BertConfig
 
@@ -77,18 +127,14 @@ def export_model(loaded, out_dir: str | Path) -> Path:
 
     model = loaded.model
     cfg = model.cfg
-    if cfg.image.arch != "resnet":
-        raise ValueError("export: only ResNet image towers are exported so far (a timm layout "
-                         "for the ViT is not written yet)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    image = {k.removeprefix("image.backbone."): v for k, v in state.items()
-             if k.startswith("image.backbone.")}
+    image, image_keys = _image_state(state, cfg.image.arch)
     bert = {k.removeprefix("text.bert."): v for k, v in state.items()
             if k.startswith("text.bert.")}
     heads = {k: v for k, v in state.items()
-             if not k.startswith(("image.backbone.", "text.bert."))}
+             if k not in image_keys and not k.startswith("text.bert.")}
     save_file(image, str(out / IMAGE_FILE))
     save_file(heads, str(out / HEADS_FILE))
 
@@ -114,6 +160,8 @@ def export_model(loaded, out_dir: str | Path) -> Path:
             "recipe": info.get("recipe"), "evaluation": info.get("eval"),
             "image_normalisation": {"mean": 0.4755, "std": 0.3011, "channels": 1,
                                     "size": cfg.image.image_size}}
+    if cfg.image.arch == "vit":
+        card["timm_vision_transformer"] = timm_arguments(cfg.image)
     tmp = out / "model_card.json.tmp"
     tmp.write_text(json.dumps(card, indent=2))
     os.replace(tmp, out / "model_card.json")
@@ -128,29 +176,43 @@ def _card_markdown(card: dict) -> str:
         "# PRIOR encoders (prior_dist export)", "",
         f"- Source: `{card['source']}`, {card['training_steps']} optimizer steps",
         f"- Data: `{card['data']['path']}` (manifest sha256 `{card['data']['manifest_sha256']}`)",
-        f"- Image tower: ResNet ({cfg['image']['block']} blocks {cfg['image']['layers']}, width "
-        f"{cfg['image']['width']}), 1 channel, {cfg['image']['image_size']} px, normalised with "
-        "mean 0.4755 and std 0.3011",
+        f"- Image tower: {_tower_words(cfg['image'])}, 1 channel, {cfg['image']['image_size']} "
+        "px, normalised with mean 0.4755 and std 0.3011",
         f"- Text tower: BERT, {cfg['text']['num_layers']} layers, hidden "
         f"{cfg['text']['hidden_size']}, vocab {cfg['text']['vocab_size']}",
         f"- Embedding width {cfg['heads']['embed_dim']}, {cfg['heads']['num_prototypes']} "
         "sentence prototypes", "",
-        "Files: `image_encoder.safetensors` (torchvision ResNet layout, conv1 with one input "
-        "channel, no fc), `text_encoder/` (Hugging Face BERT + tokenizer), `heads.safetensors` "
+        "Files: `image_encoder.safetensors` ("
+        + ("timm VisionTransformer layout: `VisionTransformer(**model_card.json"
+           "[\"timm_vision_transformer\"])`" if cfg["image"]["arch"] == "vit" else
+           "torchvision ResNet layout, conv1 with one input channel, no fc")
+        + "), `text_encoder/` (Hugging Face BERT + tokenizer), `heads.safetensors` "
         "(the rest of the model), `model_card.json`.", ""]
     if evaluation:
         lines += ["## Evaluation", "", "```json", json.dumps(evaluation, indent=2), "```", ""]
     return "\n".join(lines)
 
 
+def _tower_words(image_cfg: dict) -> str:
+    if image_cfg["arch"] == "vit":
+        return (f"ViT (patch {image_cfg['patch_size']}, depth {image_cfg['vit_depth']}, width "
+                f"{image_cfg['vit_width']}, {image_cfg['vit_heads']} heads)")
+    return (f"ResNet ({image_cfg['block']} blocks {image_cfg['layers']}, width "
+            f"{image_cfg['width']})")
+
+
 def import_state_dict(export_dir: Path, load_file) -> dict[str, torch.Tensor]:
     """The PriorModel state dict back from an export directory."""
     from prior_dist.models.bert import convert_hf_state_dict, load_hf_weights
 
-    state = {f"image.backbone.{k}": v for k, v in load_file(str(export_dir / IMAGE_FILE)).items()}
+    card = json.loads((export_dir / "model_card.json").read_text())
+    image = load_file(str(export_dir / IMAGE_FILE))
+    if card["model_config"]["image"]["arch"] == "vit":
+        state = {f"image.{k}": v for k, v in timm_to_vit(image).items()}
+    else:
+        state = {f"image.backbone.{k}": v for k, v in image.items()}
     state.update(load_file(str(export_dir / HEADS_FILE)))
     bert = convert_hf_state_dict(load_hf_weights(str(export_dir / TEXT_DIR)))
-    card = json.loads((export_dir / "model_card.json").read_text())
     if not card["model_config"]["compat"]["reference_unused_params"]:
         bert = {k: v for k, v in bert.items() if not k.startswith("pooler.")}
     state.update({f"text.bert.{k}": v for k, v in bert.items()})

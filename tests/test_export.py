@@ -72,3 +72,31 @@ def test_resnet50_export_loads_strictly_into_torchvision(tmp_path, tokenizer):
         ours = model.image.backbone(image)
         theirs = net(image).view(2, 2048, 7, 7)
     torch.testing.assert_close(theirs, ours)
+
+
+def test_vit_export_loads_strictly_into_timm_and_round_trips(tmp_path, tokenizer):
+    timm = __import__("pytest").importorskip("timm")
+    import json
+
+    from safetensors.torch import load_file
+
+    from prior_dist.models.config import ImageTowerConfig
+
+    tiny = model_config("tiny")
+    cfg = tiny.replace(image=ImageTowerConfig(arch="vit", image_size=32, patch_size=8,
+                                              vit_depth=2, vit_width=32, vit_heads=2))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    out = export_model(LoadedModel(model, tokenizer, "unit-test", {"step": 0}), tmp_path / "e")
+    card = json.loads((out / "model_card.json").read_text())
+    net = timm.models.vision_transformer.VisionTransformer(**card["timm_vision_transformer"])
+    net.load_state_dict(load_file(str(out / "image_encoder.safetensors")), strict=True)
+    image = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval().forward_features(image), model.image._tokens(image),
+                                   rtol=1e-5, atol=1e-5)
+        back = load_export(out).model.encode_image(image)
+        ours = model.encode_image(image)
+    assert torch.equal(back.global_embedding, ours.global_embedding)
+    assert torch.equal(back.patch_tokens, ours.patch_tokens)
+    assert "timm VisionTransformer" in (out / "README.md").read_text()

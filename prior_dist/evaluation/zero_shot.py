@@ -52,29 +52,3 @@ def zero_shot_scores(model, images, prompts, local_weight: float = 0.5) -> torch
         local.text_context[:, 0].float(), prompt_rows[:, 0].float(), dim=-1)
     local_logits = local_logits.view(num_images, num_classes)
     return global_logits.softmax(-1) + local_weight * local_logits.softmax(-1)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model, loader, tokenizer, classes, prompt: str, local_weight: float,
-                       max_tokens: int, device, use_prototypes: bool = True) -> dict:
-    """Accuracy over the images with exactly one positive label among `classes`."""
-    prompts = class_prompts(model, tokenizer, classes, prompt, max_tokens, device,
-                            use_prototypes)
-    correct, total = 0, 0
-    per_class = {name: [0, 0] for name in classes}
-    for batch in loader:
-        labels = batch["labels"]
-        single = labels.sum(1) == 1
-        if not bool(single.any()):
-            continue
-        scores = zero_shot_scores(model, batch["image"][single].to(device), prompts, local_weight)
-        predicted = scores.argmax(1).cpu()
-        target = labels[single].argmax(1)
-        correct += int((predicted == target).sum())
-        total += int(single.sum())
-        for t, p in zip(target.tolist(), predicted.tolist()):
-            per_class[classes[t]][1] += 1
-            per_class[classes[t]][0] += int(t == p)
-    return {"accuracy": correct / total if total else float("nan"), "images": total,
-            "chance": 1.0 / len(classes),
-            "per_class_accuracy": {k: (c / n if n else None) for k, (c, n) in per_class.items()}}

@@ -368,30 +368,31 @@ class Trainer:
                               recipe.eval.classes)
         finally:
             self.engine.train()
-        accuracy = zero_shot["accuracy"]
+        accuracy = zero_shot["paper_score"]["accuracy"]
         return {"eval_zero_shot_accuracy": None if accuracy != accuracy else accuracy,
                 "eval_i2t_recall@5": found["image_to_text"]["recall@5"],
                 "eval_t2i_recall@5": found["text_to_image"]["recall@5"],
                 "eval_time_s": time.perf_counter() - start}
 
     def _zero_shot(self, split: str) -> dict:
-        from prior_dist.data.loader import PriorLoader
-        from prior_dist.evaluation.zero_shot import zero_shot_accuracy
-        from prior_dist.training.data import data_sources, transform_config
+        """`python -m prior_dist.evaluate zero-shot`'s scoring, on the first local source."""
+        from prior_dist.data.loader import parse_sources
+        from prior_dist.evaluate import zero_shot
+        from prior_dist.evaluation.load import LoadedModel
+        from prior_dist.training.data import data_sources
 
         recipe = self.recipe
-        loader = PriorLoader(data_sources(recipe.data), self.tokenizer,
-                             recipe.eval.micro_batch_size, split=split,
-                             transform=transform_config(recipe.data,
-                                                        self.model_cfg.image.image_size, False),
-                             rank=0, world_size=1, num_workers=0, shuffle=False,
-                             label_names=list(recipe.eval.classes))
+        shards = next(s.location for s in parse_sources(data_sources(recipe.data))
+                      if not s.remote)
         self.engine.eval()
         try:
-            return zero_shot_accuracy(self.engine.module.model, loader, self.tokenizer,
-                                      recipe.eval.classes, recipe.eval.prompt,
-                                      recipe.eval.local_weight, recipe.data.max_tokens,
-                                      self.device, use_prototypes=True)
+            return zero_shot(LoadedModel(self.engine.module.model, self.tokenizer, "training"),
+                             shards, split, recipe.eval.classes, (recipe.eval.prompt,),
+                             recipe.eval.local_weight)
+        except ValueError as exc:        # e.g. no single-label image in a small split
+            self.log(f"zero-shot on the {split} split skipped: {exc}")
+            return {"images": 0, "paper_score": {"accuracy": math.nan},
+                    "global_only": {"accuracy": math.nan}, "chance": 1 / len(recipe.eval.classes)}
         finally:
             self.engine.train()
 
@@ -402,6 +403,7 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         self.log(f"zero-shot accuracy on the {recipe.data.eval_split} split: "
-                 f"{result['accuracy']:.3f} over {result['images']} images "
+                 f"{result['paper_score']['accuracy']:.3f} (global only "
+                 f"{result['global_only']['accuracy']:.3f}) over {result['images']} images "
                  f"(chance {result['chance']:.3f})")
         return result
