@@ -30,7 +30,8 @@ def run_stage(stage: int, tmp: Path, shards: Path, steps: int, micro: int, worke
     run = tmp / f"zero{stage}"
     overrides = [f"train.stages.0.steps={steps}", "train.stages.1.steps=1",
                  "train.stages.2.steps=1", f"data.workers={workers}",
-                 f"checkpoint.every_steps={steps}", "train.stages.0.warmup_steps=1"]
+                 f"checkpoint.every_steps={steps}", "train.stages.0.warmup_steps=1",
+                 "data.phantom_studies=1600"]
     config = ds_config(tmp, micro, stage)
     if zero_extra and stage > 0:
         raw = json.loads(config.read_text())

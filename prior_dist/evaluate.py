@@ -145,12 +145,14 @@ def retrieval(loaded, data: str, split: str, classes=ZERO_SHOT_CLASSES) -> dict:
 
 @torch.no_grad()
 def _image_features(loaded, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled patch tokens of the frozen image encoder, and the labels."""
+    """The frozen encoder's own output, average-pooled (what a ResNet's `avgpool` gives: the
+    deepest feature map, before any PRIOR projection), and the labels."""
     model = loaded.model
     device = next(model.parameters()).device
     features, labels = [], []
     for images, y in _image_batches(loaded, dataset):
-        features.append(model.encode_image(images.to(device)).patch_tokens.float().mean(1).cpu())
+        maps = model.image.feature_pyramid(images.to(device))
+        features.append(maps[max(maps)].float().mean((2, 3)).cpu())
         labels.append(y)
     return torch.cat(features), torch.cat(labels)
 

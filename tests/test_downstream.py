@@ -131,6 +131,10 @@ def test_rsna_boxes_from_dicom(tmp_path):
     sample = next(d[i] for d in parts.values() for i in range(len(d)) if d[i].key == "p0000")
     assert sample.boxes.tolist() == [[4, 8, 14, 28], [30, 30, 35, 35]]
     assert sample.labels.tolist() == [0, 1] and sample.image.size == (64, 64)
+    filled = np.zeros((64, 64), bool)
+    filled[8:28, 4:14] = True
+    filled[30:35, 30:35] = True
+    assert (sample.masks[0] == filled).all()
     negative = next(d[i] for d in parts.values() for i in range(len(d)) if d[i].key == "p0001")
     assert negative.boxes.shape == (0, 4) and negative.labels.tolist() == [1, 0]
 

@@ -43,7 +43,8 @@ def tiny_run(tmp_path_factory):
     recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
     ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
     run = tmp / "run"
-    launch(1, ds_config(tmp, 8), run, shards, "--max-steps", "4")
+    launch(1, ds_config(tmp, 8), run, shards, "--max-steps", "4",
+           overrides=["data.phantom_studies=200"])
     return run
 
 

@@ -76,3 +76,23 @@ def test_missing_data_source_is_named(tmp_path):
                    f"{tmp_path / 'a'}:2,{tmp_path / 'b'}")
     assert proc.returncode == 2, proc.stderr
     assert f"data.path source {tmp_path / 'b'}: no manifest.json" in proc.stderr
+
+
+def test_stale_phantom_shards_are_refused(tmp_path):
+    import json
+
+    from prior_dist.data.phantom import GENERATOR_VERSION
+    from prior_dist.training.data import ensure_phantom_shards
+    from prior_dist.training.recipe import load_recipe
+
+    recipe, _ = load_recipe("tiny", [f"data.path={tmp_path}"])
+    num, seed = recipe.data.phantom_studies, recipe.train.seed
+    for source, problem in (({"kind": "phantom", "num": num, "seed": seed}, "'generator': 1"),
+                            ({"kind": "phantom", "num": num + 1, "seed": seed,
+                              "generator": GENERATOR_VERSION}, f"'num': {num + 1}")):
+        (tmp_path / "manifest.json").write_text(json.dumps({"source": source}))
+        with pytest.raises(ValueError, match=f"phantom shards with .*{problem}.*delete"):
+            ensure_phantom_shards(recipe.data, seed, log=lambda _: None)
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": dict(
+        source, num=num, generator=GENERATOR_VERSION)}))
+    assert ensure_phantom_shards(recipe.data, seed, log=lambda _: None) == tmp_path

@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Bumped whenever the generator's output changes; shards record it in their manifest's source,
+# so stale phantom shards are refused instead of silently reused.
+# 2: positive findings can also be reported as "<finding> is observed" (as real reports do).
+GENERATOR_VERSION = 2
+
 FINDINGS = (
     "atelectasis",
     "cardiomegaly",
@@ -315,12 +320,14 @@ def _positive_sentence(rng, f: Finding) -> str:
             f"{(sev + ' ') if sev else ''}{where} atelectasis is present.".capitalize(),
             f"There is {(sev + ' ') if sev else ''}plate-like atelectasis at the {side} lung base{'s' if f.side == 'bilateral' else ''}.",
             f"Linear opacity at the {side} base{'s' if f.side == 'bilateral' else ''} is consistent with atelectasis.",
+            f"{(sev + ' ') if sev else ''}{where} atelectasis is observed.".capitalize(),
         ])
     if f.name == "cardiomegaly":
         return pick([
             f"The heart is {sev}ly enlarged." if sev != "severe" else "The heart is markedly enlarged.",
             f"There is {sev} cardiomegaly.",
             f"The cardiac silhouette is enlarged, consistent with {sev} cardiomegaly.",
+            f"{sev.capitalize()} cardiomegaly is observed.",
         ])
     if f.name == "consolidation":
         lobe = _lobe(f.side, f.zone)
@@ -329,29 +336,34 @@ def _positive_sentence(rng, f: Finding) -> str:
             f"There is {dense}consolidation in the {lobe}.",
             f"{'Dense' if dense else 'Patchy'} airspace consolidation is seen in the {lobe}, concerning for pneumonia.",
             f"Focal consolidation is present in the {lobe}.",
+            f"Consolidation is observed in the {lobe}.",
         ])
     if f.name == "edema":
         return pick([
             f"There is {sev} pulmonary edema.",
             f"{sev.capitalize()} interstitial pulmonary edema is present with perihilar haziness.",
             f"Findings are consistent with {sev} pulmonary edema.",
+            f"{sev.capitalize()} pulmonary edema is observed.",
         ])
     if f.name == "pleural_effusion":
         if f.side == "bilateral":
             return pick([
                 f"There are {sev} bilateral pleural effusions.",
                 f"{sev.capitalize()} bilateral pleural effusions are present.",
+                f"{sev.capitalize()} bilateral pleural effusions are observed.",
             ])
         return pick([
             f"There is a {sev} {side} pleural effusion.",
             f"A {sev} {side} pleural effusion is present with blunting of the costophrenic angle.",
             f"{sev.capitalize()} {side}-sided pleural effusion.",
+            f"A {sev} {side} pleural effusion is observed.",
         ])
     if f.name == "pneumothorax":
         return pick([
             f"There is a {sev} {side} apical pneumothorax.",
             f"A {sev} {side} pneumothorax is seen.",
             f"{sev.capitalize()} {side}-sided pneumothorax with a visible pleural line.",
+            f"A {sev} {side} pneumothorax is observed.",
         ])
     if f.name == "nodule":
         size_cm = rng.choice(["0.8", "1.0", "1.2", "1.5"])
@@ -360,6 +372,7 @@ def _positive_sentence(rng, f: Finding) -> str:
             f"There is a {size_cm} cm nodule in the {lobe}.",
             f"A {size_cm} cm rounded opacity in the {lobe} may represent a nodule.",
             f"A {lobe} pulmonary nodule measures {size_cm} cm.",
+            f"A {size_cm} cm nodule is observed in the {lobe}.",
         ])
     if f.name == "support_devices":
         return pick([

@@ -209,4 +209,7 @@ def enumerate_phantom(num: int, seed: int, studies_per_subject: int = 2
             key=f"ph{seed:04d}s{index:08d}", split=split_for_subject(seed, subject),
             subject_id=f"ph{seed:04d}p{subject:08d}", phantom_index=index,
         ))
-    return records, SkipCounter(), {"kind": "phantom", "num": num, "seed": seed}
+    from prior_dist.data.phantom import GENERATOR_VERSION
+
+    return records, SkipCounter(), {"kind": "phantom", "num": num, "seed": seed,
+                                    "generator": GENERATOR_VERSION}

@@ -9,8 +9,8 @@ default after pretraining) or `KIND:PATH` with KIND one of:
   -1 labels become: `ignore` (default; left out of losses and AUCs), `ones` or `zeros`.
 - `chexpert5x200:FILE.json` - the 5x200 zero-shot set: `{"classes": [...], "images":
   [{"path": ..., "label": ...}]}` or `{class: [paths]}`, paths relative to the file. Test only.
-- `rsna:ROOT` - RSNA Pneumonia `stage_2_train_labels.csv` (boxes) with DICOM images in
-  `stage_2_train_images/`.
+- `rsna:ROOT` - RSNA Pneumonia `stage_2_train_labels.csv` (boxes; filled boxes are the
+  segmentation masks) with DICOM images in `stage_2_train_images/`.
 - `siim:ROOT` - SIIM-ACR pneumothorax `train-rle.csv` (the competition's relative, column-major
   run-length code, `-1` for empty) with DICOM or PNG images found anywhere under ROOT.
 - `covidx:ROOT` - COVIDx `train.txt` / `test.txt` label files (`patient file label source`) with
@@ -284,13 +284,19 @@ def _rsna_set(root: str, split: str) -> DownstreamSet:
     for patient, found in boxes.items():
         if hashed_split(patient, SPLIT_RULES["rsna"]) != split:
             continue
-        labels = _onehot(int(bool(found)), 2)
-        records.append(Record(patient, patient, _image_loader(
-            _find_image(base, "stage_2_train_images", patient), patient, labels,
-            boxes=np.array(found, dtype=np.float32).reshape(-1, 4),
-            box_labels=np.zeros(len(found), dtype=np.int64))))
+
+        def load(patient=patient, found=found) -> Sample:
+            image = _decode(_find_image(base, "stage_2_train_images", patient))
+            # Segmentation target: the boxes filled in (the usual RSNA region protocol).
+            mask = np.zeros((image.height, image.width), dtype=bool)
+            for x0, y0, x1, y1 in found:
+                mask[max(0, round(y0)):round(y1), max(0, round(x0)):round(x1)] = True
+            return Sample(patient, image, _onehot(int(bool(found)), 2), masks=mask[None],
+                          boxes=np.array(found, dtype=np.float32).reshape(-1, 4),
+                          box_labels=np.zeros(len(found), dtype=np.int64))
+        records.append(Record(patient, patient, load))
     return DownstreamSet(f"rsna:{root}", split, ("No Pneumonia", "Pneumonia"), records,
-                         exclusive=True, box_classes=("Pneumonia",))
+                         exclusive=True, mask_classes=("Pneumonia",), box_classes=("Pneumonia",))
 
 
 # --- SIIM-ACR ----------------------------------------------------------------------------------

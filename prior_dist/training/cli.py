@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = trainer.run()
         if getattr(trainer, "rank", 0) == 0:
-            print(f"[prior_dist] done: {result}", flush=True)
+            summary = {k: v for k, v in result.items() if k != "zero_shot"}
+            if "zero_shot" in result:    # the whole result is in RUN_DIR/eval.json
+                summary["zero_shot_accuracy"] = result["zero_shot"]["paper_score"]["accuracy"]
+            print(f"[prior_dist] done: {summary} (run directory {run_dir})", flush=True)
     except ValueError as err:
         print(f"pretrain: rank {rank}: error: {err}", file=sys.stderr, flush=True)
         code = EXIT_CONFIG

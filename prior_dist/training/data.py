@@ -49,6 +49,7 @@ def ensure_phantom_shards(cfg: DataConfig, seed: int, log=print) -> Path:
                          "manifest counts and the tokenizer)")
     path = local[0]
     if (path / "manifest.json").is_file():
+        _check_phantom_manifest(path, cfg, seed)
         return path
     if cfg.phantom_studies is None or len(sources) > 1:
         raise ValueError(f"data.path {path}: no manifest.json (prepare data with "
@@ -62,6 +63,25 @@ def ensure_phantom_shards(cfg: DataConfig, seed: int, log=print) -> Path:
                          PrepareSettings(image_size=cfg.phantom_image_size, phantom_seed=seed),
                          path, shard_size=cfg.phantom_shard_size, progress=False)
     return path
+
+
+def _check_phantom_manifest(path: Path, cfg: DataConfig, seed: int) -> None:
+    """Phantom shards made by another generator version, seed or size are refused by name."""
+    import json
+
+    from prior_dist.data.phantom import GENERATOR_VERSION
+
+    if cfg.phantom_studies is None:
+        return
+    source = json.loads((path / "manifest.json").read_text()).get("source", {})
+    if source.get("kind") != "phantom":
+        return
+    wanted = {"num": cfg.phantom_studies, "seed": seed, "generator": GENERATOR_VERSION}
+    found = {k: source.get(k, 1 if k == "generator" else None) for k in wanted}
+    if found != wanted:
+        raise ValueError(f"data.path {path}: phantom shards with {found}, but this recipe and "
+                         f"code make {wanted}; delete {path} to regenerate, or point data.path "
+                         "elsewhere")
 
 
 def load_training_tokenizer(cfg: DataConfig, shards: Path):
