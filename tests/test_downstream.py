@@ -11,6 +11,7 @@ from prior_dist.evaluation.datasets import (SPLITS, hashed_split, open_dataset, 
                                             rle_encode, write_split_file)
 from prior_dist.evaluation.detection_metrics import mean_average_precision
 from prior_dist.evaluation.segmentation import dice_iou
+from tests.conftest import run_cli
 from tests.imaging import dicom_bytes, gradient, jpeg_bytes, png_bytes
 
 
@@ -195,6 +196,10 @@ def test_covidx_label_files_and_split_file(tmp_path):
     assert not {r.subject for r in train.records} & {r.subject for r in validate.records}
     counts = write_split_file(spec, str(tmp_path / "splits.json"))
     assert counts == {"train": len(train), "validate": len(validate), "test": 6}
+    proc = run_cli("prior_dist.evaluate", "splits", "--data", spec, "--out",
+                   str(tmp_path / "cli.json"))
+    assert (tmp_path / "cli.json").read_text() == (tmp_path / "splits.json").read_text()
+    assert "-> " in proc.stdout
     pinned = json.loads((tmp_path / "splits.json").read_text())
     pinned["train"], pinned["validate"] = pinned["train"][:5], pinned["validate"] + \
         pinned["train"][5:]
