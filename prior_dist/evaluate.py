@@ -111,7 +111,11 @@ def zero_shot(loaded, data: str, split: str, classes=None,
                      "per_class_auc": dict(zip(classes, per_class)),
                      "per_class_accuracy": {c: float((predicted[target == i] == i).double()
                                                      .mean()) if bool((target == i).any())
-                                            else None for i, c in enumerate(classes)}}
+                                            else None for i, c in enumerate(classes)},
+                     # rows: true class, columns: predicted class
+                     "confusion": torch.bincount(target * len(classes) + predicted,
+                                                 minlength=len(classes) ** 2)
+                     .view(len(classes), len(classes)).tolist()}
     return out
 
 

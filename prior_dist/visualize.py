@@ -118,28 +118,20 @@ def attention_maps(loaded, data: str, split: str, index: int, out: Path) -> Path
 
 @torch.no_grad()
 def confusion_matrix(loaded, data: str, split: str, out: Path) -> Path:
-    from prior_dist.evaluate import ZERO_SHOT_CLASSES, _loader
-    from prior_dist.evaluation.zero_shot import class_prompts, zero_shot_scores
+    from prior_dist.evaluate import zero_shot
 
     plt = _pyplot()
-    model = loaded.model
-    prompts = class_prompts(model, loaded.tokenizer, ZERO_SHOT_CLASSES, "{} is observed", 256,
-                            torch.device("cpu"), True)
-    n = len(ZERO_SHOT_CLASSES)
-    matrix = torch.zeros(n, n, dtype=torch.long)
-    for batch in _loader(loaded, data, split, ZERO_SHOT_CLASSES):
-        single = batch["labels"].sum(1) == 1
-        if bool(single.any()):
-            predicted = zero_shot_scores(model, batch["image"][single], prompts).argmax(1)
-            for t, p in zip(batch["labels"][single].argmax(1).tolist(), predicted.tolist()):
-                matrix[t, p] += 1
+    result = zero_shot(loaded, data, split)        # the same numbers as `evaluate zero-shot`
+    classes = result["classes"]
+    matrix = torch.tensor(result["paper_score"]["confusion"])
+    n = len(classes)
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(matrix, cmap="Blues")
     for t in range(n):
         for p in range(n):
             ax.text(p, t, int(matrix[t, p]), ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(n), ZERO_SHOT_CLASSES, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(n), ZERO_SHOT_CLASSES, fontsize=8)
+    ax.set_xticks(range(n), classes, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     accuracy = float(matrix.diagonal().sum() / matrix.sum().clamp_min(1))

@@ -62,6 +62,10 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
         assert task in proc.stdout
     zs = json.loads((tmp_path / "zero-shot.json").read_text())["pretrained"]
     assert 0 <= zs["paper_score"]["accuracy"] <= 1 and zs["images"] > 0
+    confusion = torch.tensor(zs["paper_score"]["confusion"])
+    assert int(confusion.sum()) == zs["images"]
+    assert float(confusion.diagonal().sum()) / zs["images"] == pytest.approx(
+        zs["paper_score"]["accuracy"])
     probe = json.loads((tmp_path / "linear-probe.json").read_text())["pretrained"]
     assert probe["1"]["labels_used"] == probe["train_images"]
     seg = json.loads((tmp_path / "segmentation.json").read_text())
