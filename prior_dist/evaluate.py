@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from prior_dist.evaluation.metrics import (macro_auc, macro_f1, precision_at_k,
                                            retrieval_metrics)
-from prior_dist.evaluation.zero_shot import class_prompts, zero_shot_scores
+from prior_dist.evaluation.zero_shot import class_prompts, zero_shot_parts
 
 ZERO_SHOT_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 PROBE_CLASSES = ZERO_SHOT_CLASSES + ("Pneumothorax", "Lung Lesion", "Support Devices")
@@ -45,27 +45,28 @@ def _loader(loaded, data: str, split: str, labels, batch_size: int = 64):
                                                                 cfg.text.max_position_embeddings)))
 
 
+def _adapter_options(data: str, args) -> dict:
+    """The command-line options that apply to `data`'s adapter."""
+    if args is not None and data.startswith("chexpert:"):
+        return {"uncertain": args.uncertain}
+    return {}
+
+
 def _downstream(data: str, split: str, args=None):
     from prior_dist.evaluation.datasets import open_dataset
 
-    options = {}
-    if args is not None and data.startswith("chexpert:"):
-        options["uncertain"] = args.uncertain
-    return open_dataset(data, split, getattr(args, "split_file", None), **options)
+    return open_dataset(data, split, getattr(args, "split_file", None),
+                        **_adapter_options(data, args))
 
 
 def _image_batches(loaded, dataset, batch_size: int = 64):
     """(normalised images [B, 1, S, S], labels [B, C]) over a downstream split, streamed."""
-    from torch.utils.data import DataLoader
+    from prior_dist.evaluation.tensors import normalise, resized_chunks
 
-    from prior_dist.evaluation.tensors import _Resized, normalise
-
-    size = loaded.model.cfg.image.image_size
     skipped = 0
-    for chunk in DataLoader(_Resized(dataset, size, False, False), batch_size=batch_size,
-                            num_workers=2, collate_fn=list):
-        good = [c for c in chunk if "error" not in c]
-        skipped += len(chunk) - len(good)
+    for good, errors in resized_chunks(dataset, loaded.model.cfg.image.image_size,
+                                       batch_size=batch_size):
+        skipped += len(errors)
         if good:
             yield (normalise(torch.stack([c["image"] for c in good])),
                    torch.stack([c["labels"] for c in good]))
@@ -93,8 +94,9 @@ def zero_shot(loaded, data: str, split: str, classes=None,
         if not bool(single.any()):
             continue
         images = images[single].to(device)
-        combined.append(sum(zero_shot_scores(model, images, p, local_weight) for p in per_prompt))
-        global_only.append(sum(zero_shot_scores(model, images, p, 0.0) for p in per_prompt))
+        global_part, local_part = zero_shot_parts(model, images, per_prompt)
+        combined.append(global_part + local_weight * local_part)
+        global_only.append(global_part)
         targets.append(labels[single].argmax(1))
     if not targets:
         raise ValueError(f"{data} [{split}]: no image with exactly one of {list(classes)}")
@@ -320,9 +322,8 @@ def _write_splits(args) -> int:
     if not args.data or not args.out:
         print("evaluate: error: splits needs --data KIND:PATH and --out FILE", file=sys.stderr)
         return 2
-    options = {"uncertain": args.uncertain} if args.data.startswith("chexpert:") else {}
     try:
-        counts = write_split_file(args.data, args.out, **options)
+        counts = write_split_file(args.data, args.out, **_adapter_options(args.data, args))
     except (FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ as 32..512 would be at 512). The encoder is frozen by default, as for segmentati
 from __future__ import annotations
 
 import copy
-import statistics
 from collections import OrderedDict
 from typing import Literal
 
@@ -23,19 +22,22 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from prior_dist.evaluation.detection_metrics import mean_average_precision
 from prior_dist.evaluation.segmentation import Pyramid
-from prior_dist.evaluation.tensors import TensorSet, batches, label_subset, normalise
+from prior_dist.evaluation.tensors import TensorSet, batches, fraction_grid, normalise
 
 Detector = Literal["faster_rcnn", "retinanet"]
 LEVELS = (4, 8, 16, 32)
 
 
 class FPNBackbone(nn.Module):
-    def __init__(self, tower: nn.Module, image_size: int, out_channels: int, frozen: bool):
+    """An FPN over the tower's strides 4..32; its width is the tower's widest map, kept
+    within 64..256."""
+
+    def __init__(self, tower: nn.Module, image_size: int, frozen: bool):
         super().__init__()
         self.pyramid = Pyramid(tower, image_size, LEVELS, frozen=frozen)
+        self.out_channels = min(256, max(64, max(self.pyramid.channels.values())))
         self.fpn = FeaturePyramidNetwork([self.pyramid.channels[s] for s in LEVELS],
-                                         out_channels, extra_blocks=LastLevelMaxPool())
-        self.out_channels = out_channels
+                                         self.out_channels, extra_blocks=LastLevelMaxPool())
 
     def forward(self, images: torch.Tensor) -> OrderedDict:
         maps = self.pyramid(images)
@@ -45,9 +47,8 @@ class FPNBackbone(nn.Module):
 def build_detector(tower: nn.Module, image_size: int, num_classes: int,
                    detector: Detector = "faster_rcnn", finetune: bool = False) -> nn.Module:
     """`num_classes` foreground classes; labels given to and returned by it are 1-based."""
-    width = max(_widest_map(tower, image_size), 64)
-    fpn_channels = min(256, width)
-    backbone = FPNBackbone(copy.deepcopy(tower), image_size, fpn_channels, frozen=not finetune)
+    backbone = FPNBackbone(copy.deepcopy(tower), image_size, frozen=not finetune)
+    fpn_channels = backbone.out_channels
     scale = image_size / 128
     sizes = tuple((round(8 * scale * 2 ** i),) for i in range(5))
     common = {"min_size": image_size, "max_size": image_size, "image_mean": [0.0],
@@ -59,8 +60,8 @@ def build_detector(tower: nn.Module, image_size: int, num_classes: int,
                           box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
                           box_head=TwoMLPHead(fpn_channels * 49, representation),
                           box_predictor=FastRCNNPredictor(representation, num_classes + 1),
-                          # Fewer proposals than torchvision's 2000/1000: small images, and
-                          # 5.6x faster per step on a CPU.
+                          # Fewer proposals than torchvision's 2000/1000, for small images
+                          # and CPUs (bench/dense_heads.py has the step times).
                           rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
                           rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
                           box_batch_size_per_image=256, **common)
@@ -69,14 +70,6 @@ def build_detector(tower: nn.Module, image_size: int, num_classes: int,
                                         for (s,) in sizes), ((0.5, 1.0, 2.0),) * 5)
         return RetinaNet(backbone, num_classes + 1, anchor_generator=anchors, **common)
     raise ValueError(f"detector {detector!r}: choose faster_rcnn or retinanet")
-
-
-def _widest_map(tower: nn.Module, image_size: int) -> int:
-    with torch.no_grad():
-        was = tower.training
-        maps = tower.eval().feature_pyramid(torch.zeros(1, 1, image_size, image_size))
-        tower.train(was)
-    return max(m.shape[1] for m in maps.values())
 
 
 def _targets(data: TensorSet, batch: torch.Tensor) -> list[dict]:
@@ -123,17 +116,11 @@ def detection_task(tower: nn.Module, image_size: int, train: TensorSet, test: Te
            "test_images": len(test), "steps": steps, "finetune": finetune,
            "test_boxes": int(sum(len(b) for b in test.boxes))}
     truth = [{"boxes": b, "labels": c} for b, c in zip(test.boxes, test.box_labels)]
-    for fraction in fractions:
-        runs = []
-        for seed in seeds:
-            indices = label_subset(len(train), fraction, seed)
-            model = train_detector(tower, image_size, train, len(classes), indices, seed, steps,
-                                   detector=detector, finetune=finetune)
-            runs.append(mean_average_precision(predict_boxes(model, test), truth, len(classes)))
-        summary = {"labels_used": len(indices), "per_seed": runs}
-        for key in ("map", "map_50"):
-            values = [r[key] for r in runs]
-            summary[f"{key}_mean"] = statistics.mean(values)
-            summary[f"{key}_std"] = statistics.pstdev(values)
-        out[f"{fraction:g}"] = summary
+
+    def run(indices, seed):
+        model = train_detector(tower, image_size, train, len(classes), indices, seed, steps,
+                               detector=detector, finetune=finetune)
+        return mean_average_precision(predict_boxes(model, test), truth, len(classes))
+
+    out.update(fraction_grid(len(train), fractions, seeds, run, ("map", "map_50")))
     return out

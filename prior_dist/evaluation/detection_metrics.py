@@ -31,18 +31,15 @@ def _average_precision(scores: np.ndarray, matched: np.ndarray, num_truth: int) 
     return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in where]))
 
 
-def _match(pred_boxes, pred_scores, truth_boxes, threshold: float) -> np.ndarray:
-    """For one image and class: which predictions (in score order given) hit a truth box."""
-    hit = np.zeros(len(pred_boxes), dtype=bool)
-    if len(pred_boxes) == 0 or len(truth_boxes) == 0:
-        return hit
-    iou = box_iou(pred_boxes, truth_boxes).numpy()
-    taken = np.zeros(len(truth_boxes), dtype=bool)
-    for i in np.argsort(-pred_scores.numpy(), kind="mergesort"):
+def _match(iou: np.ndarray, threshold: float) -> np.ndarray:
+    """For one image and class, predictions (rows, best score first) against truth boxes
+    (columns): which predictions hit a truth box."""
+    hit = np.zeros(iou.shape[0], dtype=bool)
+    taken = np.zeros(iou.shape[1], dtype=bool)
+    for i in range(iou.shape[0] if iou.shape[1] else 0):
         candidates = np.where(~taken & (iou[i] >= threshold))[0]
         if len(candidates):
-            best = candidates[np.argmax(iou[i, candidates])]
-            taken[best] = True
+            taken[candidates[np.argmax(iou[i, candidates])]] = True
             hit[i] = True
     return hit
 
@@ -54,24 +51,25 @@ def mean_average_precision(predictions: list[dict], targets: list[dict], num_cla
     ap = np.full((len(THRESHOLDS), num_classes), np.nan)
     for c in range(num_classes):
         truth_count = sum(int((t["labels"] == c).sum()) for t in targets)
+        # Per image, once for every threshold: the top `max_dets` of this class in score order
+        # (as pycocotools keeps them) and their IoU with this class's truth boxes.
+        scores, ious = [], []
+        for p, t in zip(predictions, targets):
+            pm = torch.nonzero(p["labels"] == c).flatten()
+            pm = pm[torch.argsort(p["scores"][pm], descending=True, stable=True)][:max_dets]
+            scores.append(p["scores"][pm].double().numpy())
+            ious.append(box_iou(p["boxes"][pm].float(),
+                                t["boxes"][t["labels"] == c].float()).numpy())
+        all_scores = np.concatenate(scores) if scores else np.zeros(0)
         for ti, threshold in enumerate(THRESHOLDS):
-            scores, matched = [], []
-            for p, t in zip(predictions, targets):
-                # The top `max_dets` of this class in this image, as pycocotools does.
-                pm = torch.nonzero(p["labels"] == c).flatten()
-                pm = pm[torch.argsort(p["scores"][pm], descending=True, stable=True)][:max_dets]
-                hit = _match(p["boxes"][pm].float(), p["scores"][pm].float(),
-                             t["boxes"][t["labels"] == c].float(), threshold)
-                scores.append(p["scores"][pm].double().numpy())
-                matched.append(hit)
-            ap[ti, c] = _average_precision(np.concatenate(scores) if scores else np.zeros(0),
-                                           np.concatenate(matched) if matched else
+            matched = [_match(iou, threshold) for iou in ious]
+            ap[ti, c] = _average_precision(all_scores, np.concatenate(matched) if matched else
                                            np.zeros(0, bool), truth_count)
 
     def mean(values) -> float:
         values = values[~np.isnan(values)]
         return float(values.mean()) if len(values) else float("nan")
 
-    return {"map": mean(ap.reshape(-1)) if not np.isnan(ap).all() else float("nan"),
+    return {"map": mean(ap.reshape(-1)),
             "map_50": mean(ap[0]), "map_75": mean(ap[THRESHOLDS.index(0.75)]),
             "ap_50_per_class": [None if np.isnan(v) else float(v) for v in ap[0]]}

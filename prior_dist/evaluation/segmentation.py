@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prior_dist.evaluation.tensors import TensorSet, batches, label_subset, normalise
+from prior_dist.evaluation.tensors import TensorSet, batches, fraction_grid, normalise
 
 # Legend: B batch, C channels, H/W map size, M mask classes.
 
@@ -180,17 +180,11 @@ def segmentation_task(tower: nn.Module, image_size: int, train: TensorSet, test:
                       finetune: bool = False) -> dict:
     out = {"classes": list(classes), "train_images": len(train), "test_images": len(test),
            "steps": steps, "finetune": finetune}
-    for fraction in fractions:
-        runs = []
-        for seed in seeds:
-            indices = label_subset(len(train), fraction, seed)
-            model = train_segmentation(tower, image_size, train, classes, indices, seed, steps,
-                                       finetune=finetune)
-            runs.append(dice_iou(predict_masks(model, test), test.masks, classes))
-        dice = [r["mean_dice"] for r in runs]
-        iou = [r["mean_iou"] for r in runs]
-        out[f"{fraction:g}"] = {"labels_used": len(indices), "mean_dice_mean": statistics.mean(dice),
-                                "mean_dice_std": statistics.pstdev(dice),
-                                "mean_iou_mean": statistics.mean(iou),
-                                "mean_iou_std": statistics.pstdev(iou), "per_seed": runs}
+
+    def run(indices, seed):
+        model = train_segmentation(tower, image_size, train, classes, indices, seed, steps,
+                                   finetune=finetune)
+        return dice_iou(predict_masks(model, test), test.masks, classes)
+
+    out.update(fraction_grid(len(train), fractions, seeds, run, ("mean_dice", "mean_iou")))
     return out

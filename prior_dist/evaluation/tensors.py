@@ -8,6 +8,7 @@ skipped and counted, never silently dropped.
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass
 
@@ -76,27 +77,30 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return ((images_uint8.float() / 255.0 - MIMIC_MEAN) / MIMIC_STD).unsqueeze(1)
 
 
-def _stack(items: list[dict]) -> list[dict]:
-    return items
+def resized_chunks(dataset: DownstreamSet, size: int, masks: bool = False,
+                   boxes: bool = False, batch_size: int = 32, workers: int = 2):
+    """Per chunk of `batch_size` samples, decoded in `workers` processes: (the readable items,
+    the messages of the unreadable ones)."""
+    loader = DataLoader(_Resized(dataset, size, masks, boxes), batch_size=batch_size,
+                        num_workers=workers, collate_fn=list)
+    for chunk in loader:
+        yield ([c for c in chunk if "error" not in c],
+               [c["error"] for c in chunk if "error" in c])
 
 
 def materialize(dataset: DownstreamSet, size: int, masks: bool = False, boxes: bool = False,
                 workers: int = 2) -> TensorSet:
     """Decode and resize every sample once (in `workers` processes)."""
-    loader = DataLoader(_Resized(dataset, size, masks, boxes), batch_size=32,
-                        num_workers=workers, collate_fn=_stack)
-    kept, skipped = [], Counter()
-    for chunk in loader:
-        for item in chunk:
-            if "error" in item:
-                skipped["unreadable"] += 1
-                if skipped["unreadable"] <= 3:
-                    print(f"evaluate: skipped {item['error']}")
-            else:
-                kept.append(item)
+    kept, errors = [], []
+    for good, bad in resized_chunks(dataset, size, masks, boxes, workers=workers):
+        kept += good
+        errors += bad
+    for message in errors[:3]:
+        print(f"evaluate: skipped {message}")
+    skipped = Counter(unreadable=len(errors)) if errors else Counter()
     if not kept:
         raise ValueError(f"{dataset.name} [{dataset.split}]: no readable sample "
-                         f"({sum(skipped.values())} skipped)")
+                         f"({len(errors)} skipped)")
     out = TensorSet(torch.stack([k["image"] for k in kept]),
                     torch.stack([k["labels"] for k in kept]), skipped=skipped)
     if masks:
@@ -114,6 +118,24 @@ def label_subset(num_train: int, fraction: float, seed: int, minimum: int = 2) -
     count = min(num_train, max(minimum, round(fraction * num_train)))
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(num_train, generator=g)[:count]
+
+
+def fraction_grid(num_train: int, fractions, seeds, run, keys) -> dict:
+    """`run(indices, seed) -> metrics dict` for every (fraction, seed); per fraction the
+    labels used, every seed's metrics, and mean and standard deviation of each of `keys`."""
+    out = {}
+    for fraction in fractions:
+        runs = []
+        for seed in seeds:
+            indices = label_subset(num_train, fraction, seed)
+            runs.append(run(indices, seed))
+        summary = {"labels_used": len(indices), "per_seed": runs}
+        for key in keys:
+            values = [r[key] for r in runs]
+            summary[f"{key}_mean"] = statistics.mean(values)
+            summary[f"{key}_std"] = statistics.pstdev(values)
+        out[f"{fraction:g}"] = summary
+    return out
 
 
 def batches(indices: torch.Tensor, batch_size: int, steps: int, seed: int):

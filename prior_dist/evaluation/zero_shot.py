@@ -37,18 +37,23 @@ def class_prompts(model, tokenizer, classes, prompt: str, max_tokens: int, devic
 
 
 @torch.no_grad()
-def zero_shot_scores(model, images, prompts, local_weight: float = 0.5) -> torch.Tensor:
-    """`[N, C]` combined class scores for a batch of images."""
-    reports, sentences, mask = prompts
+def zero_shot_parts(model, images, prompt_sets) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[N, C]` softmax over classes of the global and of the local scores, each summed over
+    the prompt sets (`class_prompts` outputs); the images are encoded once for all of them.
+    The paper's score is `global + 0.5 * local`."""
     img = model.encode_image(images)
-    num_images, num_classes = images.shape[0], reports.shape[0]
-    global_logits = model.global_scale * (F.normalize(img.global_embedding.float(), dim=-1)
-                                          @ F.normalize(reports.float(), dim=-1).t())
-    # Every (image, class) pair: the prompt sentence attends over that image's patches.
-    patches = img.patch_tokens.repeat_interleave(num_classes, dim=0)
-    prompt_rows = sentences.repeat(num_images, 1, 1)
-    local = model.local_alignment(patches, prompt_rows, mask.repeat(num_images, 1))
-    local_logits = model.local_scale * F.cosine_similarity(
-        local.text_context[:, 0].float(), prompt_rows[:, 0].float(), dim=-1)
-    local_logits = local_logits.view(num_images, num_classes)
-    return global_logits.softmax(-1) + local_weight * local_logits.softmax(-1)
+    image_global = F.normalize(img.global_embedding.float(), dim=-1)
+    global_sum, local_sum = 0.0, 0.0
+    for reports, sentences, mask in prompt_sets:
+        num_images, num_classes = images.shape[0], reports.shape[0]
+        global_logits = model.global_scale * (image_global
+                                              @ F.normalize(reports.float(), dim=-1).t())
+        # Every (image, class) pair: the prompt sentence attends over that image's patches.
+        patches = img.patch_tokens.repeat_interleave(num_classes, dim=0)
+        prompt_rows = sentences.repeat(num_images, 1, 1)
+        local = model.local_alignment(patches, prompt_rows, mask.repeat(num_images, 1))
+        local_logits = model.local_scale * F.cosine_similarity(
+            local.text_context[:, 0].float(), prompt_rows[:, 0].float(), dim=-1)
+        global_sum = global_sum + global_logits.softmax(-1)
+        local_sum = local_sum + local_logits.view(num_images, num_classes).softmax(-1)
+    return global_sum, local_sum

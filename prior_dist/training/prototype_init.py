@@ -29,11 +29,14 @@ def farthest_point_rows(x_ND: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def initial_prototypes(sentences_ND: torch.Tensor, num_prototypes: int,
-                       seed: int) -> torch.Tensor:
-    """`[K, D]`: the farthest-point sentences; if there are fewer distinct ones than K, the rest
-    are drawn from a normal with the sentences' mean and per-dimension spread."""
-    picked = sentences_ND[farthest_point_rows(sentences_ND, num_prototypes)].float()
+def initial_prototypes(sentences_ND: torch.Tensor, num_prototypes: int, seed: int,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`[K, D]`: the farthest-point sentences (`rows`, computed if not given); if there are
+    fewer distinct ones than K, the rest are drawn from a normal with the sentences' mean and
+    per-dimension spread."""
+    if rows is None:
+        rows = farthest_point_rows(sentences_ND, num_prototypes)
+    picked = sentences_ND[rows].float()
     missing = num_prototypes - len(picked)
     if missing > 0:
         g = torch.Generator().manual_seed(seed)
@@ -71,10 +74,10 @@ def init_bank_from_batch(model, data: dict, seed: int, zero_stage: int) -> int:
     model.train(was_training)
     sentences = _gather_rows(text.sentences[text.sentence_mask].float().cpu())
     weight = model.prototype_bank.prototypes
-    value = initial_prototypes(sentences, weight.shape[0], seed)
-    distinct = len(farthest_point_rows(sentences, weight.shape[0]))
+    rows = farthest_point_rows(sentences, weight.shape[0])
+    value = initial_prototypes(sentences, weight.shape[0], seed, rows)
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=0,
                                            enabled=zero_stage == 3):
         weight.data.copy_(value.to(weight.device, weight.dtype))
     safe_set_full_fp32_param(weight, value.to(weight.device))
-    return distinct
+    return len(rows)
