@@ -64,31 +64,49 @@ def main() -> int:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         return step
 
     images16 = torch.randn(16, 1, size, size, generator=g)
     masks16 = torch.rand(16, 8, size, size, generator=g) > 0.9
     seg = SegmentationModel(tower, size, 8).train()
-    rows = {"segmentation": _median_step(optimizer_step(
-        seg, lambda m: segmentation_loss(m(images16), masks16)), args.steps)}
+    rows = {
+        "segmentation": _median_step(
+            optimizer_step(seg, lambda m: segmentation_loss(m(images16), masks16)), args.steps
+        )
+    }
     images8 = list(torch.randn(8, 1, size, size, generator=g))
     xy = torch.rand(8, 2, 2, generator=g) * size * 0.6
-    targets = [{"boxes": torch.cat([xy[i], xy[i] + size * 0.3], 1),
-                "labels": torch.tensor([1, 2])} for i in range(8)]
+    targets = [
+        {"boxes": torch.cat([xy[i], xy[i] + size * 0.3], 1), "labels": torch.tensor([1, 2])}
+        for i in range(8)
+    ]
     for kind in ("retinanet", "faster_rcnn"):
         detector = build_detector(tower, size, 8, kind).train()
-        rows[kind] = _median_step(optimizer_step(
-            detector, lambda m: sum(m(images8, targets).values())), args.steps)
-    print(f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
-          f"{args.threads} threads, demo recipe tower ({size} px), frozen encoder")
+        rows[kind] = _median_step(
+            optimizer_step(detector, lambda m: sum(m(images8, targets).values())), args.steps
+        )
+    print(
+        f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
+        f"{args.threads} threads, demo recipe tower ({size} px), frozen encoder"
+    )
     for name, seconds in rows.items():
         print(f"{name:<13} {seconds * 1e3:8.1f} ms per step")
     ratio = rows["faster_rcnn"] / rows["retinanet"]
     print(f"Faster R-CNN / RetinaNet step time: {ratio:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": str(date.today()), "args": vars(args),
-                               "step_s": rows, "faster_rcnn_over_retinanet": ratio}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "date": str(date.today()),
+                "args": vars(args),
+                "step_s": rows,
+                "faster_rcnn_over_retinanet": ratio,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -61,7 +61,8 @@ def implementations(device, with_triton: bool):
         from prior_dist.kernels.local_attention import triton_local_attention
 
         impls["triton"] = lambda q, k, v, qm, km, scale, act: triton_local_attention(
-            q, k, v, qm, km, scale=scale, activation=act)
+            q, k, v, qm, km, scale=scale, activation=act
+        )
     return impls
 
 
@@ -107,14 +108,18 @@ def measure(fn, inputs, activation, scale, device, repeats, warmup):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="50 on CUDA, 3 on CPU")
     parser.add_argument("--cases", default="all", help="comma-separated case indices, or all")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, Triton through the interpreter on CPU: checks that "
-                             "this script runs, measures nothing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes, Triton through the interpreter on CPU: checks that "
+        "this script runs, measures nothing",
+    )
     parser.add_argument("--out", default="bench/results/kernels.json")
     args = parser.parse_args()
     if args.smoke:
@@ -130,11 +135,15 @@ def main() -> int:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         name = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
     print("command: python bench/kernels.py " + " ".join(sys.argv[1:]))
-    print(f"date {date.today()}  device {name}  torch {torch.__version__}  dtype {dtype}  "
-          f"median of {repeats}")
+    print(
+        f"date {date.today()}  device {name}  torch {torch.__version__}  dtype {dtype}  "
+        f"median of {repeats}"
+    )
     if not cuda and not args.smoke:
-        print("CPU: only the eager reference runs here; Triton and torch.compile timings and "
-              "the memory comparison need a GPU (bash bench/gpu_suite.sh)")
+        print(
+            "CPU: only the eager reference runs here; Triton and torch.compile timings and "
+            "the memory comparison need a GPU (bash bench/gpu_suite.sh)"
+        )
     cases = SMOKE_CASES if args.smoke else CASES
     chosen = cases if args.cases == "all" else [cases[int(i)] for i in args.cases.split(",")]
     impls = implementations(device, with_triton=cuda or args.smoke)
@@ -145,8 +154,9 @@ def main() -> int:
         row = {"case": case[0], "shape": list(case[1:5]), "activation": case[5]}
         reference = None
         for label, fn in impls.items():
-            seconds, peak, out, grads = measure(fn, inputs, case[5], scale, device, repeats,
-                                                warmup=5 if cuda else 1)
+            seconds, peak, out, grads = measure(
+                fn, inputs, case[5], scale, device, repeats, warmup=5 if cuda else 1
+            )
             row[label] = {"ms": seconds * 1e3, "peak_mib": None if peak is None else peak / 2**20}
             if reference is None:
                 reference = (out, grads)
@@ -154,28 +164,46 @@ def main() -> int:
                 tensors = [(out, reference[0])] + list(zip(grads, reference[1]))
                 row[label]["max_rel_diff_vs_eager"] = max(
                     float((a.float() - b.float()).abs().max() / b.float().abs().max())
-                    for a, b in tensors)
+                    for a, b in tensors
+                )
         if "triton" in row:
             row["speedup_vs_eager"] = row["eager"]["ms"] / row["triton"]["ms"]
             if row["eager"]["peak_mib"]:
                 row["memory_vs_eager"] = row["triton"]["peak_mib"] / row["eager"]["peak_mib"]
         results.append(row)
-        parts = [f"{label} {row[label]['ms']:.3f} ms"
-                 + (f" / {row[label]['peak_mib']:.0f} MiB" if row[label]["peak_mib"] else "")
-                 for label in impls]
+        parts = [
+            f"{label} {row[label]['ms']:.3f} ms"
+            + (f" / {row[label]['peak_mib']:.0f} MiB" if row[label]["peak_mib"] else "")
+            for label in impls
+        ]
         extra = ""
         if "memory_vs_eager" in row:
-            extra = (f" -> triton {row['speedup_vs_eager']:.2f}x faster, "
-                     f"{row['memory_vs_eager']:.2f}x the memory of eager, max relative "
-                     f"difference {row['triton']['max_rel_diff_vs_eager']:.1e}")
+            extra = (
+                f" -> triton {row['speedup_vs_eager']:.2f}x faster, "
+                f"{row['memory_vs_eager']:.2f}x the memory of eager, max relative "
+                f"difference {row['triton']['max_rel_diff_vs_eager']:.1e}"
+            )
         elif "triton" in row:
             extra = f" -> triton agrees to {row['triton']['max_rel_diff_vs_eager']:.1e}"
-        print(f"{case[0]:<24} B={case[1]} {case[2]}x{case[3]} D={case[4]} {case[5]}: "
-              + ", ".join(parts) + extra)
+        print(
+            f"{case[0]:<24} B={case[1]} {case[2]}x{case[3]} D={case[4]} {case[5]}: "
+            + ", ".join(parts)
+            + extra
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": str(date.today()), "device": name, "dtype": str(dtype),
-                               "repeats": repeats, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "date": str(date.today()),
+                "device": name,
+                "dtype": str(dtype),
+                "repeats": repeats,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -11,20 +11,33 @@ import argparse
 import sys
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from prior_dist.models.config import model_config
 from prior_dist.models.prior import PriorModel, build_model
+from prior_dist.task import PriorTask, stage_plan
 
 # Components in the order of the spec's parameter budget; the first matching prefix wins.
 COMPONENTS = (
-    ("image backbone", ("image.backbone.", "image.patch_embed", "image.cls_token",
-                        "image.pos_embed", "image.blocks.", "image.norm.")),
+    (
+        "image backbone",
+        (
+            "image.backbone.",
+            "image.patch_embed",
+            "image.cls_token",
+            "image.pos_embed",
+            "image.blocks.",
+            "image.norm.",
+        ),
+    ),
     ("image attention pool", ("image.attention_pool.",)),
     ("text BERT", ("text.bert.",)),
     ("sentence decoder", ("sentence_decoder.",)),
     ("image decoder", ("image_decoder.",)),
-    ("projections", ("image.local_proj.", "image.global_proj.", "text.token_proj.",
-                     "text.global_proj.")),
+    (
+        "projections",
+        ("image.local_proj.", "image.global_proj.", "text.token_proj.", "text.global_proj."),
+    ),
     ("report attention pool", ("report_pool.",)),
     ("local alignment + predictor", ("local_alignment.", "predictor.")),
     ("prototype bank", ("prototype_bank.",)),
@@ -50,19 +63,19 @@ def example_batch(model: PriorModel, batch: int, tokens: int, sentences: int) ->
     ids = torch.randint(5, cfg.text.vocab_size, (batch, tokens), generator=generator)
     per_sentence = max(1, (tokens - 2) // sentences)
     index = torch.full((batch, tokens), -1, dtype=torch.long)
-    index[:, 1:tokens - 1] = (torch.arange(tokens - 2) // per_sentence).clamp_max(sentences - 1)
-    return {"image": torch.randn(batch, 1, size, size, generator=generator), "input_ids": ids,
-            "attention_mask": torch.ones(batch, tokens, dtype=torch.long), "sentence_index": index}
+    index[:, 1 : tokens - 1] = (torch.arange(tokens - 2) // per_sentence).clamp_max(sentences - 1)
+    return {
+        "image": torch.randn(batch, 1, size, size, generator=generator),
+        "input_ids": ids,
+        "attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+        "sentence_index": index,
+    }
 
 
-def forward_flops(model: PriorModel, batch: int = 2, tokens: int = 128,
-                  sentences: int = 8) -> dict[str, float]:
+def forward_flops(
+    model: PriorModel, batch: int = 2, tokens: int = 128, sentences: int = 8
+) -> dict[str, float]:
     """Forward FLOPs per sample: image tower, text tower, heads (stage 3), total."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from prior_dist.training.curriculum import stage_plan
-    from prior_dist.training.task import PriorTask
-
     data = example_batch(model, batch, tokens, sentences)
     model.eval()
 
@@ -72,20 +85,27 @@ def forward_flops(model: PriorModel, batch: int = 2, tokens: int = 128,
         return counter.get_total_flops() / batch
 
     image = count(lambda: model.encode_image(data["image"]))
-    text = count(lambda: model.encode_text(data["input_ids"], data["attention_mask"],
-                                           data["sentence_index"]))
+    text = count(
+        lambda: model.encode_text(data["input_ids"], data["attention_mask"], data["sentence_index"])
+    )
     total = count(lambda: PriorTask(model)(data, stage_plan(3)))
-    return {"image tower": image, "text tower": text, "heads": total - image - text,
-            "total": total}
+    return {"image tower": image, "text tower": text, "heads": total - image - text, "total": total}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prior_dist.info", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m prior_dist.info",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="paper", help="paper | demo | tiny")
-    parser.add_argument("--compat", default="default", choices=["default", "reference"],
-                        help="reference: every reference quirk on, unused reference parameters "
-                             "built (frozen) so counts compare with the original")
+    parser.add_argument(
+        "--compat",
+        default="default",
+        choices=["default", "reference"],
+        help="reference: every reference quirk on, unused reference parameters "
+        "built (frozen) so counts compare with the original",
+    )
     parser.add_argument("--tokens", type=int, default=128, help="report length for FLOPs")
     parser.add_argument("--sentences", type=int, default=8, help="sentences per report for FLOPs")
     parser.add_argument("--no-flops", action="store_true", help="parameters only")
@@ -98,19 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = build_model(cfg)
     table = parameter_table(model)
-    print(f"model {args.model}, compat {args.compat}: image {cfg.image.arch} "
-          f"{cfg.image.image_size}px grid {cfg.image.grid}, embed {cfg.heads.embed_dim}")
+    print(
+        f"model {args.model}, compat {args.compat}: image {cfg.image.arch} "
+        f"{cfg.image.image_size}px grid {cfg.image.grid}, embed {cfg.heads.embed_dim}"
+    )
     print(f"{'component':<30}{'trainable':>14}{'frozen':>12}")
     for name, trainable, frozen in table:
         print(f"{name:<30}{trainable / 1e6:>13.2f}M{frozen / 1e6:>11.2f}M")
     trainable = sum(t for _, t, _ in table)
     frozen = sum(f for _, _, f in table)
-    print(f"{'total':<30}{trainable / 1e6:>13.2f}M{frozen / 1e6:>11.2f}M"
-          f"   (all: {(trainable + frozen) / 1e6:.2f}M)")
+    print(
+        f"{'total':<30}{trainable / 1e6:>13.2f}M{frozen / 1e6:>11.2f}M"
+        f"   (all: {(trainable + frozen) / 1e6:.2f}M)"
+    )
     if not args.no_flops:
         flops = forward_flops(model, tokens=args.tokens, sentences=args.sentences)
-        print(f"forward GFLOPs per sample ({args.tokens} tokens, {args.sentences} sentences, "
-              f"stage 3):")
+        print(
+            f"forward GFLOPs per sample ({args.tokens} tokens, {args.sentences} sentences, "
+            f"stage 3):"
+        )
         for name, value in flops.items():
             print(f"  {name:<28}{value / 1e9:>10.2f}")
     return 0

@@ -14,7 +14,10 @@ import sys
 from prior_dist.data.build import build_shards, finalize, verify
 from prior_dist.data.prepare import PrepareSettings
 from prior_dist.data.sources import (
-    FRONTAL_VIEWS, enumerate_manifest, enumerate_mimic, enumerate_phantom,
+    FRONTAL_VIEWS,
+    enumerate_manifest,
+    enumerate_mimic,
+    enumerate_phantom,
 )
 
 
@@ -24,43 +27,88 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser, min_sentences: int) -> None:
-    parser.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    parser.add_argument("--image-size", type=int, default=256, help="stored size in pixels (default 256)")
-    parser.add_argument("--resize", choices=("short", "square"), default="short",
-                        help="'short': short side to --image-size, aspect kept; 'square': squash")
-    parser.add_argument("--format", choices=("jpg", "png"), default="jpg", help="stored image format")
+    parser.add_argument(
+        "--out", required=True, help="output directory for shards and manifest.json"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="stored size in pixels (default 256)"
+    )
+    parser.add_argument(
+        "--resize",
+        choices=("short", "square"),
+        default="short",
+        help="'short': short side to --image-size, aspect kept; 'square': squash",
+    )
+    parser.add_argument(
+        "--format", choices=("jpg", "png"), default="jpg", help="stored image format"
+    )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--min-sentences", type=int, default=min_sentences,
-                        help=f"skip reports with fewer sentences (default {min_sentences})")
-    parser.add_argument("--encoding-errors", choices=("skip", "repair"), default="skip",
-                        help="non-UTF-8 reports: skip the study, or decode as cp1252 and keep it")
-    parser.add_argument("--val-fraction", type=float, default=0.05,
-                        help="validation fraction of subjects when no split is given (default 0.05)")
-    parser.add_argument("--test-fraction", type=float, default=0.05,
-                        help="test fraction of subjects when no split is given (default 0.05)")
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
+    parser.add_argument(
+        "--min-sentences",
+        type=int,
+        default=min_sentences,
+        help=f"skip reports with fewer sentences (default {min_sentences})",
+    )
+    parser.add_argument(
+        "--encoding-errors",
+        choices=("skip", "repair"),
+        default="skip",
+        help="non-UTF-8 reports: skip the study, or decode as cp1252 and keep it",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="validation fraction of subjects when no split is given (default 0.05)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.05,
+        help="test fraction of subjects when no split is given (default 0.05)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--num-tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", 1),
-                        help="array tasks in all (default: $SLURM_ARRAY_TASK_COUNT or 1)")
-    parser.add_argument("--task-index", type=int, default=None,
-                        help="this task's index (default: $SLURM_ARRAY_TASK_ID minus "
-                             "$SLURM_ARRAY_TASK_MIN, or 0)")
+    parser.add_argument(
+        "--num-tasks",
+        type=int,
+        default=_env_int("SLURM_ARRAY_TASK_COUNT", 1),
+        help="array tasks in all (default: $SLURM_ARRAY_TASK_COUNT or 1)",
+    )
+    parser.add_argument(
+        "--task-index",
+        type=int,
+        default=None,
+        help="this task's index (default: $SLURM_ARRAY_TASK_ID minus $SLURM_ARRAY_TASK_MIN, or 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m prior_dist.shardify", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m prior_dist.shardify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     mimic = sub.add_parser("mimic-cxr", help="MIMIC-CXR-JPG images + MIMIC-CXR reports")
     mimic.add_argument("--images", required=True, help="MIMIC-CXR-JPG root (holding files/pXX/...)")
-    mimic.add_argument("--reports", required=True, help="MIMIC-CXR report root (holding files/pXX/...)")
+    mimic.add_argument(
+        "--reports", required=True, help="MIMIC-CXR report root (holding files/pXX/...)"
+    )
     mimic.add_argument("--metadata", required=True, help="mimic-cxr-2.0.0-metadata.csv[.gz]")
-    mimic.add_argument("--split", default=None, help="mimic-cxr-2.0.0-split.csv[.gz] (default: split by subject)")
+    mimic.add_argument(
+        "--split", default=None, help="mimic-cxr-2.0.0-split.csv[.gz] (default: split by subject)"
+    )
     mimic.add_argument("--labels", default=None, help="mimic-cxr-2.0.0-chexpert.csv[.gz]")
-    mimic.add_argument("--views", default=",".join(FRONTAL_VIEWS),
-                       help="comma-separated ViewPosition values to keep (default PA,AP)")
+    mimic.add_argument(
+        "--views",
+        default=",".join(FRONTAL_VIEWS),
+        help="comma-separated ViewPosition values to keep (default PA,AP)",
+    )
     _add_common(mimic, min_sentences=4)
 
     manifest = sub.add_parser("manifest", help="a CSV or JSONL listing images and reports")
@@ -100,25 +148,46 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verify: {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
         settings = PrepareSettings(
-            image_size=args.image_size, resize_mode=args.resize, image_format=args.format,
-            jpeg_quality=args.quality, min_sentences=args.min_sentences,
+            image_size=args.image_size,
+            resize_mode=args.resize,
+            image_format=args.format,
+            jpeg_quality=args.quality,
+            min_sentences=args.min_sentences,
             encoding_errors=args.encoding_errors,
             phantom_seed=getattr(args, "seed", 0) if args.command == "phantom" else 0,
         )
         if args.command == "mimic-cxr":
             views = tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
-            records, skipped, source = enumerate_mimic(args.images, args.reports, args.metadata,
-                                                       args.split, args.labels, views,
-                                                       args.val_fraction, args.test_fraction)
+            records, skipped, source = enumerate_mimic(
+                args.images,
+                args.reports,
+                args.metadata,
+                args.split,
+                args.labels,
+                views,
+                args.val_fraction,
+                args.test_fraction,
+            )
         elif args.command == "manifest":
-            records, skipped, source = enumerate_manifest(args.input, args.val_fraction, args.test_fraction)
+            records, skipped, source = enumerate_manifest(
+                args.input, args.val_fraction, args.test_fraction
+            )
         else:
             if args.num < 1:
                 raise ValueError(f"--num must be >= 1, got {args.num}")
             records, skipped, source = enumerate_phantom(args.num, args.seed)
-        summary = build_shards(records, skipped, source, settings, args.out, args.shard_size,
-                               args.workers, args.num_tasks, _task_index(args),
-                               progress=not args.no_progress)
+        summary = build_shards(
+            records,
+            skipped,
+            source,
+            settings,
+            args.out,
+            args.shard_size,
+            args.workers,
+            args.num_tasks,
+            _task_index(args),
+            progress=not args.no_progress,
+        )
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"shardify: error: {exc}", file=sys.stderr)
         return 2

@@ -19,15 +19,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-LOSS_TERMS = ("loss", "global", "local_image", "local_text", "proto", "rec_image", "spg", "kl",
-              "gpa")
+from prior_dist.data.labels import CHEXPERT_COMPETITION
+from prior_dist.evaluation.inputs import report_loader
+from prior_dist.evaluation.retrieval import embeddings
+from prior_dist.evaluation.zero_shot import zero_shot
+from prior_dist.runs import load_model
+from prior_dist.runs.layout import METRICS
+from prior_dist.task import LOSS_NAMES
+
+# metrics.jsonl's `loss` is the weighted total; the terms follow under their own names.
+LOSS_TERMS = ("loss", *LOSS_NAMES)
 
 
 def _pyplot():
+    # matplotlib is heavy and only pictures need it; the Agg backend must be chosen first.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     return plt
 
@@ -41,15 +50,17 @@ def _save(plt, fig, path: Path) -> Path:
 
 def training_curves(run_dir: Path, out: Path) -> Path:
     plt = _pyplot()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+    rows = [
+        json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line.strip()
+    ]
     if not rows:
-        raise ValueError(f"{run_dir}/metrics.jsonl is empty")
+        raise ValueError(f"{run_dir}/{METRICS} is empty")
     terms = [t for t in LOSS_TERMS if any(t in r for r in rows)]
     boundaries = [r["step"] for a, r in zip(rows, rows[1:]) if r["stage"] != a["stage"]]
     cols = 3
-    fig, axes = plt.subplots(-(-len(terms) // cols), cols, figsize=(12, 3 * -(-len(terms) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        -(-len(terms) // cols), cols, figsize=(12, 3 * -(-len(terms) // cols)), squeeze=False
+    )
     for ax, term in zip(axes.flat, terms):
         steps = [r["step"] for r in rows if term in r]
         ax.plot(steps, [r[term] for r in rows if term in r], linewidth=1)
@@ -57,24 +68,22 @@ def training_curves(run_dir: Path, out: Path) -> Path:
             ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(term)
         ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(terms):]:
+    for ax in list(axes.flat)[len(terms) :]:
         ax.axis("off")
     fig.suptitle(f"{run_dir.name}: losses per step (dashed: stage changes)")
     return _save(plt, fig, out / "curves.png")
 
 
 def _sample(loaded, data: str, split: str, index: int):
-    from prior_dist.evaluate import ZERO_SHOT_CLASSES, _loader
-
     seen = 0
-    for batch in _loader(loaded, data, split, ZERO_SHOT_CLASSES, batch_size=16):
+    for batch in report_loader(loaded, data, split, CHEXPERT_COMPETITION, batch_size=16):
         size = len(batch["key"])
         if index < seen + size:
             i = index - seen
 
-            def pick(v):
+            def pick(v, i=i, size=size):
                 if torch.is_tensor(v) and v.dim() and v.shape[0] == size:
-                    return v[i:i + 1]
+                    return v[i : i + 1]
                 if isinstance(v, list) and len(v) == size:
                     return [v[i]]
                 return v
@@ -90,11 +99,11 @@ def attention_maps(loaded, data: str, split: str, index: int, out: Path) -> Path
     model = loaded.model
     sample = _sample(loaded, data, split, index)
     img = model.encode_image(sample["image"])
-    txt = model.encode_text(sample["input_ids"], sample["attention_mask"],
-                            sample["sentence_index"])
+    txt = model.encode_text(sample["input_ids"], sample["attention_mask"], sample["sentence_index"])
     sentences = model.prototype_bank(txt.sentences)
-    local = model.local_alignment(img.patch_tokens, sentences, txt.sentence_mask,
-                                  return_attention=True)
+    local = model.local_alignment(
+        img.patch_tokens, sentences, txt.sentence_mask, return_attention=True
+    )
     count = int(txt.sentence_mask.sum())
     h, w = img.grid
     maps = local.sentence_to_patch[0, :count].reshape(count, 1, h, w)
@@ -118,10 +127,8 @@ def attention_maps(loaded, data: str, split: str, index: int, out: Path) -> Path
 
 @torch.no_grad()
 def confusion_matrix(loaded, data: str, split: str, out: Path) -> Path:
-    from prior_dist.evaluate import zero_shot
-
     plt = _pyplot()
-    result = zero_shot(loaded, data, split)        # the same numbers as `evaluate zero-shot`
+    result = zero_shot(loaded, data, split)  # the same numbers as `evaluate zero-shot`
     classes = result["classes"]
     matrix = torch.tensor(result["paper_score"]["confusion"])
     n = len(classes)
@@ -141,12 +148,13 @@ def confusion_matrix(loaded, data: str, split: str, out: Path) -> Path:
 
 @torch.no_grad()
 def nearest_reports(loaded, data: str, split: str, index: int, k: int, out: Path) -> Path:
-    from prior_dist.evaluate import ZERO_SHOT_CLASSES, _embeddings, _loader
-
     plt = _pyplot()
-    images, reports, _, _ = _embeddings(loaded, data, split, ZERO_SHOT_CLASSES)
-    texts = [s for batch in _loader(loaded, data, split, ZERO_SHOT_CLASSES)
-             for s in batch["sentences"]]
+    images, reports, _, _ = embeddings(loaded, data, split, CHEXPERT_COMPETITION)
+    texts = [
+        s
+        for batch in report_loader(loaded, data, split, CHEXPERT_COMPETITION)
+        for s in batch["sentences"]
+    ]
     if not 0 <= index < len(images):
         raise ValueError(f"--index {index}: the {split} split has {len(images)} samples")
     top = (images[index] @ reports.t()).topk(min(k, len(reports)))
@@ -166,8 +174,11 @@ def nearest_reports(loaded, data: str, split: str, index: int, k: int, out: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prior_dist.visualize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m prior_dist.visualize",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("kind", choices=["curves", "attention", "confusion", "neighbours"])
     parser.add_argument("--run", help="run directory (curves)")
     parser.add_argument("--checkpoint", help="run, checkpoint or export directory")
@@ -185,13 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("curves needs --run RUN_DIR")
             path = training_curves(Path(args.run), out)
         else:
-            from prior_dist.evaluation.load import load_model
-
             if not args.checkpoint:
                 raise ValueError(f"{args.kind} needs --checkpoint")
             loaded = load_model(args.checkpoint)
-            data = args.data or loaded.info.get("data_path") or loaded.info.get(
-                "data", {}).get("path")
+            data = args.data or loaded.data_path
             if args.kind == "attention":
                 path = attention_maps(loaded, data, args.split, args.index, out)
             elif args.kind == "confusion":

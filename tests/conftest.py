@@ -18,8 +18,14 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subproce
     """Run `python -m ...` in a subprocess, as a user would."""
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=full_env,
-                          cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -34,8 +40,15 @@ def phantom_dir(tmp_path_factory) -> Path:
     from prior_dist.data.sources import enumerate_phantom
 
     records, skipped, source = enumerate_phantom(61, seed=3)
-    build_shards(records, skipped, source, PrepareSettings(image_size=64, phantom_seed=3), out,
-                 shard_size=7, progress=False)
+    build_shards(
+        records,
+        skipped,
+        source,
+        PrepareSettings(image_size=64, phantom_seed=3),
+        out,
+        shard_size=7,
+        progress=False,
+    )
     return out
 
 

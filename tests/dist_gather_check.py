@@ -15,7 +15,7 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank, dim = 3, 5
-    torch.manual_seed(0)                       # same weights and data on every rank
+    torch.manual_seed(0)  # same weights and data on every rank
     image_proj = torch.nn.Linear(7, dim).double()
     text_proj = torch.nn.Linear(6, dim).double()
     x_img = torch.randn(world * per_rank, 7, dtype=torch.float64)
@@ -27,8 +27,9 @@ def main(out: str) -> None:
     full_grads = torch.autograd.grad(full, params)
 
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    local = global_contrastive_loss(image_proj(x_img[rows]), text_proj(x_txt[rows]), scale,
-                                    AllGather())
+    local = global_contrastive_loss(
+        image_proj(x_img[rows]), text_proj(x_txt[rows]), scale, AllGather()
+    )
     grads = torch.autograd.grad(local, params)
     mean_loss = local.detach().clone()
     dist.all_reduce(mean_loss)
@@ -38,8 +39,12 @@ def main(out: str) -> None:
         g = g.clone()
         dist.all_reduce(g)
         errors.append(float((g / world - ref).abs().max()))
-    result = {"rank": rank, "loss_error": float((mean_loss - full).abs()),
-              "grad_error": max(errors), "local_loss": float(local)}
+    result = {
+        "rank": rank,
+        "loss_error": float((mean_loss - full).abs()),
+        "grad_error": max(errors),
+        "local_loss": float(local),
+    }
     with open(f"{out}.{rank}.json", "w") as fh:
         json.dump(result, fh)
     dist.destroy_process_group()

@@ -17,7 +17,9 @@ def main(shards: str, vocab_dir: str, out: str) -> None:
     tokenizer = build_wordpiece(shards, vocab_dir)
 
     def loader():
-        return PriorLoader(shards, tokenizer, 3, seed=11, num_workers=2, transform=TransformConfig(image_size=32))
+        return PriorLoader(
+            shards, tokenizer, 3, seed=11, num_workers=2, transform=TransformConfig(image_size=32)
+        )
 
     full = loader()
     steps = []
@@ -41,8 +43,15 @@ def main(shards: str, vocab_dir: str, out: str) -> None:
     dist.all_reduce(resume_ok, op=dist.ReduceOp.MIN)
     if rank == 0:
         with open(out, "w") as handle:
-            json.dump({"world": world, "steps": steps, "num_batches": len(full),
-                       "resume_ok": bool(resume_ok.item())}, handle)
+            json.dump(
+                {
+                    "world": world,
+                    "steps": steps,
+                    "num_batches": len(full),
+                    "resume_ok": bool(resume_ok.item()),
+                },
+                handle,
+            )
     dist.barrier()
     dist.destroy_process_group()
 

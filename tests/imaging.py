@@ -8,7 +8,9 @@ from PIL import Image
 
 def gradient(height: int, width: int, max_value: int = 255) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
-    return ((x + y) / (height + width - 2) * max_value).astype(np.uint16 if max_value > 255 else np.uint8)
+    return ((x + y) / (height + width - 2) * max_value).astype(
+        np.uint16 if max_value > 255 else np.uint8
+    )
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 95) -> bytes:
@@ -23,8 +25,14 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def dicom_bytes(array: np.ndarray, bits_stored: int = 12, photometric: str = "MONOCHROME2",
-                window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0) -> bytes:
+def dicom_bytes(
+    array: np.ndarray,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+) -> bytes:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from prior_dist.task import LOSS_NAMES
 from tests.conftest import REPO
 
 # Long enough stage 3 for runs that are interrupted on purpose.
@@ -31,43 +32,92 @@ def deepspeed_cmd(num_ranks: int) -> list[str]:
 
 def ds_config(tmp: Path, micro: int, stage: int = 2, **extra) -> Path:
     path = tmp / f"ds_micro{micro}_zero{stage}_{len(extra)}.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro,
-                                "gradient_accumulation_steps": 1,
-                                "zero_optimization": {"stage": stage}, **extra}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": micro,
+                "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": stage},
+                **extra,
+            }
+        )
+    )
     return path
 
 
-def pretrain_args(config: Path, run_dir: Path, shards: Path, *extra: str,
-                  overrides: list[str] = ()) -> list[str]:
+def pretrain_args(
+    config: Path,
+    run_dir: Path,
+    shards: Path,
+    *extra: str,
+    overrides: list[str] = (),
+    script: str = "launch/pretrain.py",
+) -> list[str]:
     sets = [f"data.path={shards}", "optim.eps=1e-6", *overrides]
-    return [str(REPO / "launch/pretrain.py"), "--config", str(config), "--recipe", "tiny",
-            "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)], *extra]
+    return [
+        str(REPO / script),
+        "--config",
+        str(config),
+        "--recipe",
+        "tiny",
+        "--run-dir",
+        str(run_dir),
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
 
 
 def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
 
 
-def launch(num_ranks: int, config: Path, run_dir: Path, shards: Path, *extra: str,
-           overrides: list[str] = (), check: bool = True,
-           timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = deepspeed_cmd(num_ranks) + pretrain_args(config, run_dir, shards, *extra,
-                                                   overrides=overrides)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO,
-                          timeout=timeout)
+def launch(
+    num_ranks: int,
+    config: Path,
+    run_dir: Path,
+    shards: Path,
+    *extra: str,
+    overrides: list[str] = (),
+    check: bool = True,
+    timeout: float = 300,
+    script: str = "launch/pretrain.py",
+) -> subprocess.CompletedProcess:
+    cmd = deepspeed_cmd(num_ranks) + pretrain_args(
+        config, run_dir, shards, *extra, overrides=overrides, script=script
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
-def start(num_ranks: int, config: Path, run_dir: Path, shards: Path, *extra: str,
-          overrides: list[str] = ()) -> subprocess.Popen:
-    cmd = deepspeed_cmd(num_ranks) + pretrain_args(config, run_dir, shards, *extra,
-                                                   overrides=overrides)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(), cwd=REPO, start_new_session=True)
+def start(
+    num_ranks: int,
+    config: Path,
+    run_dir: Path,
+    shards: Path,
+    *extra: str,
+    overrides: list[str] = (),
+) -> subprocess.Popen:
+    cmd = deepspeed_cmd(num_ranks) + pretrain_args(
+        config, run_dir, shards, *extra, overrides=overrides
+    )
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -82,8 +132,7 @@ def final_state(run_dir: Path, step: int) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)["module"]
 
 
-LOSS_KEYS = ("loss", "global", "local_image", "local_text", "proto", "rec_image", "spg", "kl",
-             "gpa")
+LOSS_KEYS = ("loss", *LOSS_NAMES)
 
 
 def assert_traces_close(a: list[dict], b: list[dict], rtol: float, atol: float = 1e-6) -> None:
@@ -94,11 +143,16 @@ def assert_traces_close(a: list[dict], b: list[dict], rtol: float, atol: float =
         assert x["stage"] == y["stage"]
         for key in LOSS_KEYS:
             if key in x or key in y:
-                assert abs(x[key] - y[key]) <= rtol * abs(y[key]) + atol, (x["step"], key,
-                                                                           x[key], y[key])
+                assert abs(x[key] - y[key]) <= rtol * abs(y[key]) + atol, (
+                    x["step"],
+                    key,
+                    x[key],
+                    y[key],
+                )
 
 
 def max_param_difference(a: dict, b: dict) -> float:
     assert set(a) == set(b)
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a
-               if a[k].is_floating_point())
+    return max(
+        float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point()
+    )

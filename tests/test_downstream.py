@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from prior_dist.evaluation.datasets import (SPLITS, hashed_split, open_dataset, rle_decode,
-                                            rle_encode, write_split_file)
+from prior_dist.data.tables import SPLITS, patient_split
+from prior_dist.evaluation.datasets import open_dataset, rle_decode, rle_encode, write_split_file
 from prior_dist.evaluation.detection_metrics import mean_average_precision
 from prior_dist.evaluation.segmentation import dice_iou
 from tests.conftest import run_cli
@@ -16,8 +16,7 @@ from tests.imaging import dicom_bytes, gradient, jpeg_bytes, png_bytes
 
 
 def _all_splits(spec, **options):
-    return {s: open_dataset(spec, s, **options) for s in SPLITS
-            if _has(spec, s, **options)}
+    return {s: open_dataset(spec, s, **options) for s in SPLITS if _has(spec, s, **options)}
 
 
 def _has(spec, split, **options):
@@ -29,6 +28,7 @@ def _has(spec, split, **options):
 
 
 # --- SIIM run-length code ----------------------------------------------------------------------
+
 
 def test_rle_is_column_major_relative_and_round_trips():
     mask = rle_decode("1 2 3 1", 4, 3)
@@ -52,6 +52,7 @@ def test_rle_is_column_major_relative_and_round_trips():
 
 # --- fixtures in the public layouts ------------------------------------------------------------
 
+
 def _image(seed: int, size: int = 48) -> np.ndarray:
     g = np.random.default_rng(seed)
     return (gradient(size, size) * 0.5 + g.integers(0, 100, (size, size))).astype(np.uint8)
@@ -59,8 +60,10 @@ def _image(seed: int, size: int = 48) -> np.ndarray:
 
 def test_chexpert_csv_policies_frontal_and_patient_splits(tmp_path):
     root = tmp_path / "CheXpert-v1.0-small"
-    header = ("Path,Sex,Age,Frontal/Lateral,AP/PA,Atelectasis,Cardiomegaly,Consolidation,"
-              "Edema,Pleural Effusion")
+    header = (
+        "Path,Sex,Age,Frontal/Lateral,AP/PA,Atelectasis,Cardiomegaly,Consolidation,"
+        "Edema,Pleural Effusion"
+    )
     rows = []
     for patient in range(40):
         for view, kind in (("view1_frontal", "Frontal"), ("view2_lateral", "Lateral")):
@@ -76,7 +79,7 @@ def test_chexpert_csv_policies_frontal_and_patient_splits(tmp_path):
     assert set(parts) == {"train", "validate", "test"}
     keys = {s: set(d.keys) for s, d in parts.items() if s != "test"}
     assert not keys["train"] & keys["validate"] and len(keys["train"] | keys["validate"]) == 40
-    assert all("lateral" not in k for k in keys["train"])          # frontal only by default
+    assert all("lateral" not in k for k in keys["train"])  # frontal only by default
     subjects = {s: {r.subject for r in d.records} for s, d in parts.items()}
     assert not subjects["train"] & subjects["validate"]
     ignore = open_dataset(spec, "train")
@@ -84,8 +87,7 @@ def test_chexpert_csv_policies_frontal_and_patient_splits(tmp_path):
     uncertain_key = next(k for k in labels if int(k.split("patient")[1][:5]) % 5 == 2)
     assert np.isnan(labels[uncertain_key][0]) and np.isnan(labels[uncertain_key][3])
     ones = {r.key: r.load().labels for r in open_dataset(spec, "train", uncertain="ones").records}
-    zeros = {r.key: r.load().labels for r in open_dataset(spec, "train",
-                                                          uncertain="zeros").records}
+    zeros = {r.key: r.load().labels for r in open_dataset(spec, "train", uncertain="zeros").records}
     assert ones[uncertain_key][0] == 1 and zeros[uncertain_key][0] == 0
     assert ignore[0].image.size == (48, 48)
     (root / "train.csv").write_text(header + "\nCheXpert-v1.0-small/x.jpg,M,1,Frontal,PA,2,,,,\n")
@@ -100,17 +102,23 @@ def test_5x200_json_both_forms(tmp_path):
     classes = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
     for i in range(10):
         (tmp_path / f"{i}.png").write_bytes(png_bytes(_image(i)))
-    listed = {"classes": classes, "images": [{"path": f"{i}.png", "label": classes[i % 5]}
-                                             for i in range(10)]}
+    listed = {
+        "classes": classes,
+        "images": [{"path": f"{i}.png", "label": classes[i % 5]} for i in range(10)],
+    }
     (tmp_path / "a.json").write_text(json.dumps(listed))
-    (tmp_path / "b.json").write_text(json.dumps({c: [f"{i}.png" for i in range(10) if i % 5 == k]
-                                                 for k, c in enumerate(classes)}))
+    (tmp_path / "b.json").write_text(
+        json.dumps(
+            {c: [f"{i}.png" for i in range(10) if i % 5 == k] for k, c in enumerate(classes)}
+        )
+    )
     for name in ("a.json", "b.json"):
         test = open_dataset(f"chexpert5x200:{tmp_path / name}", "test")
         assert test.exclusive and test.classes == tuple(classes) and len(test) == 10
         assert all(test[i].labels.sum() == 1 for i in range(10))
-    (tmp_path / "c.json").write_text(json.dumps({"classes": ["A"], "images": [
-        {"path": "0.png", "label": "B"}]}))
+    (tmp_path / "c.json").write_text(
+        json.dumps({"classes": ["A"], "images": [{"path": "0.png", "label": "B"}]})
+    )
     with pytest.raises(ValueError, match="not among classes"):
         open_dataset(f"chexpert5x200:{tmp_path / 'c.json'}", "test")
 
@@ -121,7 +129,8 @@ def test_rsna_boxes_from_dicom(tmp_path):
     for i in range(30):
         pid = f"p{i:04d}"
         (tmp_path / "stage_2_train_images" / f"{pid}.dcm").write_bytes(
-            dicom_bytes((_image(i, 64).astype(np.uint16) * 16)))
+            dicom_bytes(_image(i, 64).astype(np.uint16) * 16)
+        )
         if i % 3 == 0:
             lines += [f"{pid},4,8,10,20,1", f"{pid},30,30,5,5,1"]
         else:
@@ -142,7 +151,7 @@ def test_rsna_boxes_from_dicom(tmp_path):
 
 def test_siim_masks_from_rle_png_and_dicom(tmp_path):
     g = np.random.default_rng(1)
-    lines = ["ImageId, EncodedPixels"]           # the competition's header has the space
+    lines = ["ImageId, EncodedPixels"]  # the competition's header has the space
     truth = {}
     for i in range(24):
         image_id = f"1.2.{i}"
@@ -154,7 +163,7 @@ def test_siim_masks_from_rle_png_and_dicom(tmp_path):
             (folder / f"{image_id}.dcm").write_bytes(dicom_bytes(_image(i, 32).astype(np.uint16)))
         mask = np.zeros((32, 32), bool)
         if i % 3 == 0:
-            mask[g.integers(0, 16):24, 3:g.integers(5, 20)] = True
+            mask[g.integers(0, 16) : 24, 3 : g.integers(5, 20)] = True
             mask[28:30, 28:31] = True
             # Two rows for one image (two regions), as the competition file has.
             upper, lower = mask.copy(), mask.copy()
@@ -178,7 +187,8 @@ def test_siim_masks_from_rle_png_and_dicom(tmp_path):
 
 
 def test_covidx_label_files_and_split_file(tmp_path):
-    for name, count in (("train", 30), ("test", 6)):
+    # 100 training patients: a 10% validation split of a handful could be empty.
+    for name, count in (("train", 200), ("test", 6)):
         (tmp_path / name).mkdir()
         lines = []
         for i in range(count):
@@ -191,18 +201,21 @@ def test_covidx_label_files_and_split_file(tmp_path):
     test = open_dataset(spec, "test")
     assert test.classes == ("negative", "positive") and len(test) == 6 and test.exclusive
     train, validate = open_dataset(spec, "train"), open_dataset(spec, "validate")
-    assert len(train) + len(validate) == 30
+    assert len(train) + len(validate) == 200
     # Both images of a patient land in the same split.
     assert not {r.subject for r in train.records} & {r.subject for r in validate.records}
     counts = write_split_file(spec, str(tmp_path / "splits.json"))
     assert counts == {"train": len(train), "validate": len(validate), "test": 6}
-    proc = run_cli("prior_dist.evaluate", "splits", "--data", spec, "--out",
-                   str(tmp_path / "cli.json"))
+    proc = run_cli(
+        "prior_dist.evaluate", "splits", "--data", spec, "--out", str(tmp_path / "cli.json")
+    )
     assert (tmp_path / "cli.json").read_text() == (tmp_path / "splits.json").read_text()
     assert "-> " in proc.stdout
     pinned = json.loads((tmp_path / "splits.json").read_text())
-    pinned["train"], pinned["validate"] = pinned["train"][:5], pinned["validate"] + \
-        pinned["train"][5:]
+    pinned["train"], pinned["validate"] = (
+        pinned["train"][:5],
+        pinned["validate"] + pinned["train"][5:],
+    )
     (tmp_path / "pinned.json").write_text(json.dumps(pinned))
     assert len(open_dataset(spec, "train", split_file=str(tmp_path / "pinned.json"))) == 5
     (tmp_path / "test.txt").write_text("only-two fields\n")
@@ -212,14 +225,33 @@ def test_covidx_label_files_and_split_file(tmp_path):
         open_dataset("nosuch:/x", "test")
 
 
-def test_hashed_split_follows_the_fractions():
-    rule = {"seed": 7, "train": 0.6, "validate": 0.2, "test": 0.2}
-    got = [hashed_split(f"subject{i}", rule) for i in range(5000)]
+def test_patient_split_follows_the_fractions():
+    rule = {"validate": 0.2, "test": 0.2}
+    got = [patient_split(f"subject{i}", rule, "7") for i in range(5000)]
     assert abs(got.count("train") / 5000 - 0.6) < 0.03
     assert abs(got.count("test") / 5000 - 0.2) < 0.03
 
 
+def test_patient_split_is_the_committed_hash():
+    """Pretraining shards built before the split rule moved to `data.tables` keep their splits:
+    the rule is sha256("salt:subject"), test first, then validate, then train."""
+    import hashlib
+
+    def slow(subject, validate, test, salt):
+        u = (
+            int.from_bytes(hashlib.sha256(f"{salt}:{subject}".encode()).digest()[:8], "little")
+            / 2**64
+        )
+        return "test" if u < test else "validate" if u < test + validate else "train"
+
+    for i in range(300):
+        assert patient_split(
+            str(10000000 + i), {"validate": 0.05, "test": 0.1}, "prior_dist"
+        ) == slow(str(10000000 + i), 0.05, 0.1, "prior_dist")
+
+
 # --- metrics -----------------------------------------------------------------------------------
+
 
 def test_dice_iou_against_per_pixel_counts():
     g = torch.Generator().manual_seed(0)
@@ -228,8 +260,10 @@ def test_dice_iou_against_per_pixel_counts():
     target[0, 1] = False
     out = dice_iou(pred, target, ["a", "b"])
     for m, name in enumerate("ab"):
-        tp = sum(int(p and t) for p, t in zip(pred[:, m].flatten().tolist(),
-                                              target[:, m].flatten().tolist()))
+        tp = sum(
+            int(p and t)
+            for p, t in zip(pred[:, m].flatten().tolist(), target[:, m].flatten().tolist())
+        )
         fp = int(pred[:, m].sum()) - tp
         fn = int(target[:, m].sum()) - tp
         assert out["per_class"][name]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
@@ -249,15 +283,20 @@ def _random_detections(seed: int, images: int = 12, classes: int = 3):
         truths.append({"boxes": boxes, "labels": labels})
         # Detections: jittered copies of the truth, some wrong labels, some extras.
         k = int(torch.randint(0, 7, (1,), generator=g))
-        base = torch.cat([boxes, torch.rand(k, 2, generator=g).repeat(1, 2) * 60 +
-                          torch.tensor([0, 0, 10, 10.])])
+        base = torch.cat(
+            [
+                boxes,
+                torch.rand(k, 2, generator=g).repeat(1, 2) * 60 + torch.tensor([0, 0, 10, 10.0]),
+            ]
+        )
         base = base + torch.randn(base.shape, generator=g) * 3
         base[:, 2:] = torch.maximum(base[:, 2:], base[:, :2] + 1)
         plabels = torch.cat([labels, torch.randint(0, classes, (k,), generator=g)])
         flip = torch.rand(len(plabels), generator=g) < 0.15
         plabels[flip] = (plabels[flip] + 1) % classes
-        preds.append({"boxes": base, "labels": plabels,
-                      "scores": torch.rand(len(plabels), generator=g)})
+        preds.append(
+            {"boxes": base, "labels": plabels, "scores": torch.rand(len(plabels), generator=g)}
+        )
     return preds, truths
 
 
@@ -272,19 +311,33 @@ def test_map_matches_pycocotools():
     for seed in range(3):
         preds, truths = _random_detections(seed)
         ours = mean_average_precision(preds, truths, 3)
-        gt = {"images": [{"id": i, "width": 100, "height": 100} for i in range(len(truths))],
-              "categories": [{"id": c} for c in range(3)], "annotations": []}
+        gt = {
+            "images": [{"id": i, "width": 100, "height": 100} for i in range(len(truths))],
+            "categories": [{"id": c} for c in range(3)],
+            "annotations": [],
+        }
         for i, t in enumerate(truths):
             for b, c in zip(t["boxes"].tolist(), t["labels"].tolist()):
-                gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i,
-                                          "category_id": c, "iscrowd": 0,
-                                          "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                                          "area": (b[2] - b[0]) * (b[3] - b[1])})
-        dets = [{"image_id": i, "category_id": c, "score": s,
-                 "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-                for i, p in enumerate(preds)
-                for b, c, s in zip(p["boxes"].tolist(), p["labels"].tolist(),
-                                   p["scores"].tolist())]
+                gt["annotations"].append(
+                    {
+                        "id": len(gt["annotations"]) + 1,
+                        "image_id": i,
+                        "category_id": c,
+                        "iscrowd": 0,
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "area": (b[2] - b[0]) * (b[3] - b[1]),
+                    }
+                )
+        dets = [
+            {
+                "image_id": i,
+                "category_id": c,
+                "score": s,
+                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+            }
+            for i, p in enumerate(preds)
+            for b, c, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist())
+        ]
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO()
             coco.dataset = gt
@@ -300,18 +353,27 @@ def test_map_matches_pycocotools():
 
 def test_map_perfect_and_empty():
     preds, truths = _random_detections(5)
-    perfect = [{"boxes": t["boxes"], "labels": t["labels"],
-                "scores": torch.ones(len(t["labels"]))} for t in truths]
+    perfect = [
+        {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))}
+        for t in truths
+    ]
     assert mean_average_precision(perfect, truths, 3)["map"] == pytest.approx(1.0)
-    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-              "scores": torch.zeros(0)} for _ in truths]
+    empty = [
+        {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "scores": torch.zeros(0),
+        }
+        for _ in truths
+    ]
     assert mean_average_precision(empty, truths, 3)["map_50"] == 0.0
 
 
 # --- prototype bank start ----------------------------------------------------------------------
 
+
 def test_farthest_point_rows_and_fill():
-    from prior_dist.training.prototype_init import farthest_point_rows, initial_prototypes
+    from prior_dist.task.prototype_init import farthest_point_rows, initial_prototypes
 
     x = torch.tensor([[0.0, 0], [0, 0], [10, 0], [0, 1], [10, 0], [5, 5]])
     assert farthest_point_rows(x, 3).tolist() == [0, 2, 5]
@@ -325,6 +387,7 @@ def test_farthest_point_rows_and_fill():
 
 # --- dense heads on both towers ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["resnet", "vit"])
 def test_dense_heads_on_each_tower(arch):
     from prior_dist.evaluation.detection import build_detector
@@ -333,10 +396,13 @@ def test_dense_heads_on_each_tower(arch):
     from prior_dist.models.towers import build_image_tower
 
     torch.manual_seed(0)
-    cfg = (ImageTowerConfig(image_size=64, block="basic", layers=(1, 1, 1, 1), width=8,
-                            pool_heads=2) if arch == "resnet" else
-           ImageTowerConfig(arch="vit", image_size=64, patch_size=16, vit_depth=1, vit_width=32,
-                            vit_heads=2))
+    cfg = (
+        ImageTowerConfig(image_size=64, block="basic", layers=(1, 1, 1, 1), width=8, pool_heads=2)
+        if arch == "resnet"
+        else ImageTowerConfig(
+            arch="vit", image_size=64, patch_size=16, vit_depth=1, vit_width=32, vit_heads=2
+        )
+    )
     tower = build_image_tower(cfg, 16, "spatial")
     before = {k: v.clone() for k, v in tower.state_dict().items()}
     seg = SegmentationModel(tower, 64, 3).train()
@@ -353,8 +419,10 @@ def test_dense_heads_on_each_tower(arch):
     assert any(p.grad is not None for p in tuned.pyramid.tower.parameters())
     for kind in ("retinanet", "faster_rcnn"):
         detector = build_detector(tower, 64, 2, kind).train()
-        targets = [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])},
-                   {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+        targets = [
+            {"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])},
+            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+        ]
         losses = detector(list(images), targets)
         assert all(torch.isfinite(v) for v in losses.values()), (kind, losses)
         out = detector.eval()(list(images))

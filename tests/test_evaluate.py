@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 
-from prior_dist.evaluation.metrics import (macro_f1, precision_at_k, retrieval_metrics,
-                                           roc_auc)
+from prior_dist.evaluation.metrics import macro_f1, precision_at_k, retrieval_metrics, roc_auc
 from tests.conftest import run_cli
 from tests.pretrain_runs import ds_config, launch
 
 
 def test_auc_equals_pairwise_count_with_ties():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 5, (40,), generator=g).double()    # many ties
+    scores = torch.randint(0, 5, (40,), generator=g).double()  # many ties
     labels = torch.rand(40, generator=g) > 0.6
     pos, neg = scores[labels], scores[~labels]
     pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p, n in itertools.product(pos, neg)]
@@ -23,19 +22,21 @@ def test_auc_equals_pairwise_count_with_ties():
 
 
 def test_retrieval_and_precision_and_f1():
-    sim = torch.eye(4) + 0.1 * torch.tensor([[0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 20],
-                                              [0, 0, 0, 0.]])
+    sim = torch.eye(4) + 0.1 * torch.tensor(
+        [[0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 20], [0, 0, 0, 0.0]]
+    )
     r = retrieval_metrics(sim)
     assert r["recall@1"] == 0.75 and r["recall@5"] == 1.0 and r["median_rank"] == 1.0
     labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
     assert precision_at_k(sim, labels, labels, ks=(1,))["precision@1"] == 1.0
     assert macro_f1(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2) == pytest.approx(
-        (2 / 3 + 2 / 3) / 2)
+        (2 / 3 + 2 / 3) / 2
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from prior_dist.training.data import ensure_phantom_shards
+    from prior_dist.data.provision import ensure_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("evaluate")
@@ -43,20 +44,31 @@ def tiny_run(tmp_path_factory):
     recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
     ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
     run = tmp / "run"
-    launch(1, ds_config(tmp, 8), run, shards, "--max-steps", "4",
-           overrides=["data.phantom_studies=200"])
+    launch(
+        1,
+        ds_config(tmp, 8),
+        run,
+        shards,
+        "--max-steps",
+        "4",
+        overrides=["data.phantom_studies=200"],
+    )
     return run
 
 
 def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
     run = tiny_run
-    for task, extra in (("zero-shot", []), ("retrieval", []),
-                        ("linear-probe", ["--fractions", "0.5,1", "--seeds", "0,1"]),
-                        ("segmentation", ["--fractions", "1", "--seeds", "0", "--steps", "3"]),
-                        ("detection", ["--fractions", "0.5", "--seeds", "0", "--steps", "3"])):
+    for task, extra in (
+        ("zero-shot", []),
+        ("retrieval", []),
+        ("linear-probe", ["--fractions", "0.5,1", "--seeds", "0,1"]),
+        ("segmentation", ["--fractions", "1", "--seeds", "0", "--steps", "3"]),
+        ("detection", ["--fractions", "0.5", "--seeds", "0", "--steps", "3"]),
+    ):
         out = tmp_path / f"{task}.json"
-        proc = run_cli("prior_dist.evaluate", task, "--checkpoint", str(run), "--out", str(out),
-                       *extra)
+        proc = run_cli(
+            "prior_dist.evaluate", task, "--checkpoint", str(run), "--out", str(out), *extra
+        )
         result = json.loads(out.read_text())
         assert "pretrained" in result and "random_init" in result, proc.stdout
         assert task in proc.stdout
@@ -65,7 +77,8 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
     confusion = torch.tensor(zs["paper_score"]["confusion"])
     assert int(confusion.sum()) == zs["images"]
     assert float(confusion.diagonal().sum()) / zs["images"] == pytest.approx(
-        zs["paper_score"]["accuracy"])
+        zs["paper_score"]["accuracy"]
+    )
     probe = json.loads((tmp_path / "linear-probe.json").read_text())["pretrained"]
     assert probe["1"]["labels_used"] == probe["train_images"]
     seg = json.loads((tmp_path / "segmentation.json").read_text())
@@ -75,8 +88,9 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
     det = json.loads((tmp_path / "detection.json").read_text())["pretrained"]
     assert det["detector"] == "retinanet" and det["test_boxes"] > 0
     assert 0 <= det["0.5"]["map_50_mean"] <= 1 and det["0.5"]["labels_used"] < det["train_images"]
-    bad = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"),
-                  check=False)
+    bad = run_cli(
+        "prior_dist.evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"), check=False
+    )
     assert bad.returncode == 2 and "neither a run directory" in bad.stderr
 
 
@@ -84,8 +98,11 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
 def test_visualize_writes_pngs(tiny_run, tmp_path, kind):
     from PIL import Image
 
-    where = ["--run", str(tiny_run)] if kind == "curves" else ["--checkpoint", str(tiny_run),
-                                                                "--index", "2"]
+    where = (
+        ["--run", str(tiny_run)]
+        if kind == "curves"
+        else ["--checkpoint", str(tiny_run), "--index", "2"]
+    )
     proc = run_cli("prior_dist.visualize", kind, *where, "--out", str(tmp_path))
     path = proc.stdout.strip().rsplit(" ", 1)[-1]
     with Image.open(path) as png:
@@ -107,20 +124,44 @@ def test_evaluate_array_job(tiny_run, tmp_path):
     if shutil.which("sbatch") is None:
         pytest.skip("no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)")
     out = tmp_path / "results"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), CHECKPOINT=str(tiny_run),
-               OUT_DIR=str(out), TASKS="zero-shot linear-probe", SEEDS="0 1")
-    proc = subprocess.run(["sbatch", "--wait", "--array=0-3", "--cpus-per-task=1",
-                           str(REPO / "launch/slurm/evaluate.sbatch"), "--no-baseline",
-                           "--fractions", "1"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+        CHECKPOINT=str(tiny_run),
+        OUT_DIR=str(out),
+        TASKS="zero-shot linear-probe",
+        SEEDS="0 1",
+    )
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--array=0-3",
+            "--cpus-per-task=1",
+            str(REPO / "launch/slurm/evaluate.sbatch"),
+            "--no-baseline",
+            "--fractions",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     logs = "\n".join(p.read_text() for p in tmp_path.glob("prior-evaluate-*.out"))
     assert proc.returncode == 0, proc.stderr + logs
     assert sorted(p.name for p in out.iterdir()) == [
-        "linear-probe-seed0.json", "linear-probe-seed1.json", "zero-shot-seed0.json",
-        "zero-shot-seed1.json"], logs
+        "linear-probe-seed0.json",
+        "linear-probe-seed1.json",
+        "zero-shot-seed0.json",
+        "zero-shot-seed1.json",
+    ], logs
     probe = json.loads((out / "linear-probe-seed1.json").read_text())["pretrained"]
     assert probe["1"]["per_seed"] and "random_init" not in json.loads(
-        (out / "linear-probe-seed1.json").read_text())
+        (out / "linear-probe-seed1.json").read_text()
+    )
 
 
 def test_evaluate_on_public_layouts(tiny_run, tmp_path):
@@ -134,11 +175,22 @@ def test_evaluate_on_public_layouts(tiny_run, tmp_path):
     classes = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
     for i in range(10):
         (tmp_path / f"{i}.png").write_bytes(png_bytes(g.integers(0, 255, (40, 40), np.uint8)))
-    (tmp_path / "5x200.json").write_text(json.dumps(
-        {c: [f"{i}.png" for i in range(10) if i % 5 == k] for k, c in enumerate(classes)}))
+    (tmp_path / "5x200.json").write_text(
+        json.dumps(
+            {c: [f"{i}.png" for i in range(10) if i % 5 == k] for k, c in enumerate(classes)}
+        )
+    )
     out = tmp_path / "zs.json"
-    run_cli("prior_dist.evaluate", "zero-shot", "--checkpoint", str(tiny_run), "--data",
-            f"chexpert5x200:{tmp_path / '5x200.json'}", "--out", str(out))
+    run_cli(
+        "prior_dist.evaluate",
+        "zero-shot",
+        "--checkpoint",
+        str(tiny_run),
+        "--data",
+        f"chexpert5x200:{tmp_path / '5x200.json'}",
+        "--out",
+        str(out),
+    )
     zs = json.loads(out.read_text())["pretrained"]
     assert zs["images"] == 10 and zs["classes"] == classes
     covidx = tmp_path / "covidx"
@@ -151,15 +203,33 @@ def test_evaluate_on_public_layouts(tiny_run, tmp_path):
             (covidx / name / f"{i}.png").write_bytes(png_bytes(pixels.astype(np.uint8)))
             lines.append(f"p{name}{i} {i}.png {label} src")
         (covidx / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    (covidx / "test" / "3.png").write_bytes(b"not a png")        # skipped and counted
+    (covidx / "test" / "3.png").write_bytes(b"not a png")  # skipped and counted
     out = tmp_path / "probe.json"
-    proc = run_cli("prior_dist.evaluate", "linear-probe", "--checkpoint", str(tiny_run),
-                   "--data", f"covidx:{covidx}", "--fractions", "1", "--seeds", "0",
-                   "--out", str(out))
+    proc = run_cli(
+        "prior_dist.evaluate",
+        "linear-probe",
+        "--checkpoint",
+        str(tiny_run),
+        "--data",
+        f"covidx:{covidx}",
+        "--fractions",
+        "1",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+    )
     probe = json.loads(out.read_text())["pretrained"]
     assert probe["exclusive"] and probe["classes"] == ["negative", "positive"]
     assert probe["test_images"] == 7 and "skipped 1 unreadable" in proc.stdout
     assert 0 <= probe["1"]["accuracy_mean"] <= 1
-    bad = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tiny_run), "--data",
-                  f"covidx:{covidx}", check=False)
+    bad = run_cli(
+        "prior_dist.evaluate",
+        "retrieval",
+        "--checkpoint",
+        str(tiny_run),
+        "--data",
+        f"covidx:{covidx}",
+        check=False,
+    )
     assert bad.returncode == 2 and "retrieval needs reports" in bad.stderr

@@ -3,16 +3,15 @@
 import torch
 from torch import nn
 
-from prior_dist.evaluation.load import LoadedModel, load_export, load_model
-from prior_dist.export import export_model
 from prior_dist.models import build_model, model_config
+from prior_dist.runs import LoadedModel, export_model, load_export, load_model
 from tests.conftest import run_cli
 from tests.model_batch import ragged_batch
 from tests.pretrain_runs import ds_config, launch
 
 
 def test_export_of_a_run_round_trips(tmp_path, tokenizer):
-    from prior_dist.training.data import ensure_phantom_shards
+    from prior_dist.data.provision import ensure_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     shards = tmp_path / "shards"
@@ -31,10 +30,12 @@ def test_export_of_a_run_round_trips(tmp_path, tokenizer):
         b = exported.model.encode_image(batch["image"])
         assert torch.equal(a.global_embedding, b.global_embedding)
         assert torch.equal(a.patch_tokens, b.patch_tokens)
-        ta = original.model.encode_text(batch["input_ids"], batch["attention_mask"],
-                                        batch["sentence_index"])
-        tb = exported.model.encode_text(batch["input_ids"], batch["attention_mask"],
-                                        batch["sentence_index"])
+        ta = original.model.encode_text(
+            batch["input_ids"], batch["attention_mask"], batch["sentence_index"]
+        )
+        tb = exported.model.encode_text(
+            batch["input_ids"], batch["attention_mask"], batch["sentence_index"]
+        )
         assert torch.equal(ta.sentences, tb.sentences)
 
     from transformers import AutoModel, AutoTokenizer
@@ -45,8 +46,9 @@ def test_export_of_a_run_round_trips(tmp_path, tokenizer):
     assert hf_tok(text)["input_ids"] == original.tokenizer(text)["input_ids"]
     with torch.no_grad():
         expected = original.model.text.bert(batch["input_ids"], batch["attention_mask"])
-        got = hf(input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"]).last_hidden_state
+        got = hf(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
     real = batch["attention_mask"].bool()
     assert float((got[real] - expected[real]).norm() / expected[real].norm()) < 1e-5
 
@@ -64,8 +66,9 @@ def test_resnet50_export_loads_strictly_into_torchvision(tmp_path, tokenizer):
     net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     net.fc = nn.Identity()
     net.avgpool = nn.Identity()
-    net.load_state_dict(load_file(str(tmp_path / "export" / "image_encoder.safetensors")),
-                        strict=True)
+    net.load_state_dict(
+        load_file(str(tmp_path / "export" / "image_encoder.safetensors")), strict=True
+    )
     net.eval()
     image = torch.randn(2, 1, 224, 224)
     with torch.no_grad():
@@ -83,8 +86,11 @@ def test_vit_export_loads_strictly_into_timm_and_round_trips(tmp_path, tokenizer
     from prior_dist.models.config import ImageTowerConfig
 
     tiny = model_config("tiny")
-    cfg = tiny.replace(image=ImageTowerConfig(arch="vit", image_size=32, patch_size=8,
-                                              vit_depth=2, vit_width=32, vit_heads=2))
+    cfg = tiny.replace(
+        image=ImageTowerConfig(
+            arch="vit", image_size=32, patch_size=8, vit_depth=2, vit_width=32, vit_heads=2
+        )
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     out = export_model(LoadedModel(model, tokenizer, "unit-test", {"step": 0}), tmp_path / "e")
@@ -93,8 +99,9 @@ def test_vit_export_loads_strictly_into_timm_and_round_trips(tmp_path, tokenizer
     net.load_state_dict(load_file(str(out / "image_encoder.safetensors")), strict=True)
     image = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(net.eval().forward_features(image), model.image._tokens(image),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            net.eval().forward_features(image), model.image._tokens(image), rtol=1e-5, atol=1e-5
+        )
         back = load_export(out).model.encode_image(image)
         ours = model.encode_image(image)
     assert torch.equal(back.global_embedding, ours.global_embedding)

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.gpu
 
 needs_flash = pytest.mark.skipif(
     not torch.cuda.is_available() or flash_attn_module() is None,
-    reason="needs a CUDA device and the flash-attn package (optional GPU path)")
+    reason="needs a CUDA device and the flash-attn package (optional GPU path)",
+)
 
 
 def _relative_error(a, b):
@@ -22,8 +23,14 @@ def _relative_error(a, b):
 @needs_flash
 def test_bert_flash_varlen_matches_sdpa_in_bf16():
     torch.manual_seed(0)
-    cfg = TextTowerConfig(vocab_size=500, hidden_size=128, num_layers=2, num_heads=4,
-                          intermediate_size=256, dropout=0.0)
+    cfg = TextTowerConfig(
+        vocab_size=500,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=256,
+        dropout=0.0,
+    )
     flash = BertEncoder(TextTowerConfig(**{**cfg.__dict__, "attention_impl": "flash"}))
     sdpa = BertEncoder(TextTowerConfig(**{**cfg.__dict__, "attention_impl": "sdpa"}))
     sdpa.load_state_dict(flash.state_dict())
@@ -36,14 +43,15 @@ def test_bert_flash_varlen_matches_sdpa_in_bf16():
         a, b = flash(ids, mask), sdpa(ids, mask)
     real = mask.bool()
     assert _relative_error(a[real], b[real]) < 2e-2
-    assert (a[~real] == 0).all()            # padding-free path writes nothing for pad tokens
+    assert (a[~real] == 0).all()  # padding-free path writes nothing for pad tokens
 
 
 @needs_flash
 def test_vit_flash_matches_sdpa_in_bf16():
     torch.manual_seed(0)
-    cfg = ImageTowerConfig(arch="vit", image_size=64, patch_size=16, vit_depth=2, vit_width=64,
-                           vit_heads=4)
+    cfg = ImageTowerConfig(
+        arch="vit", image_size=64, patch_size=16, vit_depth=2, vit_width=64, vit_heads=4
+    )
     flash = ViTTower(ImageTowerConfig(**{**cfg.__dict__, "attention_impl": "flash"}), 32)
     sdpa = ViTTower(ImageTowerConfig(**{**cfg.__dict__, "attention_impl": "sdpa"}), 32)
     sdpa.load_state_dict(flash.state_dict())
@@ -56,8 +64,7 @@ def test_vit_flash_matches_sdpa_in_bf16():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_tiny_prior_step_runs_on_cuda():
     from prior_dist.models import build_model, model_config
-    from prior_dist.training.curriculum import stage_plan
-    from prior_dist.training.task import PriorTask
+    from prior_dist.task import PriorTask, stage_plan
     from tests.model_batch import ragged_batch
 
     model = build_model(model_config("tiny")).cuda()

@@ -2,9 +2,9 @@ import io
 
 import numpy as np
 import pytest
+from imaging import dicom_bytes, gradient, jpeg_bytes, png_bytes
 from PIL import Image
 
-from imaging import dicom_bytes, gradient, jpeg_bytes, png_bytes
 from prior_dist.data import images
 
 
@@ -51,12 +51,20 @@ def test_dicom_window_applied():
     out = images.dicom_to_uint8(dicom_bytes(array, bits_stored=12, window=(1000.5, 2)))
     # Window centred at the low value: low pixels map to mid-grey, high ones saturate.
     assert out[0, 7] == 255 and 100 < out[0, 0] < 160
-    via_decoder = np.asarray(images.decode_grayscale(dicom_bytes(array, window=(2000, 4000)), ".dcm"))
+    via_decoder = np.asarray(
+        images.decode_grayscale(dicom_bytes(array, window=(2000, 4000)), ".dcm")
+    )
     assert via_decoder[0, 0] < via_decoder[0, 7]
 
 
-@pytest.mark.parametrize("data,what", [(b"", "zero-byte"), (b"not an image at all", "undecodable"),
-                                       (jpeg_bytes(gradient(64, 64))[:200], "undecodable")])
+@pytest.mark.parametrize(
+    "data,what",
+    [
+        (b"", "zero-byte"),
+        (b"not an image at all", "undecodable"),
+        (jpeg_bytes(gradient(64, 64))[:200], "undecodable"),
+    ],
+)
 def test_bad_images_raise_named_errors(data, what):
     with pytest.raises(images.ImageDecodeError, match=what):
         images.prepare_image(data, ".jpg", 32)

@@ -5,16 +5,24 @@ import torch
 
 pytest.importorskip("triton")
 
-from prior_dist.kernels.local_attention import (interpreter_on, launch_backward,  # noqa: E402
-                                                launch_forward, triton_local_attention,
-                                                unsupported_reason)
-from prior_dist.ops.local_attention import (local_attention,  # noqa: E402
-                                            local_attention_reference,
-                                            resolve_local_attention_impl)
+from prior_dist.kernels.local_attention import (
+    interpreter_on,
+    launch_backward,  # noqa: E402
+    launch_forward,
+    triton_local_attention,
+    unsupported_reason,
+)
+from prior_dist.ops.local_attention import (
+    local_attention,  # noqa: E402
+    local_attention_reference,
+    resolve_local_attention_impl,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(),
-                                reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest)")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not interpreter_on(),
+    reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest)",
+)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 # (B, Sq, Sk, D): odd sizes that are not multiples of the blocks, single rows, D < 16.
@@ -30,8 +38,8 @@ def _inputs(shape, dtype, seed, fully_masked=True):
     query_mask[:, 0] = True
     key_mask[:, 0] = True
     if fully_masked and b > 1:
-        key_mask[-1] = False          # a sample whose keys are all masked
-        query_mask[0, -1] = False     # and a masked query row
+        key_mask[-1] = False  # a sample whose keys are all masked
+        query_mask[0, -1] = False  # and a masked query row
     return [t.to(DEVICE) for t in (q, k, v, query_mask, key_mask)]
 
 
@@ -60,8 +68,9 @@ def test_forward_and_gradients_match_reference_fp32(shape, activation):
     _close(out, ref_out, torch.float32, "out")
     for leaf, expected, name in zip(leaves, (ref_dq, ref_dk, ref_dv), "qkv"):
         _close(leaf.grad, expected, torch.float32, f"d{name}")
-    _, attention = triton_local_attention(q, k, v, qm, km, scale=0.37, activation=activation,
-                                          return_attention=True)
+    _, attention = triton_local_attention(
+        q, k, v, qm, km, scale=0.37, activation=activation, return_attention=True
+    )
     _close(attention, ref_att, torch.float32, "attention")
 
 
@@ -86,16 +95,22 @@ def test_every_output_element_is_written(activation):
     q, k, v, qm, km = _inputs((2, 18, 20, 35), torch.float32, seed=9)
     out = torch.full_like(q, float("nan"))
     attention = torch.full((2, 18, 20), float("nan"), device=DEVICE)
-    out, lse, attention = launch_forward(q, k, v, qm, km, 0.5, activation, store_attention=True,
-                                         out=out, attention=attention)
+    out, lse, attention = launch_forward(
+        q, k, v, qm, km, 0.5, activation, store_attention=True, out=out, attention=attention
+    )
     grad = torch.randn_like(q)
     dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
     launch_backward(q, k, v, out, grad, qm, km, lse, 0.5, activation, dq=dq, dk=dk, dv=dv)
     for name, t in {"out": out, "attention": attention, "dq": dq, "dk": dk, "dv": dv}.items():
         assert torch.isfinite(t).all(), f"{name} has unwritten elements"
     ref_out, ref_att, ref_dq, ref_dk, ref_dv = _reference(q, k, v, qm, km, 0.5, activation, grad)
-    for got, expected, name in ((out, ref_out, "out"), (attention, ref_att, "attention"),
-                                (dq, ref_dq, "dq"), (dk, ref_dk, "dk"), (dv, ref_dv, "dv")):
+    for got, expected, name in (
+        (out, ref_out, "out"),
+        (attention, ref_att, "attention"),
+        (dq, ref_dq, "dq"),
+        (dk, ref_dk, "dk"),
+        (dv, ref_dv, "dv"),
+    ):
         _close(got, expected, torch.float32, name)
     # Masked query rows and fully masked samples give exact zeros, as in the reference.
     assert (out[~qm] == 0).all() and (attention[1] == 0).all() and (dk[1] == 0).all()
@@ -106,9 +121,12 @@ def test_dispatch_explicit_triton_and_auto():
     assert resolve_local_attention_impl("triton", q, k, v) == "triton"
     expected = "triton" if DEVICE == "cuda" else "torch"
     assert resolve_local_attention_impl("auto", q, k, v) == expected
-    torch.testing.assert_close(local_attention(q, k, v, qm, km, scale=0.3, impl="triton"),
-                               local_attention(q, k, v, qm, km, scale=0.3, impl="torch"),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        local_attention(q, k, v, qm, km, scale=0.3, impl="triton"),
+        local_attention(q, k, v, qm, km, scale=0.3, impl="torch"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     bad_v = torch.randn(2, 5, 9, device=DEVICE)
     assert "widths differ" in unsupported_reason(q, k, bad_v)
     with pytest.raises(RuntimeError, match="widths differ"):
@@ -118,16 +136,14 @@ def test_dispatch_explicit_triton_and_auto():
 def test_model_losses_equal_with_triton_local_attention():
     from prior_dist.models import build_model, model_config
     from prior_dist.models.config import HeadsConfig
-    from prior_dist.training.curriculum import stage_plan
-    from prior_dist.training.task import PriorTask
+    from prior_dist.task import PriorTask, stage_plan
     from tests.model_batch import ragged_batch
 
     results = []
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
         cfg = model_config("tiny")
-        cfg = cfg.replace(heads=HeadsConfig(**{**cfg.heads.__dict__,
-                                               "local_attention_impl": impl}))
+        cfg = cfg.replace(heads=HeadsConfig(**{**cfg.heads.__dict__, "local_attention_impl": impl}))
         model = build_model(cfg).to(DEVICE)
         batch = {k: v.to(DEVICE) for k, v in ragged_batch(cfg, sentence_counts=(3, 1, 5)).items()}
         out = PriorTask(model)(batch, stage_plan(1))
@@ -149,9 +165,23 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     from tests.conftest import REPO
 
     out = tmp_path / "kernels.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench/kernels.py"), "--smoke", "--device",
-                           "cpu", "--repeats", "1", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/kernels.py"),
+            "--smoke",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert [r["activation"] for r in results] == ["sigmoid", "softmax"]

@@ -13,8 +13,11 @@ CFG = TransformConfig(image_size=32)
 
 def all_keys(directory, split="train"):
     manifest = load_manifest(directory)
-    return sorted(s["key"] for shard in manifest["splits"][split]["shards"]
-                  for s in load_index(directory, shard["name"])["samples"])
+    return sorted(
+        s["key"]
+        for shard in manifest["splits"][split]["shards"]
+        for s in load_index(directory, shard["name"])["samples"]
+    )
 
 
 def make(directory, tokenizer, batch, rank=0, world=1, **kw):
@@ -125,12 +128,14 @@ def test_corrupt_and_truncated_samples_are_skipped_and_counted(phantom_copy, tok
     bad_key = _corrupt_image_member(phantom_copy, "train-000000", 2)
     shard = phantom_copy / "train-000003.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    loaders = [make(phantom_copy, tokenizer, 3, r, 2, mode=mode, num_workers=2 if mode == "stream" else 0)
-               for r in range(2)]
+    loaders = [
+        make(phantom_copy, tokenizer, 3, r, 2, mode=mode, num_workers=2 if mode == "stream" else 0)
+        for r in range(2)
+    ]
     per_rank = epoch_batches(loaders)
     assert len(per_rank[0]) == len(per_rank[1]) == len(loaders[0])
     served = [k for batches in per_rank for b in batches for k in b["key"]]
-    skipped = sum(l.skipped["corrupt_sample"] for l in loaders)
+    skipped = sum(loader.skipped["corrupt_sample"] for loader in loaders)
     assert bad_key not in served and len(set(served)) == len(served)
     assert 2 <= skipped and len(served) + skipped == len(all_keys(phantom_copy))
 
@@ -164,10 +169,18 @@ def test_resampled_mode_and_weighted_mixture(phantom_dir, tokenizer, tmp_path):
 
     other = tmp_path / "other"
     records, skipped, source = enumerate_phantom(30, seed=9)
-    build_shards(records, skipped, source, PrepareSettings(image_size=48, phantom_seed=9), other,
-                 shard_size=8, progress=False)
-    mixed = PriorLoader([str(phantom_dir), f"{other}:2"], tokenizer, 5, seed=1, transform=CFG,
-                        rank=0, world_size=1)
+    build_shards(
+        records,
+        skipped,
+        source,
+        PrepareSettings(image_size=48, phantom_seed=9),
+        other,
+        shard_size=8,
+        progress=False,
+    )
+    mixed = PriorLoader(
+        [str(phantom_dir), f"{other}:2"], tokenizer, 5, seed=1, transform=CFG, rank=0, world_size=1
+    )
     keys = [k for b in mixed for k in b["key"]]
     n_other = len(all_keys(other))
     assert len(keys) == len(all_keys(phantom_dir)) + 2 * n_other
@@ -176,13 +189,18 @@ def test_resampled_mode_and_weighted_mixture(phantom_dir, tokenizer, tmp_path):
 
 def test_flip_swaps_laterality_and_mirrors_image(phantom_dir, tokenizer):
     plain = TransformConfig(image_size=32, rotation_degrees=0, shuffle_sentences=False)
-    flipped = TransformConfig(image_size=32, rotation_degrees=0, shuffle_sentences=False, flip_probability=1.0)
+    flipped = TransformConfig(
+        image_size=32, rotation_degrees=0, shuffle_sentences=False, flip_probability=1.0
+    )
     a = next(iter(make(phantom_dir, tokenizer, 8, transform=plain)))
     b = next(iter(make(phantom_dir, tokenizer, 8, transform=flipped)))
     assert a["key"] == b["key"] and bool(b["flipped"].all()) and not a["flipped"].any()
     assert torch.equal(torch.flip(a["image"], dims=[-1]), b["image"])
     assert b["sentences"] == [[swap_laterality(s) for s in sents] for sents in a["sentences"]]
-    assert swap_laterality("Left effusion, RIGHT lung, left-sided.") == "Right effusion, LEFT lung, right-sided."
+    assert (
+        swap_laterality("Left effusion, RIGHT lung, left-sided.")
+        == "Right effusion, LEFT lung, right-sided."
+    )
 
 
 def test_batch_contract_and_labels(phantom_dir, tokenizer):
@@ -200,7 +218,9 @@ def test_batch_contract_and_labels(phantom_dir, tokenizer):
 def test_truncation_keeps_sep_and_drops_empty_sentences(tokenizer):
     from prior_dist.data.tokenize import tokenize_sentences
 
-    ids, index = tokenize_sentences(tokenizer, ["no pleural effusion .", "heart normal .", "lungs clear ."], 8)
+    ids, index = tokenize_sentences(
+        tokenizer, ["no pleural effusion .", "heart normal .", "lungs clear ."], 8
+    )
     assert len(ids) == 8 and ids[-1] == tokenizer.sep_token_id and ids[0] == tokenizer.cls_token_id
     assert index == [-1, 0, 0, 0, 0, 1, 1, -1]  # third sentence lost every token: dropped
     with pytest.raises(ValueError):
@@ -223,7 +243,16 @@ def test_bad_configuration_is_named(phantom_dir, tokenizer):
 def test_stream_cli_reports_exactly_once(phantom_dir):
     from conftest import run_cli
 
-    proc = run_cli("prior_dist.stream", str(phantom_dir), "--batch-size", "8", "--workers", "1", "--image-size", "32")
+    proc = run_cli(
+        "prior_dist.stream",
+        str(phantom_dir),
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--image-size",
+        "32",
+    )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["exactly_once"] is True and report["samples"] == len(all_keys(phantom_dir))
     proc = run_cli("prior_dist.stream", str(phantom_dir / "nowhere"), check=False)
@@ -239,9 +268,14 @@ def test_fused_squash_rotate_matches_two_step():
     image = Image.fromarray(make_study(1, seed=2, size=160).images[0]).resize((160, 200))
     for angle in (0.0, 4.5, -3.0):
         two_step = image.resize((128, 128), Image.Resampling.BILINEAR).rotate(
-            angle, resample=Image.Resampling.BILINEAR, fillcolor=0)
+            angle, resample=Image.Resampling.BILINEAR, fillcolor=0
+        )
         fused = squash_rotate(image, 128, angle)
-        error = lambda im: np.abs(np.asarray(im, dtype=float) - np.asarray(two_step, dtype=float))[8:-8, 8:-8].mean()  # noqa: E731
+
+        def error(im, two_step=two_step):
+            difference = np.asarray(im, dtype=float) - np.asarray(two_step, dtype=float)
+            return np.abs(difference)[8:-8, 8:-8].mean()
+
         # One interpolation instead of two: close, not equal; the wrong direction is far off.
         assert fused.size == (128, 128) and error(fused) < 2.5, (angle, error(fused))
         if angle:
@@ -251,19 +285,31 @@ def test_fused_squash_rotate_matches_two_step():
 def test_token_cache_gives_identical_ids(tokenizer):
     from prior_dist.data.tokenize import tokenize_sentences
 
-    sentences = ["No pneumothorax.", "There is a small left pleural effusion.", "No pneumothorax.", "Heart normal."]
+    sentences = [
+        "No pneumothorax.",
+        "There is a small left pleural effusion.",
+        "No pneumothorax.",
+        "Heart normal.",
+    ]
     cache = {}
     for budget in (256, 9):
-        assert tokenize_sentences(tokenizer, sentences, budget, cache) == tokenize_sentences(tokenizer, sentences, budget)
+        assert tokenize_sentences(tokenizer, sentences, budget, cache) == tokenize_sentences(
+            tokenizer, sentences, budget
+        )
     assert len(cache) == 3
 
 
 def test_pipe_source_streams_exactly_once(phantom_dir, tokenizer):
-    from prior_dist.data.loader import Source
+    from prior_dist.data.index import ShardSource
 
-    source = Source(location=f"pipe:cat {phantom_dir}", manifest_dir=str(phantom_dir))
-    loaders = [PriorLoader(source, tokenizer, 4, rank=r, world_size=2, seed=7, transform=CFG) for r in range(2)]
+    source = ShardSource(location=f"pipe:cat {phantom_dir}", manifest_dir=str(phantom_dir))
+    loaders = [
+        PriorLoader(source, tokenizer, 4, rank=r, world_size=2, seed=7, transform=CFG)
+        for r in range(2)
+    ]
     assert loaders[0].mode == "stream"
     per_rank = epoch_batches(loaders)
     assert len(per_rank[0]) == len(per_rank[1])
-    assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == all_keys(phantom_dir)
+    assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == all_keys(
+        phantom_dir
+    )

@@ -10,8 +10,7 @@ import torch
 from prior_dist.models import ModelConfig, build_model, model_config
 from prior_dist.models.config import HeadsConfig, ImageTowerConfig, TextTowerConfig
 from prior_dist.ops.local_attention import local_attention
-from prior_dist.training.curriculum import stage_plan
-from prior_dist.training.task import PriorTask
+from prior_dist.task import PriorTask, stage_plan
 from tests.conftest import REPO, run_cli
 from tests.model_batch import ragged_batch
 
@@ -25,8 +24,9 @@ def test_shapes_for_every_config(name):
     d, (h, w) = cfg.heads.embed_dim, cfg.image.grid
     with torch.no_grad():
         img = model.encode_image(batch["image"])
-        txt = model.encode_text(batch["input_ids"], batch["attention_mask"],
-                                batch["sentence_index"])
+        txt = model.encode_text(
+            batch["input_ids"], batch["attention_mask"], batch["sentence_index"]
+        )
         assert img.global_embedding.shape == (2, d)
         assert img.patch_tokens.shape == (2, h * w, d) and img.grid == (h, w)
         assert txt.token_embeddings.shape == (2, batch["input_ids"].shape[1], d)
@@ -39,18 +39,21 @@ def test_shapes_for_every_config(name):
         assert generated.shape == (2, cfg.heads.num_queries, d)
 
 
-@pytest.mark.parametrize("bad, field", [
-    (lambda: ImageTowerConfig(arch="densenet"), "image.arch"),
-    (lambda: ImageTowerConfig(image_size=100), "image.image_size"),
-    (lambda: TextTowerConfig(hidden_size=100, num_heads=12), "text.hidden_size"),
-    (lambda: TextTowerConfig(dropout=1.5), "text.dropout"),
-    (lambda: HeadsConfig(local_attention_impl="cuda"), "heads.local_attention_impl"),
-    (lambda: HeadsConfig(image_decoder_widths=(8, 8)), "heads.image_decoder_widths"),
-    (lambda: model_config("tiny").compat.__class__(matching="greedy"), "compat.matching"),
-    (lambda: ModelConfig.from_dict({"heads": {"embed_dims": 3}}), "embed_dims"),
-    (lambda: ModelConfig.from_dict({"optim": {}}), "optim"),
-    (lambda: model_config("huge"), "model"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (lambda: ImageTowerConfig(arch="densenet"), "image.arch"),
+        (lambda: ImageTowerConfig(image_size=100), "image.image_size"),
+        (lambda: TextTowerConfig(hidden_size=100, num_heads=12), "text.hidden_size"),
+        (lambda: TextTowerConfig(dropout=1.5), "text.dropout"),
+        (lambda: HeadsConfig(local_attention_impl="cuda"), "heads.local_attention_impl"),
+        (lambda: HeadsConfig(image_decoder_widths=(8, 8)), "heads.image_decoder_widths"),
+        (lambda: model_config("tiny").compat.__class__(matching="greedy"), "compat.matching"),
+        (lambda: ModelConfig.from_dict({"heads": {"embed_dims": 3}}), "embed_dims"),
+        (lambda: ModelConfig.from_dict({"optim": {}}), "optim"),
+        (lambda: model_config("huge"), "model"),
+    ],
+)
 def test_bad_config_values_name_the_field(bad, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         bad()
@@ -67,8 +70,16 @@ def test_curriculum_plans():
     assert not one.use_prototypes and one.max_sentences is None and not one.reconstruction
     assert dict(two.weights) == {"global": 1, "local_image": 1, "local_text": 1, "proto": 10}
     assert two.use_prototypes and two.max_sentences is None
-    assert dict(three.weights) == {"global": 10, "local_image": 1, "local_text": 1,
-                                   "rec_image": 1, "spg": 10, "kl": 1, "gpa": 1, "proto": 10}
+    assert dict(three.weights) == {
+        "global": 10,
+        "local_image": 1,
+        "local_text": 1,
+        "rec_image": 1,
+        "spg": 10,
+        "kl": 1,
+        "gpa": 1,
+        "proto": 10,
+    }
     assert three.use_prototypes and three.max_sentences == 16 and three.reconstruction
     assert stage_plan(3, weights={3: {"global": 1, "kl": 0}}).weights == {"global": 1}
     with pytest.raises(ValueError, match="stage must be"):
@@ -78,15 +89,21 @@ def test_curriculum_plans():
 
 
 def test_info_paper_reference_layout_has_the_papers_parameter_count():
-    out = run_cli("prior_dist.info", "--model", "paper", "--compat", "reference",
-                  "--no-flops").stdout
+    out = run_cli(
+        "prior_dist.info", "--model", "paper", "--compat", "reference", "--no-flops"
+    ).stdout
     rows = {}
     for line in out.splitlines():
         m = re.match(r"(.+?)\s+([\d.]+)M\s+([\d.]+)M", line)
         if m:
             rows[m.group(1).strip()] = float(m.group(2)) + float(m.group(3))
-    expected = {"image backbone": 23.50, "image attention pool": 16.89, "text BERT": 108.31,
-                "sentence decoder": 98.29, "image decoder": 21.22}
+    expected = {
+        "image backbone": 23.50,
+        "image attention pool": 16.89,
+        "text BERT": 108.31,
+        "sentence decoder": 98.29,
+        "image decoder": 21.22,
+    }
     for name, value in expected.items():
         assert rows[name] == pytest.approx(value, abs=0.006), name
     assert rows["total"] == pytest.approx(279.43, abs=0.006)
@@ -102,8 +119,11 @@ def test_info_reports_flops_for_demo():
     assert run_cli("prior_dist.info", "--model", "nope", check=False).returncode == 2
 
 
-UNUSED_BY_STAGE = {1: ("prototype_bank.", "image_decoder.", "sentence_decoder."),
-                   2: ("image_decoder.", "sentence_decoder."), 3: ()}
+UNUSED_BY_STAGE = {
+    1: ("prototype_bank.", "image_decoder.", "sentence_decoder."),
+    2: ("image_decoder.", "sentence_decoder."),
+    3: (),
+}
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -117,8 +137,9 @@ def test_every_parameter_a_stage_uses_gets_a_gradient(stage, compat):
     for name, param in model.named_parameters():
         if not param.requires_grad:
             assert compat == "reference" and param.grad is None
-            assert name.startswith(("text.bert.pooler", "text.global_proj",
-                                    "sentence_decoder.word_embeddings")), name
+            assert name.startswith(
+                ("text.bert.pooler", "text.global_proj", "sentence_decoder.word_embeddings")
+            ), name
             continue
         unused = name.startswith(UNUSED_BY_STAGE[stage])
         if unused:
@@ -126,7 +147,7 @@ def test_every_parameter_a_stage_uses_gets_a_gradient(stage, compat):
         else:
             assert param.grad is not None, f"{name} got no gradient in stage {stage}"
             assert torch.isfinite(param.grad).all(), name
-            if name != "text.bert.word_embeddings.weight":   # rows of unused tokens stay zero
+            if name != "text.bert.word_embeddings.weight":  # rows of unused tokens stay zero
                 assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
@@ -153,13 +174,13 @@ def test_prototype_bank_is_deterministic_at_evaluation_unless_eval_gumbel():
         assert same is (not eval_gumbel)
     bank.train()
     noise = torch.rand(3, 4, bank.prototypes.shape[0])
-    assert torch.equal(bank(x, noise), bank(x, noise))     # tied noise reproduces
+    assert torch.equal(bank(x, noise), bank(x, noise))  # tied noise reproduces
 
 
 def test_explicit_triton_local_attention_that_cannot_run_raises(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("on CUDA the kernel can run")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")      # CPU tensors, no interpreter: no Triton
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors, no interpreter: no Triton
     q = torch.randn(1, 2, 4)
     with pytest.raises(RuntimeError, match="local_attention_impl='triton' cannot run"):
         local_attention(q, q, q, scale=1.0, impl="triton")
@@ -179,8 +200,9 @@ def distributed_imports(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
             names = [module] + [f"{module}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(
-                node.func, "id", "")) in ("import_module", "__import__"):
+        elif isinstance(node, ast.Call) and getattr(
+            node.func, "attr", getattr(node.func, "id", "")
+        ) in ("import_module", "__import__"):
             names = [a.value for a in node.args if isinstance(a, ast.Constant)]
         if any(str(n).startswith(("torch.distributed", "deepspeed")) for n in names):
             found.append(f"{path}:{node.lineno}")
@@ -193,8 +215,11 @@ def test_model_files_do_not_import_torch_distributed(tmp_path):
     offenders = [hit for path in files for hit in distributed_imports(path)]
     assert not offenders, offenders
     planted = tmp_path / "planted.py"
-    for line in ("import torch.distributed as dist", "from torch import distributed",
-                 "from torch.distributed import all_gather",
-                 "importlib.import_module('torch.distributed')"):
+    for line in (
+        "import torch.distributed as dist",
+        "from torch import distributed",
+        "from torch.distributed import all_gather",
+        "importlib.import_module('torch.distributed')",
+    ):
         planted.write_text(line + "\n")
         assert distributed_imports(planted), line

@@ -5,14 +5,17 @@ import itertools
 import pytest
 import torch
 
-from prior_dist.losses import (align_to_targets, global_contrastive_loss, hungarian_assignment,
-                               intra_report_contrastive_loss)
+from prior_dist.losses import (
+    align_to_targets,
+    global_contrastive_loss,
+    hungarian_assignment,
+    intra_report_contrastive_loss,
+)
 from prior_dist.models import build_model, model_config
 from prior_dist.models.pooling import AttentionPool, sentence_means
 from prior_dist.ops.local_attention import local_attention, local_attention_reference
+from prior_dist.task import PriorTask, stage_plan
 from prior_dist.testing import per_sample
-from prior_dist.training.curriculum import stage_plan
-from prior_dist.training.task import PriorTask
 from tests.model_batch import ragged_batch
 
 
@@ -21,8 +24,9 @@ def _tiny(seed=0, **compat):
     cfg = model_config("tiny")
     if compat:
         cfg = cfg.replace(compat=cfg.compat.__class__(**compat))
-    return build_model(cfg.replace(heads=cfg.heads.__class__(
-        **{**cfg.heads.__dict__, "feature_dropout": 0.0})))
+    return build_model(
+        cfg.replace(heads=cfg.heads.__class__(**{**cfg.heads.__dict__, "feature_dropout": 0.0}))
+    )
 
 
 def test_sentence_means_and_report_pool_equal_per_sample():
@@ -30,9 +34,9 @@ def test_sentence_means_and_report_pool_equal_per_sample():
     tokens = torch.randn(4, 12, 8)
     index = torch.full((4, 12), -1)
     index[0, 1:7] = torch.tensor([0, 0, 1, 1, 1, 2])
-    index[1, 1:3] = torch.tensor([0, 0])                 # one sentence
+    index[1, 1:3] = torch.tensor([0, 0])  # one sentence
     index[2, 1:10] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6, 7])
-    index[3, 1:6] = torch.tensor([0, 2, 2, 3, 3])        # sentence 1 lost all its tokens
+    index[3, 1:6] = torch.tensor([0, 2, 2, 3, 3])  # sentence 1 lost all its tokens
     sentences, mask = sentence_means(tokens, index)
     pool = AttentionPool(8, 2)
     pooled = pool(sentences, mask)
@@ -42,8 +46,9 @@ def test_sentence_means_and_report_pool_equal_per_sample():
         assert mask[b].sum() == n and mask[b, :n].all()
         torch.testing.assert_close(sentences[b, :n], expected)
         assert (sentences[b, n:] == 0).all()
-        torch.testing.assert_close(pooled[b], per_sample.attention_pool(pool, expected),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            pooled[b], per_sample.attention_pool(pool, expected), rtol=1e-5, atol=1e-6
+        )
     capped, capped_mask = sentence_means(tokens, index, max_sentences=2)
     assert capped.shape[1] == 2 and capped_mask.sum(1).tolist() == [2, 1, 2, 2]
     torch.testing.assert_close(capped[3], per_sample.sentence_means(tokens[3], index[3], 2))
@@ -67,20 +72,31 @@ def test_task_equals_per_sample_heads(stage, matching):
     plan = stage_plan(stage, sentence_cap=4)
     task = PriorTask(model)
     img = model.encode_image(batch["image"])
-    txt = model.encode_text(batch["input_ids"], batch["attention_mask"], batch["sentence_index"],
-                            plan.max_sentences)
+    txt = model.encode_text(
+        batch["input_ids"], batch["attention_mask"], batch["sentence_index"], plan.max_sentences
+    )
     q, k = model.cfg.heads.num_queries, model.cfg.heads.num_prototypes
     g = torch.Generator().manual_seed(5)
-    noise = {"sentences": torch.rand(4, 12, k, generator=g),
-             "generated": torch.rand(4, q, k, generator=g)}
+    noise = {
+        "sentences": torch.rand(4, 12, k, generator=g),
+        "generated": torch.rand(4, q, k, generator=g),
+    }
     generated = model.sentence_decoder(img.patch_tokens) if stage == 3 else None
-    ours = task.head_losses(img, txt.sentences, txt.sentence_mask, batch["image"], plan, noise,
-                            generated=generated)
+    ours = task.head_losses(
+        img, txt.sentences, txt.sentence_mask, batch["image"], plan, noise, generated=generated
+    )
     theirs = per_sample.heads_losses(
-        model, img.patch_tokens, img.global_embedding, txt.token_embeddings,
-        batch["sentence_index"], generated=generated, use_prototypes=plan.use_prototypes,
-        sentence_cap=plan.max_sentences, noise_sentences=noise["sentences"],
-        noise_generated=noise["generated"])
+        model,
+        img.patch_tokens,
+        img.global_embedding,
+        txt.token_embeddings,
+        batch["sentence_index"],
+        generated=generated,
+        use_prototypes=plan.use_prototypes,
+        sentence_cap=plan.max_sentences,
+        noise_sentences=noise["sentences"],
+        noise_generated=noise["generated"],
+    )
     assert set(ours) - {"total", "rec_image"} == set(theirs) - ({"proto"} if stage == 1 else set())
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -150,8 +166,9 @@ def test_global_loss_over_simulated_ranks_equals_full_batch():
     # The labels follow the global rank: scoring rank 1's rows as if they were rank 0's differs.
     wrong = SimulatedGather(1, [image, text])
     wrong.rank = 0
-    offset = global_contrastive_loss(image[per_rank:2 * per_rank], text[per_rank:2 * per_rank],
-                                     scale, wrong)
+    offset = global_contrastive_loss(
+        image[per_rank : 2 * per_rank], text[per_rank : 2 * per_rank], scale, wrong
+    )
     assert not torch.isclose(offset, per_rank_losses[1])
 
 
@@ -160,14 +177,15 @@ def test_hungarian_batched_equals_brute_force():
     cost = torch.rand(5, 4, 4)
     assignment = hungarian_assignment(cost)
     for b in range(5):
-        best = min(itertools.permutations(range(4)),
-                   key=lambda p: sum(cost[b, i, p[i]] for i in range(4)))
+        best = min(
+            itertools.permutations(range(4)), key=lambda p: sum(cost[b, i, p[i]] for i in range(4))
+        )
         assert assignment[b].tolist() == list(best)
 
 
 def test_align_to_targets_correct_pairs_and_reference_quirk_does_not():
-    outputs = torch.arange(4.0)[None, :, None].expand(1, 4, 2).clone()   # row i holds value i
-    assignment = torch.tensor([[2, 0, 3, 1]])        # output i -> target assignment[i]
+    outputs = torch.arange(4.0)[None, :, None].expand(1, 4, 2).clone()  # row i holds value i
+    assignment = torch.tensor([[2, 0, 3, 1]])  # output i -> target assignment[i]
     correct = align_to_targets(outputs, assignment, "correct")
     # Target j must receive the output matched to it.
     for i, j in enumerate(assignment[0].tolist()):
@@ -185,13 +203,23 @@ def test_gradients_of_losses_and_attention_double():
     torch.manual_seed(7)
     d = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)  # noqa: E731
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
-    _gradcheck(lambda q, k, v: local_attention(q, k, v, mask, mask, scale=0.5), d(2, 3, 4),
-               d(2, 3, 4), d(2, 3, 4))
-    _gradcheck(lambda q, k, v: local_attention_reference(q, k, v, None, mask, 0.5, "softmax"),
-               d(2, 3, 4), d(2, 3, 4), d(2, 3, 4))
-    _gradcheck(lambda c, s: intra_report_contrastive_loss(c, s, mask, torch.tensor(3.0)),
-               d(2, 3, 4), d(2, 3, 4))
+    _gradcheck(
+        lambda q, k, v: local_attention(q, k, v, mask, mask, scale=0.5),
+        d(2, 3, 4),
+        d(2, 3, 4),
+        d(2, 3, 4),
+    )
+    _gradcheck(
+        lambda q, k, v: local_attention_reference(q, k, v, None, mask, 0.5, "softmax"),
+        d(2, 3, 4),
+        d(2, 3, 4),
+        d(2, 3, 4),
+    )
+    _gradcheck(
+        lambda c, s: intra_report_contrastive_loss(c, s, mask, torch.tensor(3.0)),
+        d(2, 3, 4),
+        d(2, 3, 4),
+    )
     _gradcheck(lambda a, b: global_contrastive_loss(a, b, torch.tensor(3.0)), d(4, 5), d(4, 5))
     index = torch.tensor([[-1, 0, 0, 1, -1], [-1, 0, 1, 1, 2]])
     _gradcheck(lambda t: sentence_means(t, index)[0], d(2, 5, 3))
-

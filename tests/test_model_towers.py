@@ -7,11 +7,13 @@ import torch
 from torch import nn
 
 from prior_dist.models import attention as attention_module
-from prior_dist.models.bert import BertEncoder, convert_hf_state_dict
+from prior_dist.models.bert import BertEncoder
 from prior_dist.models.config import ImageTowerConfig, TextTowerConfig
 from prior_dist.models.decoders import SentencePrototypeDecoder
+from prior_dist.models.features import map_to_tokens, tokens_to_map
 from prior_dist.models.norms import apex_fused_layer_norm, layer_norm
-from prior_dist.models.resnet import ResNetBackbone, ResNetTower, map_to_tokens, tokens_to_map
+from prior_dist.models.resnet import ResNetBackbone, ResNetTower
+from prior_dist.models.state_dict import bert_from_hf
 from prior_dist.models.text import TextTower
 from prior_dist.models.vit import ViTTower
 
@@ -20,11 +22,18 @@ def _hf_bert(seed=0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertModel(config).eval()
-    with torch.no_grad():   # non-trivial LayerNorm and bias values
+    with torch.no_grad():  # non-trivial LayerNorm and bias values
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
@@ -46,10 +55,20 @@ def _relative_error(a, b):
 
 def test_bert_matches_transformers_with_padding():
     hf = _hf_bert()
-    ours = BertEncoder(TextTowerConfig(vocab_size=120, hidden_size=48, num_layers=3, num_heads=4,
-                                       intermediate_size=96, max_position_embeddings=64,
-                                       dropout=0.0, attention_impl="sdpa"), with_pooler=True)
-    ours.load_state_dict(convert_hf_state_dict(hf.state_dict()), strict=True)
+    ours = BertEncoder(
+        TextTowerConfig(
+            vocab_size=120,
+            hidden_size=48,
+            num_layers=3,
+            num_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_impl="sdpa",
+        ),
+        with_pooler=True,
+    )
+    ours.load_state_dict(bert_from_hf(hf.state_dict()), strict=True)
     ours.eval()
     ids, mask = _padded_inputs()
     with torch.no_grad():
@@ -65,8 +84,10 @@ def test_bert_matches_transformers_with_padding():
 def test_text_tower_loads_a_local_hf_checkpoint_strictly(tmp_path):
     hf = _hf_bert(seed=3)
     hf.save_pretrained(tmp_path / "bert")
-    tower = TextTower(TextTowerConfig(pretrained=str(tmp_path / "bert"), dropout=0.0,
-                                      attention_impl="sdpa"), embed_dim=16).eval()
+    tower = TextTower(
+        TextTowerConfig(pretrained=str(tmp_path / "bert"), dropout=0.0, attention_impl="sdpa"),
+        embed_dim=16,
+    ).eval()
     assert tower.cfg.hidden_size == 48 and tower.cfg.num_layers == 3 and tower.cfg.vocab_size == 120
     ids, mask = _padded_inputs()
     with torch.no_grad():
@@ -77,7 +98,7 @@ def test_text_tower_loads_a_local_hf_checkpoint_strictly(tmp_path):
     state = hf.state_dict()
     state["encoder.layer.0.attention.self.extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unexpected parameter"):
-        convert_hf_state_dict(state)
+        bert_from_hf(state)
 
 
 def test_attention_impl_flash_raises_without_package_and_auto_warns_once(monkeypatch):
@@ -117,10 +138,12 @@ def test_resnet50_has_torchvision_layout_and_loads_imagenet_with_summed_stem(tmp
     path = tmp_path / "imagenet.pth"
     torch.save(reference.state_dict(), path)
     tower = ResNetTower(ImageTowerConfig(pretrained=str(path)), embed_dim=32)
-    torch.testing.assert_close(tower.backbone.conv1.weight,
-                               reference.conv1.weight.sum(dim=1, keepdim=True))
-    torch.testing.assert_close(tower.backbone.layer3[2].conv2.weight,
-                               reference.layer3[2].conv2.weight)
+    torch.testing.assert_close(
+        tower.backbone.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True)
+    )
+    torch.testing.assert_close(
+        tower.backbone.layer3[2].conv2.weight, reference.layer3[2].conv2.weight
+    )
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
     with pytest.raises(ValueError, match="missing"):
         ResNetTower(ImageTowerConfig(pretrained=str(path)), embed_dim=32)
@@ -130,7 +153,7 @@ def test_token_layout_moves_a_planted_pattern_to_the_right_token():
     channels, h, w = 6, 3, 4
     feature_map = torch.zeros(1, channels, h, w)
     pattern = torch.arange(1.0, channels + 1)
-    feature_map[0, :, 2, 1] = pattern               # location (row 2, column 1)
+    feature_map[0, :, 2, 1] = pattern  # location (row 2, column 1)
     spatial = map_to_tokens(feature_map, "spatial")
     assert spatial.shape == (1, h * w, channels)
     torch.testing.assert_close(spatial[0, 2 * w + 1], pattern)
@@ -139,13 +162,21 @@ def test_token_layout_moves_a_planted_pattern_to_the_right_token():
     reference = map_to_tokens(feature_map, "reference_view")
     assert len(reference[0].abs().sum(1).nonzero()) > 1
     for layout in ("spatial", "reference_view"):
-        torch.testing.assert_close(tokens_to_map(map_to_tokens(feature_map, layout), (h, w),
-                                                 layout), feature_map)
+        torch.testing.assert_close(
+            tokens_to_map(map_to_tokens(feature_map, layout), (h, w), layout), feature_map
+        )
 
 
 def test_vit_tower_contract_and_activation_checkpointing_matches():
-    cfg = ImageTowerConfig(arch="vit", image_size=32, patch_size=8, vit_depth=2, vit_width=16,
-                           vit_heads=2, attention_impl="sdpa")
+    cfg = ImageTowerConfig(
+        arch="vit",
+        image_size=32,
+        patch_size=8,
+        vit_depth=2,
+        vit_width=16,
+        vit_heads=2,
+        attention_impl="sdpa",
+    )
     torch.manual_seed(0)
     plain = ViTTower(cfg, embed_dim=12)
     torch.manual_seed(0)
@@ -167,12 +198,28 @@ def test_activation_checkpointing_gives_the_same_gradients(tower):
     def build(flag):
         torch.manual_seed(0)
         if tower == "resnet":
-            return ResNetTower(ImageTowerConfig(image_size=32, block="basic", layers=(1, 1, 1, 1),
-                                                width=4, pool_heads=2,
-                                                activation_checkpointing=flag), 8)
-        return TextTower(TextTowerConfig(vocab_size=50, hidden_size=16, num_layers=2,
-                                         num_heads=2, intermediate_size=32,
-                                         activation_checkpointing=flag), 8)
+            return ResNetTower(
+                ImageTowerConfig(
+                    image_size=32,
+                    block="basic",
+                    layers=(1, 1, 1, 1),
+                    width=4,
+                    pool_heads=2,
+                    activation_checkpointing=flag,
+                ),
+                8,
+            )
+        return TextTower(
+            TextTowerConfig(
+                vocab_size=50,
+                hidden_size=16,
+                num_layers=2,
+                num_heads=2,
+                intermediate_size=32,
+                activation_checkpointing=flag,
+            ),
+            8,
+        )
 
     torch.manual_seed(1)
     image = torch.randn(2, 1, 32, 32)
@@ -181,7 +228,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tower):
     grads = []
     for flag in (False, True):
         model = build(flag)
-        torch.manual_seed(2)      # same dropout masks: checkpointing replays the RNG state
+        torch.manual_seed(2)  # same dropout masks: checkpointing replays the RNG state
         if tower == "resnet":
             out = model(image)
             loss = out.global_embedding.square().sum() + out.patch_tokens.square().sum()
@@ -198,12 +245,20 @@ def test_activation_checkpointing_gives_the_same_gradients(tower):
 @pytest.mark.parametrize("causal", [False, True])
 def test_decoder_mask_switch(causal):
     torch.manual_seed(0)
-    decoder = SentencePrototypeDecoder(16, num_queries=5, layers=2, heads=2, intermediate=32,
-                                       dropout=0.0, max_positions=8, causal=causal)
+    decoder = SentencePrototypeDecoder(
+        16,
+        num_queries=5,
+        layers=2,
+        heads=2,
+        intermediate=32,
+        dropout=0.0,
+        max_positions=8,
+        causal=causal,
+    )
     memory = torch.randn(2, 7, 16)
     before = decoder(memory)
     with torch.no_grad():
-        decoder.queries[4].add_(torch.randn(16))   # change the last query only
+        decoder.queries[4].add_(torch.randn(16))  # change the last query only
     after = decoder(memory)
     first_rows_changed = not torch.allclose(before[:, :4], after[:, :4])
     # Non-autoregressive (the method): every query sees every other; causal (the quirk): not.

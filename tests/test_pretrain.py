@@ -7,13 +7,23 @@ import time
 
 import pytest
 
-from tests.pretrain_runs import (LONG, assert_traces_close, ds_config, final_state, launch,
-                                 max_param_difference, metrics, start)
+from tests.pretrain_runs import (
+    LONG,
+    assert_traces_close,
+    ds_config,
+    final_state,
+    launch,
+    max_param_difference,
+    metrics,
+    start,
+)
+
+NONFINITE = "tests/nonfinite_pretrain.py"
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from prior_dist.training.data import ensure_phantom_shards, load_training_tokenizer
+    from prior_dist.data.provision import ensure_phantom_shards, load_training_tokenizer
     from prior_dist.training.recipe import load_recipe
 
     path = tmp_path_factory.mktemp("tiny") / "shards"
@@ -36,17 +46,25 @@ def reference(shards, tmp_path_factory):
 def test_two_ranks_equal_one_rank_at_twice_the_batch(reference):
     one, two = metrics(reference["one"]), metrics(reference["two"])
     assert len(one) == 8 and [r["stage"] for r in one] == [1, 1, 1, 2, 2, 2, 3, 3]
-    assert {"global", "local_image", "local_text", "proto", "rec_image", "spg", "kl",
-            "gpa"} <= set(one[-1])
+    assert {"global", "local_image", "local_text", "proto", "rec_image", "spg", "kl", "gpa"} <= set(
+        one[-1]
+    )
     assert_traces_close(two, one, rtol=1e-5)
     # Parameters after 8 AdamW steps at lr 1e-3 (5e-5 is 5% of one step's size).
-    assert max_param_difference(final_state(reference["two"], 8),
-                                final_state(reference["one"], 8)) < 5e-5
+    assert (
+        max_param_difference(final_state(reference["two"], 8), final_state(reference["one"], 8))
+        < 5e-5
+    )
 
 
 def test_prototype_bank_identical_on_every_rank_and_samples_audited(reference, shards):
-    ranks = [[json.loads(line) for line in (reference["two"] / "samples" / f"rank{r}.jsonl")
-              .read_text().splitlines()] for r in range(2)]
+    ranks = [
+        [
+            json.loads(line)
+            for line in (reference["two"] / "samples" / f"rank{r}.jsonl").read_text().splitlines()
+        ]
+        for r in range(2)
+    ]
     assert [line["step"] for line in ranks[0]] == list(range(1, 9))
     for a, b in zip(*ranks):
         assert a["prototype_bank_sha256"] == b["prototype_bank_sha256"]
@@ -66,13 +84,15 @@ def test_resume_reproduces_the_uninterrupted_run(reference, shards):
     assert "resumed from" in proc.stdout and "step00000004" in proc.stdout
     assert_traces_close(metrics(run), metrics(reference["two"]), rtol=1e-6)
     assert max_param_difference(final_state(run, 8), final_state(reference["two"], 8)) < 1e-6
-    audit = [json.loads(line) for line in (run / "samples" / "rank0.jsonl").read_text()
-             .splitlines()]
+    audit = [
+        json.loads(line) for line in (run / "samples" / "rank0.jsonl").read_text().splitlines()
+    ]
     assert [a["step"] for a in audit] == [5, 6, 7, 8]
     # keep_last=2: older complete checkpoints are pruned.
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == [
         "step00000006",
-                                                                       "step00000008"]
+        "step00000008",
+    ]
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -84,8 +104,14 @@ def test_other_zero_stages_give_the_same_trace(reference, shards, stage):
 
 def test_bf16_smoke(reference, shards):
     run = reference["tmp"] / "bf16"
-    launch(1, ds_config(reference["tmp"], 8, 2, bf16={"enabled": True}), run, shards,
-           "--max-steps", "2")
+    launch(
+        1,
+        ds_config(reference["tmp"], 8, 2, bf16={"enabled": True}),
+        run,
+        shards,
+        "--max-steps",
+        "2",
+    )
     lines = metrics(run)
     assert len(lines) == 2 and all(abs(line["loss"]) < 1e4 for line in lines)
 
@@ -146,24 +172,37 @@ def test_crash_during_save_leaves_previous_checkpoint(reference, shards):
     fake.mkdir()
     (fake / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     proc = launch(1, ds_config(tmp, 16), run, shards, "--max-steps", "4")
-    assert "step00000003" in proc.stdout and "step00000005" not in proc.stdout.split(
-        "resumed from")[1].splitlines()[0]
+    assert (
+        "step00000003" in proc.stdout
+        and "step00000005" not in proc.stdout.split("resumed from")[1].splitlines()[0]
+    )
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
-    assert not fake.exists()     # removed by the next successful save
+    assert not fake.exists()  # removed by the next successful save
 
 
 def test_nonfinite_loss_is_skipped_then_aborts(reference, shards):
     tmp = reference["tmp"]
     config = ds_config(tmp, 16)
     run = tmp / "nan_skip"
-    proc = launch(1, config, run, shards, "--max-steps", "3",
-                  overrides=["train.inject_nonfinite_steps=[2]"])
+    proc = launch(
+        1, config, run, shards, "--max-steps", "3", "--inject-nonfinite", "2", script=NONFINITE
+    )
     assert "non-finite loss" in proc.stdout
     assert [r["step"] for r in metrics(run)] == [1, 2, 3]
     run = tmp / "nan_abort"
-    proc = launch(1, config, run, shards, "--max-steps", "3", check=False,
-                  overrides=["train.inject_nonfinite_steps=[2, 2, 2]",
-                             "train.max_nonfinite_steps=3"])
+    proc = launch(
+        1,
+        config,
+        run,
+        shards,
+        "--max-steps",
+        "3",
+        "--inject-nonfinite",
+        "2,2,2",
+        check=False,
+        script=NONFINITE,
+        overrides=["train.max_nonfinite_steps=3"],
+    )
     assert proc.returncode != 0
     assert "3 micro-batches in a row gave a NaN or inf loss at step 2" in proc.stderr
 
@@ -184,8 +223,15 @@ def test_torchrun_launcher_runs_the_same_script(reference, shards):
     from tests.pretrain_runs import env, pretrain_args
 
     run = reference["tmp"] / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", *pretrain_args(ds_config(reference["tmp"], 8), run, shards, "--max-steps", "3")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *pretrain_args(ds_config(reference["tmp"], 8), run, shards, "--max-steps", "3"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_traces_close(metrics(run), metrics(reference["two"])[:3], rtol=1e-5)
@@ -193,8 +239,15 @@ def test_torchrun_launcher_runs_the_same_script(reference, shards):
 
 def test_evaluation_during_pretraining_is_logged(reference, shards):
     run = reference["tmp"] / "periodic_eval"
-    launch(1, ds_config(reference["tmp"], 16), run, shards, "--max-steps", "4",
-           overrides=["eval.every_steps=2"])
+    launch(
+        1,
+        ds_config(reference["tmp"], 16),
+        run,
+        shards,
+        "--max-steps",
+        "4",
+        overrides=["eval.every_steps=2"],
+    )
     lines = metrics(run)
     assert [("eval_i2t_recall@5" in line) for line in lines] == [False, True, False, True]
     assert 0 <= lines[1]["eval_i2t_recall@5"] <= 1 and 0 <= lines[3]["eval_t2i_recall@5"] <= 1
@@ -211,11 +264,14 @@ def test_sentence_initialised_bank_is_rank_independent(reference, shards):
     assert "prototype bank set from" in proc.stdout
     launch(2, ds_config(tmp, 8, 3), two, shards, "--max-steps", "5", "--audit-samples", *option)
     assert_traces_close(metrics(two), metrics(one), rtol=1e-5)
-    ranks = [[json.loads(line) for line in (two / "samples" / f"rank{r}.jsonl").read_text()
-              .splitlines()] for r in range(2)]
+    ranks = [
+        [json.loads(line) for line in (two / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
     assert all(a["prototype_bank_sha256"] == b["prototype_bank_sha256"] for a, b in zip(*ranks))
     # Stage 2 starts at step 4: the bank then differs from the N(0, 1) run's.
     plain = metrics(reference["one"])
     assert metrics(one)[3]["proto"] != pytest.approx(plain[3]["proto"], rel=1e-3)
     assert [r["global"] for r in metrics(one)[:3]] == pytest.approx(
-        [r["global"] for r in plain[:3]], rel=1e-6)
+        [r["global"] for r in plain[:3]], rel=1e-6
+    )

@@ -19,8 +19,15 @@ def _run(tmp_path, config: dict | str | None, *args):
         path.write_text(json.dumps(config))
     elif isinstance(config, str):
         path.write_text(config)
-    cmd = [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(path),
-           "--run-dir", str(tmp_path / "run"), *args]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch/pretrain.py"),
+        "--config",
+        str(path),
+        "--run-dir",
+        str(tmp_path / "run"),
+        *args,
+    ]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120)
     return proc, time.time() - start
@@ -29,37 +36,51 @@ def _run(tmp_path, config: dict | str | None, *args):
 GOOD = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
 
 
-@pytest.mark.parametrize("config, args, message", [
-    (GOOD, ["--recipe", "paper"],
-     "needs train_micro_batch_size_per_gpu=98 but"),
-    ({**GOOD, "optimizer": {"type": "Adam"}}, ["--recipe", "tiny"], "remove the 'optimizer'"),
-    ("{not json", ["--recipe", "tiny"], "not valid JSON"),
-    ({"zero_optimization": {"stage": 2}}, ["--recipe", "tiny"],
-     "train_micro_batch_size_per_gpu must be a positive integer"),
-    ({**GOOD, "zero_optimization": {"stage": 5}}, ["--recipe", "tiny"],
-     "zero_optimization.stage must be 0, 1, 2 or 3"),
-    ({**GOOD, "fp16": {"enabled": True}}, ["--recipe", "tiny"], "fp16 needs a CUDA device"),
-    (GOOD, ["--recipe", "tiny", "--set", "train.sed=1"], "unknown field(s) ['sed']"),
-    (GOOD, ["--recipe", "tiny", "--set", "train.seed=abc"], "train.seed must be int"),
-    (GOOD, ["--recipe", "tiny", "--set", "model.heads.local_attention_impl=cuda"],
-     "heads.local_attention_impl must be one of"),
-    (GOOD, ["--recipe", "nope"], "no such recipe"),
-    (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
-])
+@pytest.mark.parametrize(
+    "config, args, message",
+    [
+        (GOOD, ["--recipe", "paper"], "needs train_micro_batch_size_per_gpu=98 but"),
+        ({**GOOD, "optimizer": {"type": "Adam"}}, ["--recipe", "tiny"], "remove the 'optimizer'"),
+        ("{not json", ["--recipe", "tiny"], "not valid JSON"),
+        (
+            {"zero_optimization": {"stage": 2}},
+            ["--recipe", "tiny"],
+            "train_micro_batch_size_per_gpu must be a positive integer",
+        ),
+        (
+            {**GOOD, "zero_optimization": {"stage": 5}},
+            ["--recipe", "tiny"],
+            "zero_optimization.stage must be 0, 1, 2 or 3",
+        ),
+        ({**GOOD, "fp16": {"enabled": True}}, ["--recipe", "tiny"], "fp16 needs a CUDA device"),
+        (GOOD, ["--recipe", "tiny", "--set", "train.sed=1"], "unknown field(s) ['sed']"),
+        (GOOD, ["--recipe", "tiny", "--set", "train.seed=abc"], "train.seed must be int"),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "model.heads.local_attention_impl=cuda"],
+            "heads.local_attention_impl must be one of",
+        ),
+        (GOOD, ["--recipe", "nope"], "no such recipe"),
+        (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
+    ],
+)
 def test_refused_with_a_message(tmp_path, config, args, message):
     if "fp16" in str(config) and __import__("torch").cuda.is_available():
         pytest.skip("fp16 is allowed on CUDA")
     proc, seconds = _run(tmp_path, config, *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr, proc.stderr
-    assert not (tmp_path / "run").exists()        # nothing started
+    assert not (tmp_path / "run").exists()  # nothing started
 
 
 def test_schedule_warmup_then_cosine():
     recipe, _ = load_recipe("paper")
     spans = plan_stages(recipe.train.stages, steps_per_epoch=10)
-    assert [(s.start, s.steps, s.warmup) for s in spans] == [(0, 200, 10), (200, 300, 10),
-                                                              (500, 1000, 50)]
+    assert [(s.start, s.steps, s.warmup) for s in spans] == [
+        (0, 200, 10),
+        (200, 300, 10),
+        (500, 1000, 50),
+    ]
     first, third = spans[0], spans[2]
     assert learning_rate(first, 0) == pytest.approx(1e-7)
     assert learning_rate(first, 5) == pytest.approx(1e-7 + (1e-5 - 1e-7) / 2)
@@ -72,8 +93,9 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_missing_data_source_is_named(tmp_path):
-    proc, _ = _run(tmp_path, GOOD, "--recipe", "tiny", "--data",
-                   f"{tmp_path / 'a'}:2,{tmp_path / 'b'}")
+    proc, _ = _run(
+        tmp_path, GOOD, "--recipe", "tiny", "--data", f"{tmp_path / 'a'}:2,{tmp_path / 'b'}"
+    )
     assert proc.returncode == 2, proc.stderr
     assert f"data.path source {tmp_path / 'b'}: no manifest.json" in proc.stderr
 
@@ -82,17 +104,22 @@ def test_stale_phantom_shards_are_refused(tmp_path):
     import json
 
     from prior_dist.data.phantom import GENERATOR_VERSION
-    from prior_dist.training.data import ensure_phantom_shards
+    from prior_dist.data.provision import ensure_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     recipe, _ = load_recipe("tiny", [f"data.path={tmp_path}"])
     num, seed = recipe.data.phantom_studies, recipe.train.seed
-    for source, problem in (({"kind": "phantom", "num": num, "seed": seed}, "'generator': 1"),
-                            ({"kind": "phantom", "num": num + 1, "seed": seed,
-                              "generator": GENERATOR_VERSION}, f"'num': {num + 1}")):
+    for source, problem in (
+        ({"kind": "phantom", "num": num, "seed": seed}, "'generator': 1"),
+        (
+            {"kind": "phantom", "num": num + 1, "seed": seed, "generator": GENERATOR_VERSION},
+            f"'num': {num + 1}",
+        ),
+    ):
         (tmp_path / "manifest.json").write_text(json.dumps({"source": source}))
         with pytest.raises(ValueError, match=f"phantom shards with .*{problem}.*delete"):
             ensure_phantom_shards(recipe.data, seed, log=lambda _: None)
-    (tmp_path / "manifest.json").write_text(json.dumps({"source": dict(
-        source, num=num, generator=GENERATOR_VERSION)}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"source": dict(source, num=num, generator=GENERATOR_VERSION)})
+    )
     assert ensure_phantom_shards(recipe.data, seed, log=lambda _: None) == tmp_path

@@ -37,7 +37,9 @@ def test_mimic_layout_sections_and_sentences():
 
 def test_header_variants():
     for header in ("FINDINGS:", "Findings:", "FINDINGS :", "  findings:", "F I N D I N G S:"):
-        report = extract_sections(f"{header} Lungs are clear. Heart is normal.\nIMPRESSION: Normal.")
+        report = extract_sections(
+            f"{header} Lungs are clear. Heart is normal.\nIMPRESSION: Normal."
+        )
         assert report.findings == "Lungs are clear. Heart is normal.", header
         assert report.impression == "Normal."
 
@@ -57,19 +59,34 @@ def test_lowercase_prose_with_colon_is_not_a_header():
 
 
 def test_unknown_capital_header_ends_a_section():
-    report = extract_sections("FINDINGS: Lungs clear.\nNOTIFICATION: Called Dr. Smith.\nIMPRESSION: OK now.")
+    report = extract_sections(
+        "FINDINGS: Lungs clear.\nNOTIFICATION: Called Dr. Smith.\nIMPRESSION: OK now."
+    )
     assert report.findings == "Lungs clear." and report.impression == "OK now."
 
 
 def test_sentence_rules_nasty_cases():
-    assert split_sentences("Tip is 2.5 cm above the carina. Stable.") == ["Tip is 2.5 cm above the carina.", "Stable."]
-    assert split_sentences("Discussed with Dr. Jones at 10 a.m. on ___.") == ["Discussed with Dr. Jones at 10 a.m. on ___."]
+    assert split_sentences("Tip is 2.5 cm above the carina. Stable.") == [
+        "Tip is 2.5 cm above the carina.",
+        "Stable.",
+    ]
+    assert split_sentences("Discussed with Dr. Jones at 10 a.m. on ___.") == [
+        "Discussed with Dr. Jones at 10 a.m. on ___."
+    ]
     assert split_sentences("1. Small effusion. 2. No pneumothorax.\n3) Cardiomegaly.") == [
-        "Small effusion.", "No pneumothorax.", "Cardiomegaly."]
+        "Small effusion.",
+        "No pneumothorax.",
+        "Cardiomegaly.",
+    ]
     assert split_sentences("The lungs are\nclear bilaterally.\n\nNo effusion") == [
-        "The lungs are clear bilaterally.", "No effusion"]
+        "The lungs are clear bilaterally.",
+        "No effusion",
+    ]
     assert split_sentences("XXXX. ___. The XXXX is normal.") == ["The XXXX is normal."]
-    assert split_sentences("Lines vs. tubes are seen. Heart ok!") == ["Lines vs. tubes are seen.", "Heart ok!"]
+    assert split_sentences("Lines vs. tubes are seen. Heart ok!") == [
+        "Lines vs. tubes are seen.",
+        "Heart ok!",
+    ]
     assert split_sentences("   \n  ") == []
 
 

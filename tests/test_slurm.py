@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from prior_dist.data.shards import load_manifest
 
 pytestmark = pytest.mark.slurm
@@ -19,15 +19,18 @@ def _cluster_up() -> str | None:
         return "no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)"
     proc = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True)
     if proc.returncode != 0 or "up" not in proc.stdout:
-        return f"sbatch present but no partition is up: {proc.stderr.strip() or proc.stdout.strip()}"
+        return (
+            f"sbatch present but no partition is up: {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return None
 
 
 def _wait(job_ids: list[str], timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"],
-                             capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"], capture_output=True, text=True
+        ).stdout.strip()
         if not out:
             return
         time.sleep(1)
@@ -42,8 +45,14 @@ def test_shardify_array_job_and_finalize(tmp_path):
     out = tmp_path / "shards"
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO))
     args = ["phantom", "--num", "30", "--seed", "2", "--shard-size", "4", "--image-size", "32"]
-    proc = subprocess.run(["bash", str(REPO / "launch/slurm/shardify_submit.sh"), "3", str(out), *args],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch/slurm/shardify_submit.sh"), "3", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     words = proc.stdout.split()
     array_id, final_id = words[2].rstrip(","), words[5]
@@ -56,12 +65,20 @@ def test_shardify_array_job_and_finalize(tmp_path):
     assert manifest["totals"]["samples"] == 30
     # The same shards as a single local run: assignment does not depend on the task count.
     local = tmp_path / "local"
-    subprocess.run([sys.executable, "-m", "prior_dist.shardify", *args, "--out", str(local), "--no-progress"],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "prior_dist.shardify", *args, "--out", str(local), "--no-progress"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     shas = lambda m: {s["name"]: s["sha256"] for e in m["splits"].values() for s in e["shards"]}  # noqa: E731
     assert shas(manifest) == shas(load_manifest(local))
-    verify = subprocess.run([sys.executable, "-m", "prior_dist.shardify", "verify", str(out)],
-                            env=env, capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "prior_dist.shardify", "verify", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert verify.returncode == 0, verify.stderr
 
 
@@ -74,13 +91,40 @@ def test_pretrain_batch_job_with_two_srun_tasks(tmp_path):
     from tests.pretrain_runs import ds_config
 
     shards, run_dir = tmp_path / "shards", tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), PRIOR_REPO=str(REPO),
-               RUN_DIR=str(run_dir), OMP_NUM_THREADS="1")
-    args = ["--config", str(ds_config(tmp_path, 8)), "--recipe", "tiny", "--set",
-            f"data.path={shards}", "--max-steps", "4"]
-    proc = subprocess.run(["sbatch", "--wait", "--ntasks=2", "--cpus-per-task=1",
-                           "--time=10", str(REPO / "launch/slurm/pretrain.sbatch"), *args],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+        PRIOR_REPO=str(REPO),
+        RUN_DIR=str(run_dir),
+        OMP_NUM_THREADS="1",
+    )
+    args = [
+        "--config",
+        str(ds_config(tmp_path, 8)),
+        "--recipe",
+        "tiny",
+        "--set",
+        f"data.path={shards}",
+        "--max-steps",
+        "4",
+    ]
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--ntasks=2",
+            "--cpus-per-task=1",
+            "--time=10",
+            str(REPO / "launch/slurm/pretrain.sbatch"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     logs = "\n".join(p.read_text() for p in tmp_path.glob("prior-pretrain-*.out"))
     assert proc.returncode == 0, proc.stderr + logs
     import json

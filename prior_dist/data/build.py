@@ -12,12 +12,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from prior_dist import __version__
 from prior_dist.data.prepare import PrepareSettings, Skip, prepare_study
 from prior_dist.data.shards import (
-    FORMAT, FORMAT_VERSION, MANIFEST, SkipCounter, atomic_write_json, index_path, load_index,
-    load_manifest, sha256_file, shard_complete, shard_name, write_shard,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SkipCounter,
+    atomic_write_json,
+    index_path,
+    load_index,
+    load_manifest,
+    sha256_file,
+    shard_complete,
+    shard_name,
+    write_shard,
 )
 from prior_dist.data.sources import StudyRecord
 
@@ -25,12 +36,15 @@ SPLIT_ORDER = ("train", "validate", "test")
 
 
 def settings_digest(settings: PrepareSettings, shard_size: int, source: dict) -> str:
-    blob = json.dumps({"settings": asdict(settings), "shard_size": shard_size, "source": source},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"settings": asdict(settings), "shard_size": shard_size, "source": source}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def plan_shards(records: list[StudyRecord], shard_size: int) -> list[tuple[str, str, list[StudyRecord]]]:
+def plan_shards(
+    records: list[StudyRecord], shard_size: int
+) -> list[tuple[str, str, list[StudyRecord]]]:
     """Assign studies to shards: per split, sorted by key, consecutive runs of `shard_size`.
 
     The plan depends only on the input, never on the number of workers or array tasks.
@@ -45,7 +59,7 @@ def plan_shards(records: list[StudyRecord], shard_size: int) -> list[tuple[str, 
     for split in splits:
         ordered = sorted(by_split[split], key=lambda r: r.key)
         for index, start in enumerate(range(0, len(ordered), shard_size)):
-            plan.append((shard_name(split, index), split, ordered[start:start + shard_size]))
+            plan.append((shard_name(split, index), split, ordered[start : start + shard_size]))
     return plan
 
 
@@ -64,8 +78,14 @@ def _build_one(job: tuple[Path, str, list[StudyRecord], PrepareSettings, str]) -
             notes.add(note, record.key)
         samples.append((record.key, members))
     index = write_shard(out_dir, name, samples)
-    index.update({"settings_digest": digest, "planned": len(records), "skipped": skipped.to_dict(),
-                  "notes": notes.to_dict()})
+    index.update(
+        {
+            "settings_digest": digest,
+            "planned": len(records),
+            "skipped": skipped.to_dict(),
+            "notes": notes.to_dict(),
+        }
+    )
     atomic_write_json(index_path(out_dir, name), index)
     return index
 
@@ -74,17 +94,66 @@ def _part_path(out_dir: Path, task_index: int, num_tasks: int) -> Path:
     return out_dir / f"manifest.part-{task_index:05d}-of-{num_tasks:05d}.json"
 
 
-def build_shards(records: list[StudyRecord], enumeration_skips: SkipCounter, source: dict,
-                 settings: PrepareSettings, out_dir: str | Path, shard_size: int = 1000,
-                 workers: int = 1, num_tasks: int = 1, task_index: int = 0,
-                 progress: bool = True) -> dict:
+def _pending_jobs(out: Path, mine: list, settings: PrepareSettings, digest: str):
+    """(the shard jobs still to write, how many complete shards are reused); a complete shard
+    written with other settings is refused, and stale temporary files are removed."""
+    todo, reused = [], 0
+    for name, _split, shard_records in mine:
+        if shard_complete(out, name):
+            existing = load_index(out, name)
+            if existing.get("settings_digest") != digest:
+                raise ValueError(
+                    f"{out / name}.tar was written with other settings or input; "
+                    "use a new --out directory or delete the old shards"
+                )
+            reused += 1
+            continue
+        for stale in out.glob(f".{name}.tar.tmp.*"):
+            stale.unlink()
+        todo.append((out, name, shard_records, settings, digest))
+    return todo, reused
+
+
+def _run_jobs(todo: list, workers: int, bar) -> int:
+    """Write the shards (in a spawn pool when there are workers to use); samples written."""
+    if workers == 1 or len(todo) <= 1:
+        return _tally(map(_build_one, todo), bar)
+    with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+        return _tally(pool.imap_unordered(_build_one, todo), bar)
+
+
+def _tally(indexes, bar) -> int:
+    written = 0
+    for index in indexes:
+        written += index["num_samples"]
+        if bar:
+            bar.update(index["planned"])
+    if bar:
+        bar.close()
+    return written
+
+
+def build_shards(
+    records: list[StudyRecord],
+    enumeration_skips: SkipCounter,
+    source: dict,
+    settings: PrepareSettings,
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    workers: int = 1,
+    num_tasks: int = 1,
+    task_index: int = 0,
+    progress: bool = True,
+) -> dict:
     """Write this task's shards (skipping completed ones) and its part manifest.
 
     With one task the manifest is finalised at once; array jobs run `finalize` afterwards.
     Returns a summary of what this task did.
     """
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
-        raise ValueError(f"--task-index must be in [0, {num_tasks}), got {task_index} (--num-tasks {num_tasks})")
+        raise ValueError(
+            f"--task-index must be in [0, {num_tasks}), got {task_index} (--num-tasks {num_tasks})"
+        )
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     out = Path(out_dir)
@@ -92,55 +161,62 @@ def build_shards(records: list[StudyRecord], enumeration_skips: SkipCounter, sou
     digest = settings_digest(settings, shard_size, source)
     plan = plan_shards(records, shard_size)
     mine = [entry for i, entry in enumerate(plan) if i % num_tasks == task_index]
-    todo, reused = [], 0
-    for name, _split, shard_records in mine:
-        if shard_complete(out, name):
-            existing = load_index(out, name)
-            if existing.get("settings_digest") != digest:
-                raise ValueError(f"{out / name}.tar was written with other settings or input; "
-                                 "use a new --out directory or delete the old shards")
-            reused += 1
-            continue
-        for stale in out.glob(f".{name}.tar.tmp.*"):
-            stale.unlink()
-        todo.append((out, name, shard_records, settings, digest))
-    total = sum(len(job[2]) for job in todo)
+    todo, reused = _pending_jobs(out, mine, settings, digest)
     start = time.perf_counter()
     bar = None
     if progress:
-        from tqdm import tqdm
-
+        total = sum(len(job[2]) for job in todo)
         bar = tqdm(total=total, unit="sample", desc=f"shardify task {task_index}/{num_tasks}")
-    written = 0
-    if workers == 1 or len(todo) <= 1:
-        results = map(_build_one, todo)
-        for index in results:
-            written += index["num_samples"]
-            if bar:
-                bar.update(index["planned"])
-    else:
-        with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
-            for index in pool.imap_unordered(_build_one, todo):
-                written += index["num_samples"]
-                if bar:
-                    bar.update(index["planned"])
-    if bar:
-        bar.close()
+    written = _run_jobs(todo, workers, bar)
     elapsed = time.perf_counter() - start
     part = {
-        "task_index": task_index, "num_tasks": num_tasks, "settings_digest": digest,
-        "source": source, "settings": asdict(settings) | {"shard_size": shard_size},
+        "task_index": task_index,
+        "num_tasks": num_tasks,
+        "settings_digest": digest,
+        "source": source,
+        "settings": asdict(settings) | {"shard_size": shard_size},
         "planned_shards": [name for name, _, _ in plan],
         "planned_samples": {name: len(rs) for name, _, rs in plan},
         "enumeration_skipped": enumeration_skips.to_dict(),
         "tool_version": __version__,
     }
     atomic_write_json(_part_path(out, task_index, num_tasks), part)
-    summary = {"shards_written": len(todo), "shards_reused": reused, "samples_written": written,
-               "seconds": round(elapsed, 3), "samples_per_second": round(written / elapsed, 1) if elapsed > 0 else None}
+    summary = {
+        "shards_written": len(todo),
+        "shards_reused": reused,
+        "samples_written": written,
+        "seconds": round(elapsed, 3),
+        "samples_per_second": round(written / elapsed, 1) if elapsed > 0 else None,
+    }
     if num_tasks == 1:
         summary["manifest"] = finalize(out)
     return summary
+
+
+def _merge_indexes(out: Path, first: dict) -> tuple[dict, SkipCounter, SkipCounter]:
+    """Per split, the shard entries of the manifest; the skips and notes of every shard."""
+    skipped = SkipCounter()
+    skipped.merge(first["enumeration_skipped"])
+    notes = SkipCounter()
+    splits: dict[str, dict] = {}
+    for name in first["planned_shards"]:
+        index = load_index(out, name)
+        skipped.merge(index["skipped"])
+        notes.merge(index["notes"])
+        split = name.rsplit("-", 1)[0]
+        entry = splits.setdefault(split, {"num_samples": 0, "shards": []})
+        entry["num_samples"] += index["num_samples"]
+        entry["shards"].append(
+            {
+                "name": name,
+                "file": index["file"],
+                "num_samples": index["num_samples"],
+                "size_bytes": index["size_bytes"],
+                "sha256": index["sha256"],
+                "index": index_path(out, name).name,
+            }
+        )
+    return splits, skipped, notes
 
 
 def finalize(out_dir: str | Path) -> dict:
@@ -153,46 +229,51 @@ def finalize(out_dir: str | Path) -> dict:
     num_tasks = loaded[0]["num_tasks"]
     digests = {p["settings_digest"] for p in loaded if p["num_tasks"] == num_tasks}
     if len(digests) != 1 or any(p["num_tasks"] != num_tasks for p in loaded):
-        raise ValueError(f"{out}: parts come from runs with different settings or task counts: "
-                         f"{[p.name for p in parts]}")
+        raise ValueError(
+            f"{out}: parts come from runs with different settings or task counts: "
+            f"{[p.name for p in parts]}"
+        )
     present = {p["task_index"] for p in loaded}
     missing_tasks = sorted(set(range(num_tasks)) - present)
     if missing_tasks:
-        raise ValueError(f"{out}: array task(s) {missing_tasks} of {num_tasks} have not finished "
-                         "(no manifest.part file); re-run them, then finalize")
+        raise ValueError(
+            f"{out}: array task(s) {missing_tasks} of {num_tasks} have not finished "
+            "(no manifest.part file); re-run them, then finalize"
+        )
     first = loaded[0]
     incomplete = [n for n in first["planned_shards"] if not shard_complete(out, n)]
     if incomplete:
-        raise ValueError(f"{out}: {len(incomplete)} planned shard(s) incomplete, e.g. {incomplete[:3]}")
-    skipped = SkipCounter()
-    skipped.merge(first["enumeration_skipped"])
-    notes = SkipCounter()
-    splits: dict[str, dict] = {}
-    for name in first["planned_shards"]:
-        index = load_index(out, name)
-        skipped.merge(index["skipped"])
-        notes.merge(index["notes"])
-        split = name.rsplit("-", 1)[0]
-        entry = splits.setdefault(split, {"num_samples": 0, "shards": []})
-        entry["num_samples"] += index["num_samples"]
-        entry["shards"].append({"name": name, "file": index["file"], "num_samples": index["num_samples"],
-                                "size_bytes": index["size_bytes"], "sha256": index["sha256"],
-                                "index": index_path(out, name).name})
+        raise ValueError(
+            f"{out}: {len(incomplete)} planned shard(s) incomplete, e.g. {incomplete[:3]}"
+        )
+    splits, skipped, notes = _merge_indexes(out, first)
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "tool_version": first["tool_version"],
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": first["tool_version"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": first["source"], "settings": first["settings"],
-        "settings_digest": first["settings_digest"], "splits": splits,
-        "totals": {"samples": sum(s["num_samples"] for s in splits.values()),
-                   "shards": sum(len(s["shards"]) for s in splits.values()),
-                   "skipped": skipped.total()},
-        "skipped": skipped.to_dict(), "notes": notes.to_dict(),
+        "source": first["source"],
+        "settings": first["settings"],
+        "settings_digest": first["settings_digest"],
+        "splits": splits,
+        "totals": {
+            "samples": sum(s["num_samples"] for s in splits.values()),
+            "shards": sum(len(s["shards"]) for s in splits.values()),
+            "skipped": skipped.total(),
+        },
+        "skipped": skipped.to_dict(),
+        "notes": notes.to_dict(),
     }
     # Every study the source listed is either in a shard or counted as skipped.
-    manifest["totals"]["studies_seen"] = manifest["totals"]["samples"] + manifest["totals"]["skipped"]
+    manifest["totals"]["studies_seen"] = (
+        manifest["totals"]["samples"] + manifest["totals"]["skipped"]
+    )
     atomic_write_json(out / MANIFEST, manifest)
-    return {"samples": manifest["totals"]["samples"], "shards": manifest["totals"]["shards"],
-            "skipped": manifest["totals"]["skipped"]}
+    return {
+        "samples": manifest["totals"]["samples"],
+        "shards": manifest["totals"]["shards"],
+        "skipped": manifest["totals"]["skipped"],
+    }
 
 
 def _check_image(data: bytes, what: str, problems: list[str]) -> None:
@@ -210,47 +291,66 @@ def verify(out_dir: str | Path) -> list[str]:
     manifest = load_manifest(out)
     for entry in manifest["splits"].values():
         for shard in entry["shards"]:
-            path = out / shard["file"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-                continue
-            if path.stat().st_size != shard["size_bytes"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['size_bytes']}")
-            digest = sha256_file(path)
-            if digest != shard["sha256"]:
-                problems.append(f"{path}: sha256 {digest[:12]}... does not match the manifest's {shard['sha256'][:12]}...")
-            try:
-                index = load_index(out, shard["name"])
-            except (FileNotFoundError, ValueError) as exc:
-                problems.append(str(exc))
-                continue
-            expected = {s["key"]: s["members"] for s in index["samples"]}
-            seen: dict[str, set] = {}
-            try:
-                with tarfile.open(path, "r:") as tar:
-                    for member in tar:
-                        key, _, ext = member.name.partition(".")
-                        if key not in expected:
-                            problems.append(f"{path}: member {member.name} not in the shard index")
-                            continue
-                        offset, size = expected[key].get(ext, (None, None))
-                        if (offset, size) != (member.offset_data, member.size):
-                            problems.append(f"{path}: {member.name} at offset {member.offset_data}, index says {offset}")
-                        data = tar.extractfile(member).read()
-                        seen.setdefault(key, set()).add(ext)
-                        if ext == "json":
-                            try:
-                                json.loads(data)
-                            except json.JSONDecodeError as exc:
-                                problems.append(f"{path}: {member.name}: invalid JSON: {exc}")
-                        else:
-                            _check_image(data, f"{path}: {member.name}", problems)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                problems.append(f"{path}: unreadable tar: {exc}")
-                continue
-            if len(seen) != shard["num_samples"]:
-                problems.append(f"{path}: {len(seen)} samples, manifest says {shard['num_samples']}")
-            for key, members in expected.items():
-                if seen.get(key, set()) != set(members):
-                    problems.append(f"{path}: sample {key} members {sorted(seen.get(key, []))}, index says {sorted(members)}")
+            problems += _verify_shard(out, shard)
     return problems
+
+
+def _verify_shard(out: Path, shard: dict) -> list[str]:
+    """One shard against its manifest entry (size, sha256) and its index (every member)."""
+    path = out / shard["file"]
+    if not path.is_file():
+        return [f"{path}: missing"]
+    problems = []
+    if path.stat().st_size != shard["size_bytes"]:
+        problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['size_bytes']}")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        problems.append(
+            f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+            f"{shard['sha256'][:12]}..."
+        )
+    try:
+        index = load_index(out, shard["name"])
+    except (FileNotFoundError, ValueError) as exc:
+        return problems + [str(exc)]
+    expected = {s["key"]: s["members"] for s in index["samples"]}
+    try:
+        seen = _verify_members(path, expected, problems)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return problems + [f"{path}: unreadable tar: {exc}"]
+    if len(seen) != shard["num_samples"]:
+        problems.append(f"{path}: {len(seen)} samples, manifest says {shard['num_samples']}")
+    for key, members in expected.items():
+        if seen.get(key, set()) != set(members):
+            problems.append(
+                f"{path}: sample {key} members {sorted(seen.get(key, []))}, "
+                f"index says {sorted(members)}"
+            )
+    return problems
+
+
+def _verify_members(path: Path, expected: dict, problems: list[str]) -> dict[str, set]:
+    """Every tar member at its indexed offset and decodable; returns the extensions seen per
+    sample key."""
+    seen: dict[str, set] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key not in expected:
+                problems.append(f"{path}: member {member.name} not in the shard index")
+                continue
+            offset, size = expected[key].get(ext, (None, None))
+            if (offset, size) != (member.offset_data, member.size):
+                problems.append(
+                    f"{path}: {member.name} at offset {member.offset_data}, index says {offset}"
+                )
+            data = tar.extractfile(member).read()
+            seen.setdefault(key, set()).add(ext)
+            if ext == "json":
+                try:
+                    json.loads(data)
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{path}: {member.name}: invalid JSON: {exc}")
+            else:
+                _check_image(data, f"{path}: {member.name}", problems)
+    return seen

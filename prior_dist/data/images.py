@@ -43,6 +43,7 @@ def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def dicom_to_uint8(data: bytes) -> np.ndarray:
     """Decode DICOM bytes to 8-bit grayscale: modality LUT, VOI LUT or window, MONOCHROME1."""
+    # pydicom takes a while to import and only DICOM inputs need it.
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -79,8 +80,9 @@ def dicom_to_uint8(data: bytes) -> np.ndarray:
     return pixels
 
 
-def decode_grayscale(data: bytes, suffix: str = "", size: int | None = None,
-                     mode: ResizeMode = "short") -> Image.Image:
+def decode_grayscale(
+    data: bytes, suffix: str = "", size: int | None = None, mode: ResizeMode = "short"
+) -> Image.Image:
     """Decode image bytes to an 8-bit grayscale PIL image.
 
     When `size` is given and the file is a JPEG, the decoder downscales in the DCT domain to
@@ -101,7 +103,9 @@ def decode_grayscale(data: bytes, suffix: str = "", size: int | None = None,
         # 16-bit PNG/TIFF: stretch the actual pixel range (no header says how many bits are
         # significant, and 12-bit data in 16-bit containers is the common case).
         values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(_to_uint8(values, float(values.min()), float(values.max())), mode="L")
+        return Image.fromarray(
+            _to_uint8(values, float(values.min()), float(values.max())), mode="L"
+        )
     if image.mode != "L":
         image = image.convert("L")
     return image
@@ -127,8 +131,14 @@ def encode(image: Image.Image, fmt: ImageFormat = "jpg", quality: int = 95) -> b
     return buffer.getvalue()
 
 
-def prepare_image(data: bytes, suffix: str, size: int, mode: ResizeMode = "short",
-                  fmt: ImageFormat = "jpg", quality: int = 95) -> bytes:
+def prepare_image(
+    data: bytes,
+    suffix: str,
+    size: int,
+    mode: ResizeMode = "short",
+    fmt: ImageFormat = "jpg",
+    quality: int = 95,
+) -> bytes:
     """Decode once, convert to 8-bit grayscale, resize, re-encode: the shardify image path."""
     image = decode_grayscale(data, suffix, size=size, mode=mode)
     return encode(resize(image, size, mode), fmt, quality)

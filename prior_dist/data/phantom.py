@@ -123,8 +123,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return rows[:, i0] * (1 - t)[None, :] + rows[:, i0 + 1] * t[None, :]
 
 
-def _render(rng: np.random.Generator, size: int, findings: list[Finding], anatomy: dict
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _render(
+    rng: np.random.Generator, size: int, findings: list[Finding], anatomy: dict
+) -> tuple[np.ndarray, np.ndarray]:
     c = _Canvas(size)
     a = anatomy
     shift_x, shift_y = a["shift_x"], a["shift_y"]
@@ -147,7 +148,9 @@ def _render(rng: np.random.Generator, size: int, findings: list[Finding], anatom
     img -= 0.42 * lungs * (0.85 + 0.15 * markings)
     # Ribs: bright arcs over the lungs.
     phase = rng.uniform(0, 2 * np.pi)
-    ribs = 0.5 + 0.5 * np.sin(2 * np.pi * a["rib_freq"] * (c.y + 0.12 * (c.x - 0.5) ** 2 * 4) + phase)
+    ribs = 0.5 + 0.5 * np.sin(
+        2 * np.pi * a["rib_freq"] * (c.y + 0.12 * (c.x - 0.5) ** 2 * 4) + phase
+    )
     img += 0.07 * (ribs**6) * lungs
     # Mediastinum and heart (heart sits toward the patient's left = image right).
     img += 0.16 * c.ellipse(0.5 + shift_x, 0.35 + shift_y, 0.06, 0.3, 0.1)
@@ -167,8 +170,9 @@ def _render(rng: np.random.Generator, size: int, findings: list[Finding], anatom
     mask = np.zeros((size, size), dtype=np.uint8)
     for finding in findings:
         bit = np.uint8(1 << FINDINGS.index(finding.name))
-        region = _draw_finding(rng, c, img, finding, lung_cx, lung_cy, lung_rx, lung_ry, lungs,
-                               heart)
+        region = _draw_finding(
+            rng, c, img, finding, lung_cx, lung_cy, lung_rx, lung_ry, lungs, heart
+        )
         mask[region > 0.5] |= bit
     # Exposure, noise, clipping.
     img = a["gain"] * img + a["offset"]
@@ -178,16 +182,26 @@ def _render(rng: np.random.Generator, size: int, findings: list[Finding], anatom
 
 
 def _severity_scale(severity: str) -> float:
-    return {"mild": 0.7, "small": 0.7, "moderate": 1.0, "severe": 1.35, "large": 1.35}.get(severity, 1.0)
+    return {"mild": 0.7, "small": 0.7, "moderate": 1.0, "severe": 1.35, "large": 1.35}.get(
+        severity, 1.0
+    )
 
 
 def _zone_y(zone: str, lung_cy: float, lung_ry: float) -> float:
-    return lung_cy + {"upper": -0.45, "apical": -0.7, "middle": 0.0, "lower": 0.42}.get(zone, 0.0) * lung_ry
+    return (
+        lung_cy
+        + {"upper": -0.45, "apical": -0.7, "middle": 0.0, "lower": 0.42}.get(zone, 0.0) * lung_ry
+    )
 
 
-def _draw_finding(rng, c: _Canvas, img, f: Finding, lung_cx, lung_cy, lung_rx, lung_ry, lungs,
-                  heart) -> np.ndarray:
-    """Draw one finding into `img` in place and return its region (float mask in [0, 1])."""
+def _draw_finding(
+    rng, c: _Canvas, img, f: Finding, lung_cx, lung_cy, lung_rx, lung_ry, lungs, heart
+) -> np.ndarray:
+    """Draw one finding into `img` in place and return its region (float mask in [0, 1]).
+
+    Long because it is a table: one branch per finding, in one function so that the order of
+    the random draws (which `GENERATOR_VERSION` pins: same seed, same images) stays visible.
+    """
     k = _severity_scale(f.severity)
     sides = ["right", "left"] if f.side == "bilateral" else [f.side]
     region = np.zeros_like(img)
@@ -209,7 +223,9 @@ def _draw_finding(rng, c: _Canvas, img, f: Finding, lung_cx, lung_cy, lung_rx, l
             r = (patchy > 0.35) * (lungs > 0.2)
             img += 0.38 * np.clip(patchy * 1.4, 0, 1) * (lungs > 0.2)
         elif f.name == "edema":
-            haze = c.gaussian(cx + (0.1 if side == "right" else -0.1), lung_cy + 0.02, 0.11 * k, 0.16 * k)
+            haze = c.gaussian(
+                cx + (0.1 if side == "right" else -0.1), lung_cy + 0.02, 0.11 * k, 0.16 * k
+            )
             kerley = (np.abs(np.sin(c.y * 180.0)) > 0.93) * (np.abs(c.x - cx) > lung_rx * 0.6)
             kerley = kerley * (c.y > lung_cy + 0.15)
             r = ((haze > 0.4) | (kerley > 0)) * (lungs > 0.2)
@@ -232,7 +248,12 @@ def _draw_finding(rng, c: _Canvas, img, f: Finding, lung_cx, lung_cy, lung_rx, l
             r = pocket.astype(np.float32)
             # Lucent, no markings, with a thin bright visceral pleural line.
             img -= 0.12 * r
-            img += 0.18 * np.exp(-0.5 * ((c.x - edge_x) / 0.003) ** 2) * (c.y < apex_y + lung_ry * 1.1) * (lungs > 0.3)
+            img += (
+                0.18
+                * np.exp(-0.5 * ((c.x - edge_x) / 0.003) ** 2)
+                * (c.y < apex_y + lung_ry * 1.1)
+                * (lungs > 0.3)
+            )
         elif f.name == "nodule":
             y = _zone_y(f.zone, lung_cy, lung_ry)
             nx = cx + rng.uniform(-0.4, 0.4) * lung_rx
@@ -303,107 +324,159 @@ def _side_words(side: str) -> str:
 
 def _lobe(side: str, zone: str) -> str:
     lobes = {
-        ("right", "upper"): "right upper lobe", ("right", "middle"): "right middle lobe",
-        ("right", "lower"): "right lower lobe", ("left", "upper"): "left upper lobe",
-        ("left", "middle"): "lingula", ("left", "lower"): "left lower lobe",
+        ("right", "upper"): "right upper lobe",
+        ("right", "middle"): "right middle lobe",
+        ("right", "lower"): "right lower lobe",
+        ("left", "upper"): "left upper lobe",
+        ("left", "middle"): "lingula",
+        ("left", "lower"): "left lower lobe",
     }
     return lobes.get((side, zone), f"{side} lung")
 
 
 def _positive_sentence(rng, f: Finding) -> str:
+    """One sentence stating finding `f`, phrased at random.
+
+    Long because it is a phrase table, one branch per finding; the random draws keep the order
+    that `GENERATOR_VERSION` pins.
+    """
     sev = f.severity
     side = _side_words(f.side)
     pick = lambda options: str(rng.choice(options))  # noqa: E731
     if f.name == "atelectasis":
         where = "bibasilar" if f.side == "bilateral" else f"{side} basilar"
-        return pick([
-            f"{(sev + ' ') if sev else ''}{where} atelectasis is present.".capitalize(),
-            f"There is {(sev + ' ') if sev else ''}plate-like atelectasis at the {side} lung base{'s' if f.side == 'bilateral' else ''}.",
-            f"Linear opacity at the {side} base{'s' if f.side == 'bilateral' else ''} is consistent with atelectasis.",
-            f"{(sev + ' ') if sev else ''}{where} atelectasis is observed.".capitalize(),
-        ])
+        return pick(
+            [
+                f"{(sev + ' ') if sev else ''}{where} atelectasis is present.".capitalize(),
+                f"There is {(sev + ' ') if sev else ''}plate-like atelectasis at the {side} "
+                f"lung base{'s' if f.side == 'bilateral' else ''}.",
+                f"Linear opacity at the {side} base{'s' if f.side == 'bilateral' else ''} is "
+                "consistent with atelectasis.",
+                f"{(sev + ' ') if sev else ''}{where} atelectasis is observed.".capitalize(),
+            ]
+        )
     if f.name == "cardiomegaly":
-        return pick([
-            f"The heart is {sev}ly enlarged." if sev != "severe" else "The heart is markedly enlarged.",
-            f"There is {sev} cardiomegaly.",
-            f"The cardiac silhouette is enlarged, consistent with {sev} cardiomegaly.",
-            f"{sev.capitalize()} cardiomegaly is observed.",
-        ])
+        return pick(
+            [
+                f"The heart is {sev}ly enlarged."
+                if sev != "severe"
+                else "The heart is markedly enlarged.",
+                f"There is {sev} cardiomegaly.",
+                f"The cardiac silhouette is enlarged, consistent with {sev} cardiomegaly.",
+                f"{sev.capitalize()} cardiomegaly is observed.",
+            ]
+        )
     if f.name == "consolidation":
         lobe = _lobe(f.side, f.zone)
         dense = {"severe": "dense ", "moderate": "", "": ""}[sev]
-        return pick([
-            f"There is {dense}consolidation in the {lobe}.",
-            f"{'Dense' if dense else 'Patchy'} airspace consolidation is seen in the {lobe}, concerning for pneumonia.",
-            f"Focal consolidation is present in the {lobe}.",
-            f"Consolidation is observed in the {lobe}.",
-        ])
+        return pick(
+            [
+                f"There is {dense}consolidation in the {lobe}.",
+                f"{'Dense' if dense else 'Patchy'} airspace consolidation is seen in the {lobe}, "
+                "concerning for pneumonia.",
+                f"Focal consolidation is present in the {lobe}.",
+                f"Consolidation is observed in the {lobe}.",
+            ]
+        )
     if f.name == "edema":
-        return pick([
-            f"There is {sev} pulmonary edema.",
-            f"{sev.capitalize()} interstitial pulmonary edema is present with perihilar haziness.",
-            f"Findings are consistent with {sev} pulmonary edema.",
-            f"{sev.capitalize()} pulmonary edema is observed.",
-        ])
+        return pick(
+            [
+                f"There is {sev} pulmonary edema.",
+                f"{sev.capitalize()} interstitial pulmonary edema is present with perihilar "
+                "haziness.",
+                f"Findings are consistent with {sev} pulmonary edema.",
+                f"{sev.capitalize()} pulmonary edema is observed.",
+            ]
+        )
     if f.name == "pleural_effusion":
         if f.side == "bilateral":
-            return pick([
-                f"There are {sev} bilateral pleural effusions.",
-                f"{sev.capitalize()} bilateral pleural effusions are present.",
-                f"{sev.capitalize()} bilateral pleural effusions are observed.",
-            ])
-        return pick([
-            f"There is a {sev} {side} pleural effusion.",
-            f"A {sev} {side} pleural effusion is present with blunting of the costophrenic angle.",
-            f"{sev.capitalize()} {side}-sided pleural effusion.",
-            f"A {sev} {side} pleural effusion is observed.",
-        ])
+            return pick(
+                [
+                    f"There are {sev} bilateral pleural effusions.",
+                    f"{sev.capitalize()} bilateral pleural effusions are present.",
+                    f"{sev.capitalize()} bilateral pleural effusions are observed.",
+                ]
+            )
+        return pick(
+            [
+                f"There is a {sev} {side} pleural effusion.",
+                f"A {sev} {side} pleural effusion is present with blunting of the costophrenic "
+                "angle.",
+                f"{sev.capitalize()} {side}-sided pleural effusion.",
+                f"A {sev} {side} pleural effusion is observed.",
+            ]
+        )
     if f.name == "pneumothorax":
-        return pick([
-            f"There is a {sev} {side} apical pneumothorax.",
-            f"A {sev} {side} pneumothorax is seen.",
-            f"{sev.capitalize()} {side}-sided pneumothorax with a visible pleural line.",
-            f"A {sev} {side} pneumothorax is observed.",
-        ])
+        return pick(
+            [
+                f"There is a {sev} {side} apical pneumothorax.",
+                f"A {sev} {side} pneumothorax is seen.",
+                f"{sev.capitalize()} {side}-sided pneumothorax with a visible pleural line.",
+                f"A {sev} {side} pneumothorax is observed.",
+            ]
+        )
     if f.name == "nodule":
         size_cm = rng.choice(["0.8", "1.0", "1.2", "1.5"])
         lobe = _lobe(f.side, f.zone)
-        return pick([
-            f"There is a {size_cm} cm nodule in the {lobe}.",
-            f"A {size_cm} cm rounded opacity in the {lobe} may represent a nodule.",
-            f"A {lobe} pulmonary nodule measures {size_cm} cm.",
-            f"A {size_cm} cm nodule is observed in the {lobe}.",
-        ])
+        return pick(
+            [
+                f"There is a {size_cm} cm nodule in the {lobe}.",
+                f"A {size_cm} cm rounded opacity in the {lobe} may represent a nodule.",
+                f"A {lobe} pulmonary nodule measures {size_cm} cm.",
+                f"A {size_cm} cm nodule is observed in the {lobe}.",
+            ]
+        )
     if f.name == "support_devices":
-        return pick([
-            "An endotracheal tube is in place.",
-            "Support devices are in standard position.",
-            "A nasogastric tube courses below the diaphragm.",
-            "The enteric tube is in satisfactory position.",
-        ])
+        return pick(
+            [
+                "An endotracheal tube is in place.",
+                "Support devices are in standard position.",
+                "A nasogastric tube courses below the diaphragm.",
+                "The enteric tube is in satisfactory position.",
+            ]
+        )
     raise ValueError(f.name)
 
 
 _NEGATIVES = {
     "atelectasis": ["No atelectasis.", "There is no atelectasis."],
-    "cardiomegaly": ["The heart size is normal.", "Heart size is within normal limits.",
-                     "The cardiomediastinal silhouette is normal."],
-    "consolidation": ["No focal consolidation.", "There is no focal consolidation.",
-                      "No focal airspace consolidation is seen."],
+    "cardiomegaly": [
+        "The heart size is normal.",
+        "Heart size is within normal limits.",
+        "The cardiomediastinal silhouette is normal.",
+    ],
+    "consolidation": [
+        "No focal consolidation.",
+        "There is no focal consolidation.",
+        "No focal airspace consolidation is seen.",
+    ],
     "edema": ["No pulmonary edema.", "There is no pulmonary vascular congestion or edema."],
-    "pleural_effusion": ["No pleural effusion.", "There is no pleural effusion.",
-                         "The costophrenic angles are sharp."],
+    "pleural_effusion": [
+        "No pleural effusion.",
+        "There is no pleural effusion.",
+        "The costophrenic angles are sharp.",
+    ],
     "pneumothorax": ["No pneumothorax.", "There is no pneumothorax."],
     "nodule": ["No suspicious pulmonary nodules.", "No focal nodules are identified."],
     "support_devices": [],
 }
-_FILLERS = ["The osseous structures are unremarkable.", "The mediastinal contours are normal.",
-            "Visualized upper abdomen is unremarkable.", "Degenerative changes of the thoracic spine.",
-            "The hila are normal in size.", "Surgical clips are noted in the upper abdomen."]
+_FILLERS = [
+    "The osseous structures are unremarkable.",
+    "The mediastinal contours are normal.",
+    "Visualized upper abdomen is unremarkable.",
+    "Degenerative changes of the thoracic spine.",
+    "The hila are normal in size.",
+    "Surgical clips are noted in the upper abdomen.",
+]
 _IMPRESSION_NAMES = {
-    "atelectasis": "atelectasis", "cardiomegaly": "cardiomegaly", "consolidation": "consolidation",
-    "edema": "pulmonary edema", "pleural_effusion": "pleural effusion", "pneumothorax": "pneumothorax",
-    "nodule": "pulmonary nodule", "support_devices": "support devices in place",
+    "atelectasis": "atelectasis",
+    "cardiomegaly": "cardiomegaly",
+    "consolidation": "consolidation",
+    "edema": "pulmonary edema",
+    "pleural_effusion": "pleural effusion",
+    "pneumothorax": "pneumothorax",
+    "nodule": "pulmonary nodule",
+    "support_devices": "support devices in place",
 }
 
 
@@ -428,9 +501,15 @@ def write_report(rng: np.random.Generator, findings: list[Finding]) -> str:
         else:
             impression = " ".join(f"{i + 1}. {p.capitalize()}." for i, p in enumerate(parts))
     else:
-        impression = str(rng.choice(["No acute cardiopulmonary process.",
-                                     "No acute intrathoracic abnormality.",
-                                     "Normal chest radiograph."]))
+        impression = str(
+            rng.choice(
+                [
+                    "No acute cardiopulmonary process.",
+                    "No acute intrathoracic abnormality.",
+                    "Normal chest radiograph.",
+                ]
+            )
+        )
     header = str(rng.choice(["FINDINGS:", "Findings:", "FINDINGS :"]))
     # Line-wrap the findings at ~70 characters as dictation systems do.
     text, line = [], ""
@@ -451,18 +530,30 @@ def write_report(rng: np.random.Generator, findings: list[Finding]) -> str:
 
 def _anatomy(rng: np.random.Generator, findings: list[Finding]) -> dict:
     enlarged = next((f for f in findings if f.name == "cardiomegaly"), None)
-    ctr = rng.uniform(0.40, 0.48) if enlarged is None else {
-        "mild": 0.56, "moderate": 0.61, "severe": 0.67}[enlarged.severity] + rng.uniform(-0.01, 0.02)
+    ctr = (
+        rng.uniform(0.40, 0.48)
+        if enlarged is None
+        else {"mild": 0.56, "moderate": 0.61, "severe": 0.67}[enlarged.severity]
+        + rng.uniform(-0.01, 0.02)
+    )
     return {
-        "shift_x": rng.normal(0, 0.015), "shift_y": rng.normal(0, 0.015),
-        "lung_rx": rng.uniform(0.15, 0.18), "lung_ry": rng.uniform(0.26, 0.31),
-        "rib_freq": rng.uniform(9.0, 12.0), "ctr": ctr, "heart_ry": rng.uniform(0.9, 1.15),
-        "gain": rng.uniform(0.85, 1.15), "offset": rng.uniform(-0.05, 0.05),
-        "gamma": rng.uniform(0.8, 1.25), "noise": rng.uniform(0.01, 0.035),
+        "shift_x": rng.normal(0, 0.015),
+        "shift_y": rng.normal(0, 0.015),
+        "lung_rx": rng.uniform(0.15, 0.18),
+        "lung_ry": rng.uniform(0.26, 0.31),
+        "rib_freq": rng.uniform(9.0, 12.0),
+        "ctr": ctr,
+        "heart_ry": rng.uniform(0.9, 1.15),
+        "gain": rng.uniform(0.85, 1.15),
+        "offset": rng.uniform(-0.05, 0.05),
+        "gamma": rng.uniform(0.8, 1.25),
+        "noise": rng.uniform(0.01, 0.035),
     }
 
 
-def make_study(index: int, seed: int = 0, size: int = 256, studies_per_subject: int = 2) -> PhantomStudy:
+def make_study(
+    index: int, seed: int = 0, size: int = 256, studies_per_subject: int = 2
+) -> PhantomStudy:
     """Generate study `index` of the phantom dataset with `seed` (pure function of both)."""
     rng = _rng(seed, "study", index)
     findings = _sample_findings(rng)
@@ -475,7 +566,11 @@ def make_study(index: int, seed: int = 0, size: int = 256, studies_per_subject: 
     for view in range(1, num_images):
         view_rng = _rng(seed, "study", index, "view", view)
         noise = view_rng.normal(0, 6.0, image.shape)
-        images.append(np.clip(image.astype(np.float32) * view_rng.uniform(0.9, 1.1) + noise, 0, 255).astype(np.uint8))
+        images.append(
+            np.clip(image.astype(np.float32) * view_rng.uniform(0.9, 1.1) + noise, 0, 255).astype(
+                np.uint8
+            )
+        )
     report = write_report(_rng(seed, "report", index), findings)
     present = {f.name for f in findings}
     labels = {LABEL_NAMES[name]: int(name in present) for name in FINDINGS}
@@ -485,8 +580,12 @@ def make_study(index: int, seed: int = 0, size: int = 256, studies_per_subject: 
     for i, name in enumerate(FINDINGS):
         ys, xs = np.nonzero(mask & (1 << i))
         if len(xs):
-            boxes.append({"label": LABEL_NAMES[name], "box": [int(xs.min()), int(ys.min()),
-                                                              int(xs.max()) + 1, int(ys.max()) + 1]})
+            boxes.append(
+                {
+                    "label": LABEL_NAMES[name],
+                    "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                }
+            )
     return PhantomStudy(
         key=f"ph{seed:04d}s{index:08d}",
         subject_id=f"ph{seed:04d}p{subject:08d}",

@@ -11,6 +11,7 @@ from typing import Literal
 from PIL import Image
 
 from prior_dist.data import images as imgs
+from prior_dist.data.phantom import make_study
 from prior_dist.data.reports import decode_report_bytes, extract_sections
 from prior_dist.data.sources import StudyRecord
 
@@ -37,7 +38,9 @@ class PrepareSettings:
         if self.min_sentences < 0:
             raise ValueError(f"min_sentences must be >= 0, got {self.min_sentences}")
         if self.encoding_errors not in ("skip", "repair"):
-            raise ValueError(f"encoding_errors must be 'skip' or 'repair', got {self.encoding_errors!r}")
+            raise ValueError(
+                f"encoding_errors must be 'skip' or 'repair', got {self.encoding_errors!r}"
+            )
 
 
 class Skip(Exception):
@@ -73,16 +76,48 @@ def _encode_mask(mask) -> bytes:
     return buffer.getvalue()
 
 
-def prepare_study(record: StudyRecord, settings: PrepareSettings) -> tuple[dict[str, bytes], list[str]]:
+def _encoded_images(
+    record: StudyRecord, settings: PrepareSettings, notes: list[str]
+) -> tuple[list[bytes], list[str]]:
+    """The record's images resized and encoded, with their views; a missing or unreadable image
+    is noted and left out. Raises `Skip` when none is left."""
+    encoded: list[bytes] = []
+    views: list[str] = []
+    for i, path in enumerate(record.images):
+        try:
+            data = imgs.read_bytes(path)
+            encoded.append(
+                imgs.prepare_image(
+                    data,
+                    Path(path).suffix,
+                    settings.image_size,
+                    settings.resize_mode,
+                    settings.image_format,
+                    settings.jpeg_quality,
+                )
+            )
+            views.append(record.views[i] if i < len(record.views) else "")
+        except FileNotFoundError:
+            notes.append("missing_image")
+        except (OSError, imgs.ImageDecodeError):
+            notes.append("unreadable_image")
+    if not encoded:
+        raise Skip(notes[-1] if notes else "no_image", record.key)
+    return encoded, views
+
+
+def prepare_study(
+    record: StudyRecord, settings: PrepareSettings
+) -> tuple[dict[str, bytes], list[str]]:
     """Members ({extension: bytes}) of the sample for `record`, and image-level notes.
 
     Raises `Skip` with a reason when the study cannot be used.
     """
     phantom = None
     if record.phantom_index is not None:
-        from prior_dist.data.phantom import make_study
-
-        phantom = make_study(record.phantom_index, seed=settings.phantom_seed, size=settings.image_size)
+        phantom = make_study(
+            record.phantom_index, seed=settings.phantom_seed, size=settings.image_size
+        )
         text, notes = phantom.report, []
     else:
         text, notes = _report_text(record, settings)
@@ -96,27 +131,20 @@ def prepare_study(record: StudyRecord, settings: PrepareSettings) -> tuple[dict[
     if len(parsed.sentences) < settings.min_sentences:
         raise Skip("too_few_sentences", f"{record.key}: {len(parsed.sentences)}")
 
-    encoded: list[bytes] = []
-    views: list[str] = []
     if phantom is not None:
-        for image in phantom.images:
-            pil = imgs.resize(Image.fromarray(image, mode="L"), settings.image_size, settings.resize_mode)
-            encoded.append(imgs.encode(pil, settings.image_format, settings.jpeg_quality))
-            views.append("PA")
+        encoded = [
+            imgs.encode(
+                imgs.resize(
+                    Image.fromarray(im, mode="L"), settings.image_size, settings.resize_mode
+                ),
+                settings.image_format,
+                settings.jpeg_quality,
+            )
+            for im in phantom.images
+        ]
+        views = ["PA"] * len(encoded)
     else:
-        for i, path in enumerate(record.images):
-            try:
-                data = imgs.read_bytes(path)
-                encoded.append(imgs.prepare_image(data, Path(path).suffix, settings.image_size,
-                                                  settings.resize_mode, settings.image_format,
-                                                  settings.jpeg_quality))
-                views.append(record.views[i] if i < len(record.views) else "")
-            except FileNotFoundError:
-                notes.append("missing_image")
-            except (OSError, imgs.ImageDecodeError):
-                notes.append("unreadable_image")
-        if not encoded:
-            raise Skip(notes[-1] if notes else "no_image", record.key)
+        encoded, views = _encoded_images(record, settings, notes)
 
     meta = {
         "id": record.key,

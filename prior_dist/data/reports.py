@@ -29,8 +29,30 @@ _HEADER_RE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&()\-]{0,60}?)[ \t]*:", re.MU
 
 # Abbreviations whose period never ends a sentence.
 _ABBREVIATIONS = [
-    "dr", "drs", "mr", "mrs", "ms", "prof", "vs", "approx", "appt", "st", "no", "nos",
-    "fig", "figs", "cf", "resp", "sr", "jr", "pt", "pts", "hx", "dx", "incl", "apprx",
+    "dr",
+    "drs",
+    "mr",
+    "mrs",
+    "ms",
+    "prof",
+    "vs",
+    "approx",
+    "appt",
+    "st",
+    "no",
+    "nos",
+    "fig",
+    "figs",
+    "cf",
+    "resp",
+    "sr",
+    "jr",
+    "pt",
+    "pts",
+    "hx",
+    "dx",
+    "incl",
+    "apprx",
 ]
 _ABBREV_RE = re.compile(r"\b(" + "|".join(_ABBREVIATIONS) + r")\.(?=\s|$)", re.IGNORECASE)
 # "e.g.", "i.e.", "a.m.", "p.m.": internal periods protected; the last one may end a sentence
@@ -141,7 +163,10 @@ def split_sentences(text: str) -> list[str]:
     text = text.replace("\n", " ")
     text = _DECIMAL_RE.sub(_PROTECT, text)
     text = _ABBREV_RE.sub(lambda m: m.group(1) + _PROTECT, text)
-    text = _EG_RE.sub(lambda m: (m.group(1) or m.group(3)) + _PROTECT + (m.group(2) or m.group(4)) + _PROTECT, text)
+    text = _EG_RE.sub(
+        lambda m: (m.group(1) or m.group(3)) + _PROTECT + (m.group(2) or m.group(4)) + _PROTECT,
+        text,
+    )
     text = _AMPM_RE.sub(lambda m: m.group(1) + _PROTECT + m.group(2) + ".", text)
     text = _SPLIT_RE.sub(lambda m: m.group(1) + _BOUNDARY, text)
     sentences = []

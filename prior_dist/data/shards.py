@@ -15,8 +15,9 @@ import os
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT = "prior_dist-shards"
@@ -82,8 +83,10 @@ class SkipCounter:
                     bucket.append(example)
 
     def to_dict(self) -> dict[str, dict]:
-        return {reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
-                for reason in sorted(self.counts)}
+        return {
+            reason: {"count": self.counts[reason], "examples": self.examples.get(reason, [])}
+            for reason in sorted(self.counts)
+        }
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -112,7 +115,9 @@ def write_shard(out_dir: Path, name: str, samples: Iterable[tuple[str, dict[str,
                     info.mode = 0o644
                     header_at = tar.offset
                     tar.addfile(info, io.BytesIO(data))
-                    header_len = len(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+                    header_len = len(
+                        info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+                    )
                     offsets[ext] = [header_at + header_len, len(data)]
                 entries.append({"key": key, "members": offsets})
         raw.flush()
@@ -140,8 +145,10 @@ def shard_complete(out_dir: Path, name: str) -> bool:
 def load_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest.json (run `python -m prior_dist.shardify` "
-                                "first, or `finalize` after an array job)")
+        raise FileNotFoundError(
+            f"{path}: no manifest.json (run `python -m prior_dist.shardify` "
+            "first, or `finalize` after an array job)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

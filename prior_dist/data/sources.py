@@ -6,18 +6,18 @@ read later, in the workers) and the studies skipped at enumeration, counted by r
 
 from __future__ import annotations
 
-import csv
-import gzip
-import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prior_dist.data.labels import chexpert_value
+from prior_dist.data.phantom import GENERATOR_VERSION, split_for_subject
 from prior_dist.data.shards import SkipCounter, sanitize_key
+from prior_dist.data.tables import patient_split, read_csv_rows
 
 FRONTAL_VIEWS = ("PA", "AP")
-SPLIT_NAMES = ("train", "validate", "test")
+# The salt of pretraining sources' patient splits (changing it moves patients between splits).
+PATIENT_SALT = "prior_dist"
 
 
 @dataclass
@@ -33,52 +33,36 @@ class StudyRecord:
     phantom_index: int | None = None
 
 
-def hash_split(subject: str, val_fraction: float, test_fraction: float, salt: str = "prior_dist") -> str:
-    """Deterministic split by subject, so no patient appears in two splits."""
-    digest = hashlib.sha256(f"{salt}:{subject}".encode()).digest()
-    u = int.from_bytes(digest[:8], "little") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "validate"
-    return "train"
+def _mimic_studies(rows: list[dict], images_root: str, views: tuple[str, ...]) -> dict:
+    """Metadata rows grouped by study: the subject and the image paths and views of the
+    study's images in `views`."""
+    studies: dict[str, dict] = {}
+    for row in rows:
+        study = studies.setdefault(
+            row["study_id"], {"subject": row["subject_id"], "frontal": [], "views": [], "all": 0}
+        )
+        study["all"] += 1
+        view = row["ViewPosition"].strip().upper()
+        if view in views:
+            subject = row["subject_id"]
+            folder = Path(images_root) / "files" / f"p{subject[:2]}" / f"p{subject}"
+            study["frontal"].append(str(folder / f"s{row['study_id']}" / f"{row['dicom_id']}.jpg"))
+            study["views"].append(view)
+    return studies
 
 
-def _open_table(path: str | Path) -> io.TextIOBase:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        if path.suffix == ".gz":
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")
-    except OSError as exc:
-        raise OSError(f"{path}: cannot open: {exc}") from exc
-
-
-def read_csv_rows(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """All rows of a CSV (optionally gzipped); fails naming the file and the missing columns."""
-    try:
-        with _open_table(path) as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            missing = [c for c in required if c not in columns]
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; found {columns}")
-            return list(reader)
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, csv.Error) as exc:
-        raise ValueError(f"{path}: unreadable table: {type(exc).__name__}: {exc}") from exc
-
-
-def _parse_chexpert_value(raw: str) -> float | None:
-    raw = raw.strip()
-    return None if raw == "" else float(raw)
-
-
-def enumerate_mimic(images_root: str, reports_root: str, metadata: str, split_file: str | None,
-                    labels_file: str | None, views: tuple[str, ...], val_fraction: float,
-                    test_fraction: float) -> tuple[list[StudyRecord], SkipCounter, dict]:
-    """Studies of MIMIC-CXR-JPG + MIMIC-CXR reports, one record per study with its frontal images."""
+def enumerate_mimic(
+    images_root: str,
+    reports_root: str,
+    metadata: str,
+    split_file: str | None,
+    labels_file: str | None,
+    views: tuple[str, ...],
+    val_fraction: float,
+    test_fraction: float,
+) -> tuple[list[StudyRecord], SkipCounter, dict]:
+    """Studies of MIMIC-CXR-JPG + MIMIC-CXR reports, one record per study with its frontal
+    images."""
     for root, what in ((images_root, "--images"), (reports_root, "--reports")):
         if not Path(root).is_dir():
             raise FileNotFoundError(f"{what} {root}: directory not found")
@@ -89,41 +73,58 @@ def enumerate_mimic(images_root: str, reports_root: str, metadata: str, split_fi
             split_by_study[row["study_id"]] = row["split"]
     labels_by_study: dict[str, dict] = {}
     if labels_file:
-        label_rows = read_csv_rows(labels_file, ("study_id",))
-        for row in label_rows:
+        for row in read_csv_rows(labels_file, ("study_id",)):
             labels_by_study[row["study_id"]] = {
-                k: _parse_chexpert_value(v) for k, v in row.items() if k not in ("subject_id", "study_id")
+                k: chexpert_value(v) for k, v in row.items() if k not in ("subject_id", "study_id")
             }
     skipped = SkipCounter()
-    studies: dict[str, dict] = {}
-    for row in rows:
-        study = studies.setdefault(row["study_id"], {"subject": row["subject_id"], "frontal": [], "views": [], "all": 0})
-        study["all"] += 1
-        if row["ViewPosition"].strip().upper() in views:
-            subject = row["subject_id"]
-            path = Path(images_root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{row['study_id']}" / f"{row['dicom_id']}.jpg"
-            study["frontal"].append(str(path))
-            study["views"].append(row["ViewPosition"].strip().upper())
     records = []
-    for study_id, info in sorted(studies.items()):
+    for study_id, info in sorted(_mimic_studies(rows, images_root, views).items()):
         key = sanitize_key(f"s{study_id}")
         if not info["frontal"]:
             skipped.add("non_frontal_only", key)
             continue
         subject = info["subject"]
-        split = split_by_study.get(study_id) or hash_split(subject, val_fraction, test_fraction)
-        report_path = Path(reports_root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study_id}.txt"
-        records.append(StudyRecord(
-            key=key, split=split, subject_id=subject, images=info["frontal"], views=info["views"],
-            report_path=str(report_path), labels=labels_by_study.get(study_id),
-        ))
-    source = {"kind": "mimic-cxr", "images": str(images_root), "reports": str(reports_root),
-              "metadata": str(metadata), "split": split_file, "labels": labels_file,
-              "views": list(views), "metadata_rows": len(rows)}
+        split = split_by_study.get(study_id) or patient_split(
+            subject, {"validate": val_fraction, "test": test_fraction}, PATIENT_SALT
+        )
+        report_path = (
+            Path(reports_root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study_id}.txt"
+        )
+        records.append(
+            StudyRecord(
+                key=key,
+                split=split,
+                subject_id=subject,
+                images=info["frontal"],
+                views=info["views"],
+                report_path=str(report_path),
+                labels=labels_by_study.get(study_id),
+            )
+        )
+    source = {
+        "kind": "mimic-cxr",
+        "images": str(images_root),
+        "reports": str(reports_root),
+        "metadata": str(metadata),
+        "split": split_file,
+        "labels": labels_file,
+        "views": list(views),
+        "metadata_rows": len(rows),
+    }
     return records, skipped, source
 
 
-_MANIFEST_COLUMNS = {"id", "image", "report", "report_path", "split", "labels", "subject_id", "views"}
+_MANIFEST_COLUMNS = {
+    "id",
+    "image",
+    "report",
+    "report_path",
+    "split",
+    "labels",
+    "subject_id",
+    "views",
+}
 
 
 def _as_list(value) -> list[str]:
@@ -137,13 +138,8 @@ def _as_list(value) -> list[str]:
     return [part.strip() for part in text.split(";") if part.strip()]
 
 
-def enumerate_manifest(input_path: str, val_fraction: float, test_fraction: float
-                       ) -> tuple[list[StudyRecord], SkipCounter, dict]:
-    """Studies from a user CSV or JSONL (paths relative to the file's directory)."""
-    path = Path(input_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {path}: file not found")
-    base = path.parent
+def _manifest_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a user CSV (optionally gzipped) or JSONL manifest, and its column names."""
     if path.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -152,12 +148,22 @@ def enumerate_manifest(input_path: str, val_fraction: float, test_fraction: floa
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-        columns = sorted({k for row in rows for k in row})
-    elif path.suffix in (".csv", ".gz"):
+        return rows, sorted({k for row in rows for k in row})
+    if path.suffix in (".csv", ".gz"):
         rows = read_csv_rows(path, ("image",))
-        columns = list(rows[0].keys()) if rows else []
-    else:
-        raise ValueError(f"--input {path}: expected a .csv, .csv.gz or .jsonl file")
+        return rows, list(rows[0].keys()) if rows else []
+    raise ValueError(f"--input {path}: expected a .csv, .csv.gz or .jsonl file")
+
+
+def enumerate_manifest(
+    input_path: str, val_fraction: float, test_fraction: float
+) -> tuple[list[StudyRecord], SkipCounter, dict]:
+    """Studies from a user CSV or JSONL (paths relative to the file's directory)."""
+    path = Path(input_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--input {path}: file not found")
+    base = path.parent
+    rows, columns = _manifest_rows(path)
     ignored = sorted(set(columns) - _MANIFEST_COLUMNS)
     skipped = SkipCounter()
     seen: set[str] = set()
@@ -188,28 +194,41 @@ def enumerate_manifest(input_path: str, val_fraction: float, test_fraction: floa
                 skipped.add("bad_labels", key)
                 continue
         subject = str(row.get("subject_id") or key)
-        split = row.get("split") or hash_split(subject, val_fraction, test_fraction)
-        records.append(StudyRecord(
-            key=key, split=str(split), subject_id=row.get("subject_id") or None, images=images,
-            views=_as_list(row.get("views")), report_text=report_text, report_path=report_path,
-            labels=labels or None,
-        ))
+        split = row.get("split") or patient_split(
+            subject, {"validate": val_fraction, "test": test_fraction}, PATIENT_SALT
+        )
+        records.append(
+            StudyRecord(
+                key=key,
+                split=str(split),
+                subject_id=row.get("subject_id") or None,
+                images=images,
+                views=_as_list(row.get("views")),
+                report_text=report_text,
+                report_path=report_path,
+                labels=labels or None,
+            )
+        )
     source = {"kind": "manifest", "input": str(path), "rows": len(rows), "ignored_columns": ignored}
     return records, skipped, source
 
 
-def enumerate_phantom(num: int, seed: int, studies_per_subject: int = 2
-                      ) -> tuple[list[StudyRecord], SkipCounter, dict]:
-    from prior_dist.data.phantom import split_for_subject
-
+def enumerate_phantom(
+    num: int, seed: int, studies_per_subject: int = 2
+) -> tuple[list[StudyRecord], SkipCounter, dict]:
     records = []
     for index in range(num):
         subject = index // studies_per_subject
-        records.append(StudyRecord(
-            key=f"ph{seed:04d}s{index:08d}", split=split_for_subject(seed, subject),
-            subject_id=f"ph{seed:04d}p{subject:08d}", phantom_index=index,
-        ))
-    from prior_dist.data.phantom import GENERATOR_VERSION
-
-    return records, SkipCounter(), {"kind": "phantom", "num": num, "seed": seed,
-                                    "generator": GENERATOR_VERSION}
+        records.append(
+            StudyRecord(
+                key=f"ph{seed:04d}s{index:08d}",
+                split=split_for_subject(seed, subject),
+                subject_id=f"ph{seed:04d}p{subject:08d}",
+                phantom_index=index,
+            )
+        )
+    return (
+        records,
+        SkipCounter(),
+        {"kind": "phantom", "num": num, "seed": seed, "generator": GENERATOR_VERSION},
+    )

@@ -11,7 +11,11 @@ import json
 import os
 import tarfile
 import warnings
+from collections import Counter
 from pathlib import Path
+
+from tokenizers import normalizers, pre_tokenizers
+from transformers import AutoTokenizer, BertTokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _CACHE_LIMIT = 500_000  # distinct sentences kept per worker before the cache starts over
@@ -19,8 +23,6 @@ _CACHE_LIMIT = 500_000  # distinct sentences kept per worker before the cache st
 
 def load_tokenizer(spec: str, allow_download: bool = False):
     """A `transformers` fast tokenizer from a local directory or (when allowed) a hub id."""
-    from transformers import AutoTokenizer
-
     local = Path(spec).expanduser()
     if local.exists():
         return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
@@ -47,14 +49,14 @@ def wordpiece_vocabulary(sentences: list[str], vocab_size: int) -> list[str]:
     (The `tokenizers` WordPiece trainer breaks frequency ties differently from one process to
     the next, so rebuilding a vocabulary on another node or run gave other token ids.)
     """
-    from collections import Counter
-
-    from tokenizers import normalizers, pre_tokenizers
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     splitter = pre_tokenizers.BertPreTokenizer()
-    words = Counter(word for sentence in sentences
-                    for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(sentence)))
+    words = Counter(
+        word
+        for sentence in sentences
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(sentence))
+    )
     characters = sorted({c for word in words for c in word})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + characters
     vocab += [f"##{c}" for c in characters]
@@ -68,12 +70,11 @@ def wordpiece_vocabulary(sentences: list[str], vocab_size: int) -> list[str]:
     return vocab
 
 
-def build_wordpiece(shard_dir: str | Path, out_dir: str | Path, vocab_size: int = 4096,
-                    max_sentences: int = 200_000):
+def build_wordpiece(
+    shard_dir: str | Path, out_dir: str | Path, vocab_size: int = 4096, max_sentences: int = 200_000
+):
     """Build a lower-cased BERT WordPiece vocabulary from the shards' sentences (the same
     vocabulary for the same shards, on any machine); return a tokenizer."""
-    from transformers import BertTokenizer
-
     out = Path(out_dir)
     vocab = out / "vocab.txt"
     if not vocab.is_file():
@@ -91,24 +92,34 @@ def build_wordpiece(shard_dir: str | Path, out_dir: str | Path, vocab_size: int 
     return BertTokenizer.from_pretrained(str(out))
 
 
-def resolve_tokenizer(spec: str | None, shard_dir: str | Path | None, cache_dir: str | Path | None = None):
-    """`spec` when it loads; otherwise (with one warning) a WordPiece vocabulary built from shards."""
+def resolve_tokenizer(
+    spec: str | None, shard_dir: str | Path | None, cache_dir: str | Path | None = None
+):
+    """`spec` when it loads; otherwise (with one warning) a WordPiece vocabulary built from
+    shards."""
     if spec:
         try:
             return load_tokenizer(spec)
         except (OSError, ValueError) as exc:
             if shard_dir is None:
                 raise
-            warnings.warn(f"tokenizer {spec!r} is not available offline ({exc}); "
-                          "building a WordPiece vocabulary from the shards instead", stacklevel=2)
+            warnings.warn(
+                f"tokenizer {spec!r} is not available offline ({exc}); "
+                "building a WordPiece vocabulary from the shards instead",
+                stacklevel=2,
+            )
     if shard_dir is None:
         raise ValueError("no tokenizer given and no shard directory to build one from")
     cache = Path(cache_dir) if cache_dir else Path(shard_dir) / "wordpiece"
     return build_wordpiece(shard_dir, cache)
 
 
-def tokenize_sentences(tokenizer, sentences: list[str], max_tokens: int = 256,
-                       cache: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
+def tokenize_sentences(
+    tokenizer,
+    sentences: list[str],
+    max_tokens: int = 256,
+    cache: dict[str, list[int]] | None = None,
+) -> tuple[list[int], list[int]]:
     """[CLS] s1 s2 ... [SEP], tokenised sentence by sentence so boundaries are exact.
 
     Returns (input_ids, sentence_index) where sentence_index is -1 for special tokens. When the

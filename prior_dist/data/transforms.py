@@ -91,18 +91,32 @@ def squash_rotate(image: Image.Image, size: int, angle: float) -> Image.Image:
     cos, sin = math.cos(theta), math.sin(theta)
     centre = size / 2
     coefficients = (
-        sx * cos, sx * sin, sx * (centre - cos * centre - sin * centre),
-        -sy * sin, sy * cos, sy * (centre + sin * centre - cos * centre),
+        sx * cos,
+        sx * sin,
+        sx * (centre - cos * centre - sin * centre),
+        -sy * sin,
+        sy * cos,
+        sy * (centre + sin * centre - cos * centre),
     )
-    return image.transform((size, size), Image.Transform.AFFINE, coefficients,
-                           resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return image.transform(
+        (size, size),
+        Image.Transform.AFFINE,
+        coefficients,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=0,
+    )
 
 
 class SampleTransform:
     """Turns a sample's raw members into model inputs (image tensor, token ids, metadata)."""
 
-    def __init__(self, tokenizer, config: TransformConfig, seed: int = 0,
-                 label_names: list[str] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        config: TransformConfig,
+        seed: int = 0,
+        label_names: list[str] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.seed = seed
@@ -141,8 +155,9 @@ class SampleTransform:
             sentences = sentences[: cfg.max_sentences]
         if flip:
             sentences = [swap_laterality(s) for s in sentences]
-        input_ids, sentence_index = tokenize_sentences(self.tokenizer, sentences, cfg.max_tokens,
-                                                        self.token_cache)
+        input_ids, sentence_index = tokenize_sentences(
+            self.tokenizer, sentences, cfg.max_tokens, self.token_cache
+        )
         kept = max(sentence_index) + 1
         out = {
             "key": key,
@@ -154,13 +169,16 @@ class SampleTransform:
         }
         if self.label_names is not None:
             labels = meta.get("labels") or {}
-            out["labels"] = [float("nan") if labels.get(n) is None else float(labels[n])
-                             for n in self.label_names]
+            out["labels"] = [
+                float("nan") if labels.get(n) is None else float(labels[n])
+                for n in self.label_names
+            ]
         return out
 
 
-def collate(samples: list[dict], pad_token_id: int, image_size: int,
-            num_labels: int | None = None) -> dict:
+def collate(
+    samples: list[dict], pad_token_id: int, image_size: int, num_labels: int | None = None
+) -> dict:
     """Pad a batch to its own longest report; an empty list gives an empty batch."""
     length = max((len(s["input_ids"]) for s in samples), default=0)
     batch_size = len(samples)
@@ -172,20 +190,29 @@ def collate(samples: list[dict], pad_token_id: int, image_size: int,
         input_ids[row, :n] = torch.tensor(sample["input_ids"])
         attention_mask[row, :n] = 1
         sentence_index[row, :n] = torch.tensor(sample["sentence_index"])
-    images = (torch.stack([s["image"] for s in samples]) if samples
-              else torch.zeros((0, 1, image_size, image_size)))
+    images = (
+        torch.stack([s["image"] for s in samples])
+        if samples
+        else torch.zeros((0, 1, image_size, image_size))
+    )
     batch = {
         "key": [s["key"] for s in samples],
         "image": images,
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "sentence_index": sentence_index,
-        "num_sentences": (sentence_index.max(dim=1).values + 1 if batch_size and length
-                          else torch.zeros(batch_size, dtype=torch.long)),
+        "num_sentences": (
+            sentence_index.max(dim=1).values + 1
+            if batch_size and length
+            else torch.zeros(batch_size, dtype=torch.long)
+        ),
         "sentences": [s["sentences"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
     }
     if num_labels is not None:
-        batch["labels"] = (torch.tensor([s["labels"] for s in samples], dtype=torch.float32)
-                           if samples else torch.zeros((0, num_labels)))
+        batch["labels"] = (
+            torch.tensor([s["labels"] for s in samples], dtype=torch.float32)
+            if samples
+            else torch.zeros((0, num_labels))
+        )
     return batch

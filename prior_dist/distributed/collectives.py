@@ -49,3 +49,18 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
 def all_reduce_sum_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _AllReduceSum.apply(x, group)
+
+
+def gather_rows(x_ND: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, rank order, for unequal row counts (padded to the largest)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_ND
+    count = torch.tensor([len(x_ND)], dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    largest = int(max(c.item() for c in counts))
+    padded = x_ND.new_zeros((largest, x_ND.shape[1]))
+    padded[: len(x_ND)] = x_ND
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])

@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def adopt_slurm_environment() -> None:
@@ -30,6 +31,7 @@ def device_for_local_rank() -> torch.device:
 
 def init_process_group(device: torch.device, timeout_s: float) -> None:
     """NCCL on CUDA, gloo on CPU, with a bounded collective timeout (a dead peer cannot hang us)."""
+    # deepspeed takes seconds to import; only a starting run needs its accelerator set-up.
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -38,8 +40,9 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+    )
     release_shm_names()
 
 
@@ -51,13 +54,13 @@ def release_shm_names() -> list[str]:
     every rank has mapped its peers' buffers (the barrier), the names are no longer needed:
     the mappings outlive the unlink, and a killed run leaves nothing behind.
     """
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return []
     dist.barrier()
-    pattern = (f"deepspeed_allreduce_buffer_*_{os.environ['MASTER_ADDR']}_"
-               f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    pattern = (
+        f"deepspeed_allreduce_buffer_*_{os.environ['MASTER_ADDR']}_"
+        f"{os.environ['MASTER_PORT']}_{dist.get_rank()}"
+    )
     removed = []
     for path in Path("/dev/shm").glob(pattern):
         path.unlink(missing_ok=True)

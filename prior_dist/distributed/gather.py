@@ -17,8 +17,10 @@ class AllGather:
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("AllGather needs an initialised process group; use "
-                               "prior_dist.losses.LocalGather in a single process")
+            raise RuntimeError(
+                "AllGather needs an initialised process group; use "
+                "prior_dist.losses.LocalGather in a single process"
+            )
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)

@@ -37,15 +37,20 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                momentum = (self.momentum if self.momentum is not None
-                            else 1.0 / float(self.num_batches_tracked))
+                momentum = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
                 unbiased = var * count / (count - 1).clamp_min(1)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
-            out = (out * self.weight.float()[None, :, None, None]
-                   + self.bias.float()[None, :, None, None])
+            out = (
+                out * self.weight.float()[None, :, None, None]
+                + self.bias.float()[None, :, None, None]
+            )
         return out.to(x.dtype)
 
 
@@ -55,8 +60,13 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            replacement = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum,
-                                            child.affine, child.track_running_stats)
+            replacement = GlooSyncBatchNorm(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            )
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement)
         else:

@@ -24,47 +24,46 @@ missing file or column fails at once with its name.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
 from prior_dist.data.images import ImageDecodeError, decode_grayscale
+from prior_dist.data.index import ShardReader, ShardSource, SplitIndex
+from prior_dist.data.labels import CHEXPERT_COMPETITION, chexpert_value
+from prior_dist.data.phantom import FINDINGS, LABEL_NAMES
+from prior_dist.data.tables import SPLITS, patient_split, read_csv_rows
+from prior_dist.data.transforms import image_members
 
 UncertainPolicy = Literal["ignore", "ones", "zeros"]
-SPLITS = ("train", "validate", "test")
-CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
-                   "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
-                   "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture",
-                   "Support Devices")
-CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                        "Pleural Effusion")
-# The committed split rules: subjects go to a split by a seeded hash of their id, so a split
-# never changes when files are added or the listing order differs.
+# The committed split rules: subjects go to a split by `patient_split` (a salted hash of their
+# id), so a split never changes when files are added or the listing order differs.
+SPLIT_SALT = "prior_dist-downstream-2023"
 SPLIT_RULES = {
-    "chexpert": {"seed": 2023, "train": 0.9, "validate": 0.1},           # test: valid.csv
-    "rsna": {"seed": 2023, "train": 0.6, "validate": 0.2, "test": 0.2},
-    "siim": {"seed": 2023, "train": 0.6, "validate": 0.2, "test": 0.2},
-    "covidx": {"seed": 2023, "train": 0.9, "validate": 0.1},             # test: test.txt
+    "chexpert": {"validate": 0.1},  # test: valid.csv
+    "rsna": {"validate": 0.2, "test": 0.2},
+    "siim": {"validate": 0.2, "test": 0.2},
+    "covidx": {"validate": 0.1},  # test: test.txt
 }
 
 
 @dataclass
 class Sample:
     key: str
-    image: Image.Image                       # 8-bit grayscale, native size
-    labels: np.ndarray                       # float32 [C], NaN = unknown or ignored
-    masks: np.ndarray | None = None          # bool [M, H, W], one per mask class
-    boxes: np.ndarray | None = None          # float32 [K, 4] x0 y0 x1 y1 in image pixels
-    box_labels: np.ndarray | None = None     # int64 [K], index into box_classes
+    image: Image.Image  # 8-bit grayscale, native size
+    labels: np.ndarray  # float32 [C], NaN = unknown or ignored
+    masks: np.ndarray | None = None  # bool [M, H, W], one per mask class
+    boxes: np.ndarray | None = None  # float32 [K, 4] x0 y0 x1 y1 in image pixels
+    box_labels: np.ndarray | None = None  # int64 [K], index into box_classes
     text: str | None = None
 
 
@@ -83,7 +82,7 @@ class DownstreamSet:
     split: str
     classes: tuple[str, ...]
     records: list[Record]
-    exclusive: bool = False                  # every sample has exactly one class
+    exclusive: bool = False  # every sample has exactly one class
     mask_classes: tuple[str, ...] = ()
     box_classes: tuple[str, ...] = ()
     skipped: Counter = field(default_factory=Counter)
@@ -102,15 +101,9 @@ class DownstreamSet:
         return hashlib.sha256("\n".join(sorted(self.keys)).encode()).hexdigest()
 
 
-def hashed_split(subject: str, rule: dict) -> str:
-    digest = hashlib.blake2b(f"{rule['seed']}|{subject}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "little") / 2**64
-    edge = 0.0
-    for name in SPLITS:
-        edge += rule.get(name, 0.0)
-        if u < edge:
-            return name
-    return [s for s in SPLITS if rule.get(s)][-1]
+def hashed_split(subject: str, dataset: str) -> str:
+    """The split of `subject` under `dataset`'s committed rule."""
+    return patient_split(subject, SPLIT_RULES[dataset], SPLIT_SALT)
 
 
 def _require(path: Path, what: str) -> Path:
@@ -120,14 +113,7 @@ def _require(path: Path, what: str) -> Path:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    with open(_require(path, "label file"), newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        # SIIM's header has " EncodedPixels" with a leading space; compare stripped names.
-        reader.fieldnames = [f.strip() for f in (reader.fieldnames or [])]
-        missing = [c for c in columns if c not in reader.fieldnames]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; has {reader.fieldnames}")
-        return list(reader)
+    return read_csv_rows(_require(path, "label file"), columns)
 
 
 def _decode(path: Path) -> Image.Image:
@@ -142,13 +128,11 @@ def _onehot(index: int, size: int) -> np.ndarray:
 
 # --- shards ----------------------------------------------------------------------------------
 
-def _shard_set(directory: str, split: str) -> DownstreamSet:
-    from prior_dist.data.loader import Source, SplitIndex
-    from prior_dist.data.phantom import FINDINGS, LABEL_NAMES
-    from prior_dist.data.transforms import image_members
 
-    index = SplitIndex([Source(directory)], split)
-    probe = _shard_members(index, 0) if len(index) else {}
+def _shard_set(directory: str, split: str) -> DownstreamSet:
+    index = SplitIndex([ShardSource(directory)], split)
+    reader = ShardReader()
+    probe = reader.members(index, 0) if len(index) else {}
     meta = json.loads(probe["json"]) if probe else {}
     classes = tuple(meta.get("labels", {}))
     has_masks = "mask.png" in probe
@@ -157,61 +141,63 @@ def _shard_set(directory: str, split: str) -> DownstreamSet:
 
     def loader(i: int) -> Callable[[], Sample]:
         def load() -> Sample:
-            members = _shard_members(index, i)
+            members = reader.members(index, i)
             meta = json.loads(members["json"])
             image = Image.open(io.BytesIO(members[image_members(members)[0]])).convert("L")
             labels = meta.get("labels", {})
-            sample = Sample(index.keys[i], image,
-                            np.array([labels.get(c, np.nan) for c in classes], dtype=np.float32),
-                            text=" ".join(meta.get("sentences", [])))
+            sample = Sample(
+                index.keys[i],
+                image,
+                np.array([labels.get(c, np.nan) for c in classes], dtype=np.float32),
+                text=" ".join(meta.get("sentences", [])),
+            )
             if has_masks:
                 bits = np.asarray(Image.open(io.BytesIO(members["mask.png"])))
-                sample.masks = np.stack([(bits >> b) & 1 for b in range(len(mask_classes))]
-                                        ).astype(bool)
+                sample.masks = np.stack([(bits >> b) & 1 for b in range(len(mask_classes))]).astype(
+                    bool
+                )
             if box_classes:
                 boxes = meta.get("boxes", [])
-                sample.boxes = np.array([b["box"] for b in boxes], dtype=np.float32
-                                        ).reshape(-1, 4)
-                sample.box_labels = np.array([box_classes.index(b["label"]) for b in boxes],
-                                             dtype=np.int64)
+                sample.boxes = np.array([b["box"] for b in boxes], dtype=np.float32).reshape(-1, 4)
+                sample.box_labels = np.array(
+                    [box_classes.index(b["label"]) for b in boxes], dtype=np.int64
+                )
             return sample
+
         return load
 
     records = [Record(index.keys[i], index.keys[i], loader(i)) for i in range(len(index))]
-    return DownstreamSet(f"shards:{directory}", split, classes, records,
-                         mask_classes=mask_classes, box_classes=box_classes)
-
-
-def _shard_members(index, i: int) -> dict[str, bytes]:
-    shard = index.shards[index.sample_shard[i]]
-    out = {}
-    with open(shard["url"], "rb") as handle:
-        for ext, (offset, size) in index.members[i].items():
-            handle.seek(offset)
-            out[ext] = handle.read(size)
-    return out
+    return DownstreamSet(
+        f"shards:{directory}",
+        split,
+        classes,
+        records,
+        mask_classes=mask_classes,
+        box_classes=box_classes,
+    )
 
 
 # --- CheXpert ----------------------------------------------------------------------------------
 
+
 def _chexpert_value(raw: str, policy: UncertainPolicy) -> float:
-    raw = raw.strip()
-    if raw in ("", "0", "0.0"):
-        return 0.0
-    if raw in ("1", "1.0"):
-        return 1.0
-    if raw in ("-1", "-1.0"):
-        return {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[policy]
-    raise ValueError(f"label value {raw!r} (expected 1, 0, -1 or blank)")
+    value = chexpert_value(raw, policy)
+    return 0.0 if value is None else value  # blank: not mentioned, a negative in CheXpert
 
 
-def _chexpert_set(root: str, split: str, uncertain: UncertainPolicy = "ignore",
-                  frontal_only: bool = True, classes=CHEXPERT_COMPETITION) -> DownstreamSet:
+def _chexpert_set(
+    root: str,
+    split: str,
+    uncertain: UncertainPolicy = "ignore",
+    frontal_only: bool = True,
+    classes=CHEXPERT_COMPETITION,
+) -> DownstreamSet:
     if uncertain not in ("ignore", "ones", "zeros"):
         raise ValueError(f"uncertain={uncertain!r}: choose ignore, ones or zeros")
     base = Path(root)
-    rows = _read_csv(base / ("valid.csv" if split == "test" else "train.csv"),
-                     ("Path",) + tuple(classes))
+    rows = _read_csv(
+        base / ("valid.csv" if split == "test" else "train.csv"), ("Path",) + tuple(classes)
+    )
     records = []
     for line, row in enumerate(rows, start=2):
         if frontal_only and row.get("Frontal/Lateral", "Frontal") != "Frontal":
@@ -222,12 +208,13 @@ def _chexpert_set(root: str, split: str, uncertain: UncertainPolicy = "ignore",
         path = base.joinpath(*parts[1:]) if parts and parts[0] == base.name else base / rel
         match = re.search(r"(patient\d+)", rel)
         subject = match.group(1) if match else rel
-        try:       # every row is checked, whichever split it falls in
-            labels = np.array([_chexpert_value(row[c], uncertain) for c in classes],
-                              dtype=np.float32)
+        try:  # every row is checked, whichever split it falls in
+            labels = np.array(
+                [_chexpert_value(row[c], uncertain) for c in classes], dtype=np.float32
+            )
         except ValueError as exc:
             raise ValueError(f"{base}: line {line} ({rel}): {exc}") from None
-        if split != "test" and hashed_split(subject, SPLIT_RULES["chexpert"]) != split:
+        if split != "test" and hashed_split(subject, "chexpert") != split:
             continue
         records.append(Record(rel, subject, _image_loader(path, rel, labels)))
     return DownstreamSet(f"chexpert:{root}", split, tuple(classes), records)
@@ -261,6 +248,7 @@ def _chexpert5x200_set(file: str, split: str) -> DownstreamSet:
 
 # --- RSNA Pneumonia ------------------------------------------------------------------------------
 
+
 def _find_image(root: Path, folder: str, stem: str) -> Path:
     for suffix in (".dcm", ".png", ".jpg"):
         candidate = root / folder / f"{stem}{suffix}"
@@ -271,8 +259,9 @@ def _find_image(root: Path, folder: str, stem: str) -> Path:
 
 def _rsna_set(root: str, split: str) -> DownstreamSet:
     base = Path(root)
-    rows = _read_csv(base / "stage_2_train_labels.csv",
-                     ("patientId", "x", "y", "width", "height", "Target"))
+    rows = _read_csv(
+        base / "stage_2_train_labels.csv", ("patientId", "x", "y", "width", "height", "Target")
+    )
     boxes: dict[str, list] = {}
     for row in rows:
         patient = row["patientId"]
@@ -282,7 +271,7 @@ def _rsna_set(root: str, split: str) -> DownstreamSet:
             boxes[patient].append([x, y, x + w, y + h])
     records = []
     for patient, found in boxes.items():
-        if hashed_split(patient, SPLIT_RULES["rsna"]) != split:
+        if hashed_split(patient, "rsna") != split:
             continue
 
         def load(patient=patient, found=found) -> Sample:
@@ -290,16 +279,30 @@ def _rsna_set(root: str, split: str) -> DownstreamSet:
             # Segmentation target: the boxes filled in (the usual RSNA region protocol).
             mask = np.zeros((image.height, image.width), dtype=bool)
             for x0, y0, x1, y1 in found:
-                mask[max(0, round(y0)):round(y1), max(0, round(x0)):round(x1)] = True
-            return Sample(patient, image, _onehot(int(bool(found)), 2), masks=mask[None],
-                          boxes=np.array(found, dtype=np.float32).reshape(-1, 4),
-                          box_labels=np.zeros(len(found), dtype=np.int64))
+                mask[max(0, round(y0)) : round(y1), max(0, round(x0)) : round(x1)] = True
+            return Sample(
+                patient,
+                image,
+                _onehot(int(bool(found)), 2),
+                masks=mask[None],
+                boxes=np.array(found, dtype=np.float32).reshape(-1, 4),
+                box_labels=np.zeros(len(found), dtype=np.int64),
+            )
+
         records.append(Record(patient, patient, load))
-    return DownstreamSet(f"rsna:{root}", split, ("No Pneumonia", "Pneumonia"), records,
-                         exclusive=True, mask_classes=("Pneumonia",), box_classes=("Pneumonia",))
+    return DownstreamSet(
+        f"rsna:{root}",
+        split,
+        ("No Pneumonia", "Pneumonia"),
+        records,
+        exclusive=True,
+        mask_classes=("Pneumonia",),
+        box_classes=("Pneumonia",),
+    )
 
 
 # --- SIIM-ACR ----------------------------------------------------------------------------------
+
 
 def rle_decode(code: str, height: int, width: int, relative: bool = True) -> np.ndarray:
     """SIIM run-length code to a bool mask. Pixels are numbered down each column, then across
@@ -317,7 +320,7 @@ def rle_decode(code: str, height: int, width: int, relative: bool = True) -> np.
         position = position + start if relative else start - 1
         if position < 0 or length < 0 or position + length > flat.size:
             raise ValueError(f"run ({start}, {length}) leaves the {height}x{width} image")
-        flat[position:position + length] = True
+        flat[position : position + length] = True
         position += length
     return flat.reshape(width, height).T
 
@@ -345,7 +348,7 @@ def _siim_set(root: str, split: str, relative: bool = True) -> DownstreamSet:
     files = {p.stem: p for p in base.rglob("*") if p.suffix.lower() in (".dcm", ".png")}
     records = []
     for image_id, image_codes in codes.items():
-        if hashed_split(image_id, SPLIT_RULES["siim"]) != split:
+        if hashed_split(image_id, "siim") != split:
             continue
         path = files.get(image_id, base / f"{image_id}.dcm")
         positive = any(c.strip() not in ("", "-1") for c in image_codes)
@@ -359,9 +362,16 @@ def _siim_set(root: str, split: str, relative: bool = True) -> DownstreamSet:
             except ValueError as exc:
                 raise ImageDecodeError(f"{image_id}: mask: {exc}") from None
             return Sample(image_id, image, _onehot(int(positive), 2), masks=mask[None])
+
         records.append(Record(image_id, image_id, load))
-    return DownstreamSet(f"siim:{root}", split, ("No Pneumothorax", "Pneumothorax"), records,
-                         exclusive=True, mask_classes=("Pneumothorax",))
+    return DownstreamSet(
+        f"siim:{root}",
+        split,
+        ("No Pneumothorax", "Pneumothorax"),
+        records,
+        exclusive=True,
+        mask_classes=("Pneumothorax",),
+    )
 
 
 # --- COVIDx ----------------------------------------------------------------------------------
@@ -379,28 +389,36 @@ def _covidx_set(root: str, split: str) -> DownstreamSet:
         if not fields:
             continue
         if len(fields) < 3:
-            raise ValueError(f"{base / f'{name}.txt'}: line {number}: expected 'patient file "
-                             f"label [source]', got {line!r}")
+            raise ValueError(
+                f"{base / f'{name}.txt'}: line {number}: expected 'patient file "
+                f"label [source]', got {line!r}"
+            )
         entries.append((fields[0], fields[1], fields[2]))
     found = {label for _, _, label in entries}
-    classes = tuple(c for c in _COVIDX_ORDER if c in found) + tuple(sorted(found -
-                                                                           set(_COVIDX_ORDER)))
+    classes = tuple(c for c in _COVIDX_ORDER if c in found) + tuple(
+        sorted(found - set(_COVIDX_ORDER))
+    )
     records = []
     for patient, filename, label in entries:
-        if split != "test" and hashed_split(patient, SPLIT_RULES["covidx"]) != split:
+        if split != "test" and hashed_split(patient, "covidx") != split:
             continue
         labels = _onehot(classes.index(label), len(classes))
-        records.append(Record(filename, patient, _image_loader(base / name / filename, filename,
-                                                                labels)))
+        records.append(
+            Record(filename, patient, _image_loader(base / name / filename, filename, labels))
+        )
     return DownstreamSet(f"covidx:{root}", split, classes, records, exclusive=True)
 
 
-ADAPTERS = {"chexpert": _chexpert_set, "chexpert5x200": _chexpert5x200_set, "rsna": _rsna_set,
-            "siim": _siim_set, "covidx": _covidx_set}
+ADAPTERS = {
+    "chexpert": _chexpert_set,
+    "chexpert5x200": _chexpert5x200_set,
+    "rsna": _rsna_set,
+    "siim": _siim_set,
+    "covidx": _covidx_set,
+}
 
 
-def open_dataset(spec: str, split: str, split_file: str | None = None,
-                 **options) -> DownstreamSet:
+def open_dataset(spec: str, split: str, split_file: str | None = None, **options) -> DownstreamSet:
     """`DIR` (shards) or `KIND:PATH`; `options` go to the adapter (e.g. `uncertain="ones"`)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
@@ -411,12 +429,16 @@ def open_dataset(spec: str, split: str, split_file: str | None = None,
         else:
             dataset = _from_split_file(ADAPTERS[kind], path, split, split_file, options)
     elif sep and not Path(spec).exists() and re.fullmatch(r"[a-z0-9]+", kind):
-        raise ValueError(f"--data {spec!r}: unknown dataset kind {kind!r}; choose a shard "
-                         f"directory or one of {sorted(ADAPTERS)}")
+        raise ValueError(
+            f"--data {spec!r}: unknown dataset kind {kind!r}; choose a shard "
+            f"directory or one of {sorted(ADAPTERS)}"
+        )
     else:
         if options or split_file:
-            raise ValueError("--split-file and adapter options apply to KIND:PATH data; shards "
-                             "carry their own splits")
+            raise ValueError(
+                "--split-file and adapter options apply to KIND:PATH data; shards "
+                "carry their own splits"
+            )
         dataset = _shard_set(spec, split)
     if not dataset.records:
         raise ValueError(f"{spec} [{split}]: no samples")

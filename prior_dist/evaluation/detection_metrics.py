@@ -1,9 +1,10 @@
 """Mean average precision for boxes, the COCO way (no pycocotools needed; tests compare to it).
 
 Per class and IoU threshold: detections of all images sorted by score (at most `max_dets` per
-image and class), each matched to the unmatched ground-truth box of highest IoU at or above the threshold,
-precision made monotone, then read at 101 evenly spaced recall points. A class without ground
-truth is left out of the mean. `map_50` is the mean at IoU 0.5; `map` averages 0.50:0.05:0.95.
+image and class), each matched to the unmatched ground-truth box of highest IoU at or above the
+threshold, precision made monotone, then read at 101 evenly spaced recall points. A class
+without ground truth is left out of the mean. `map_50` is the mean at IoU 0.5; `map` averages
+0.50:0.05:0.95.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def _match(iou: np.ndarray, threshold: float) -> np.ndarray:
     return hit
 
 
-def mean_average_precision(predictions: list[dict], targets: list[dict], num_classes: int,
-                           max_dets: int = 100) -> dict:
+def mean_average_precision(
+    predictions: list[dict], targets: list[dict], num_classes: int, max_dets: int = 100
+) -> dict:
     """`predictions[i]`: boxes [K, 4] (x0 y0 x1 y1), scores [K], labels [K] (0-based);
     `targets[i]`: boxes, labels. Returns map, map_50, map_75 and per-class AP at 0.5."""
     ap = np.full((len(THRESHOLDS), num_classes), np.nan)
@@ -58,18 +60,23 @@ def mean_average_precision(predictions: list[dict], targets: list[dict], num_cla
             pm = torch.nonzero(p["labels"] == c).flatten()
             pm = pm[torch.argsort(p["scores"][pm], descending=True, stable=True)][:max_dets]
             scores.append(p["scores"][pm].double().numpy())
-            ious.append(box_iou(p["boxes"][pm].float(),
-                                t["boxes"][t["labels"] == c].float()).numpy())
+            ious.append(
+                box_iou(p["boxes"][pm].float(), t["boxes"][t["labels"] == c].float()).numpy()
+            )
         all_scores = np.concatenate(scores) if scores else np.zeros(0)
         for ti, threshold in enumerate(THRESHOLDS):
             matched = [_match(iou, threshold) for iou in ious]
-            ap[ti, c] = _average_precision(all_scores, np.concatenate(matched) if matched else
-                                           np.zeros(0, bool), truth_count)
+            ap[ti, c] = _average_precision(
+                all_scores, np.concatenate(matched) if matched else np.zeros(0, bool), truth_count
+            )
 
     def mean(values) -> float:
         values = values[~np.isnan(values)]
         return float(values.mean()) if len(values) else float("nan")
 
-    return {"map": mean(ap.reshape(-1)),
-            "map_50": mean(ap[0]), "map_75": mean(ap[THRESHOLDS.index(0.75)]),
-            "ap_50_per_class": [None if np.isnan(v) else float(v) for v in ap[0]]}
+    return {
+        "map": mean(ap.reshape(-1)),
+        "map_50": mean(ap[0]),
+        "map_75": mean(ap[THRESHOLDS.index(0.75)]),
+        "ap_50_per_class": [None if np.isnan(v) else float(v) for v in ap[0]],
+    }

@@ -20,7 +20,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
         j = i
         while j + 1 < n and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = position[i:j + 1].mean()
+        ranks[order[i : j + 1]] = position[i : j + 1].mean()
         i = j + 1
     rank_sum = float(ranks[labels].sum())
     return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
@@ -56,8 +56,12 @@ def retrieval_metrics(similarity_QN: torch.Tensor, ks=(1, 5, 10)) -> dict:
     return out
 
 
-def precision_at_k(similarity_QN: torch.Tensor, query_labels: torch.Tensor,
-                   item_labels: torch.Tensor, ks=(1, 5, 10)) -> dict:
+def precision_at_k(
+    similarity_QN: torch.Tensor,
+    query_labels: torch.Tensor,
+    item_labels: torch.Tensor,
+    ks=(1, 5, 10),
+) -> dict:
     """Fraction of the top K items whose label vector equals the query's (same findings)."""
     out = {}
     for k in ks:

@@ -25,9 +25,14 @@ from prior_dist.evaluation.tensors import TensorSet, batches, fraction_grid, nor
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class Pyramid(nn.Module):
@@ -35,16 +40,21 @@ class Pyramid(nn.Module):
     up-/down-sampling from the nearest map it has (the ViTDet simple pyramid for a ViT).
     A frozen tower runs without gradients and with its pretrained BN statistics."""
 
-    def __init__(self, tower: nn.Module, image_size: int, strides=(4, 8, 16, 32),
-                 frozen: bool = True):
+    def __init__(
+        self, tower: nn.Module, image_size: int, strides=(4, 8, 16, 32), frozen: bool = True
+    ):
         super().__init__()
         self.tower, self.frozen = tower, frozen
         for p in tower.parameters():
             p.requires_grad_(not frozen)
         with torch.no_grad():
             was = tower.training
-            have = {s: m.shape[1] for s, m in tower.eval().feature_pyramid(
-                torch.zeros(1, 1, image_size, image_size)).items()}
+            have = {
+                s: m.shape[1]
+                for s, m in tower.eval()
+                .feature_pyramid(torch.zeros(1, 1, image_size, image_size))
+                .items()
+            }
             tower.train(was)
         self.make = nn.ModuleDict()
         self.sources: dict[int, int] = {}
@@ -54,8 +64,9 @@ class Pyramid(nn.Module):
             source = min(have, key=lambda s: abs(math.log2(s / stride)))
             channels = have[source]
             if source > stride:
-                layer = nn.ConvTranspose2d(channels, channels, source // stride,
-                                           stride=source // stride)
+                layer = nn.ConvTranspose2d(
+                    channels, channels, source // stride, stride=source // stride
+                )
             else:
                 layer = nn.MaxPool2d(stride // source, stride // source)
             self.make[str(stride)] = layer
@@ -77,12 +88,11 @@ class Pyramid(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    def __init__(self, channels: dict[int, int], num_classes: int, widths=(256, 128, 64, 32,
-                                                                                16)):
+    def __init__(self, channels: dict[int, int], num_classes: int, widths=(256, 128, 64, 32, 16)):
         super().__init__()
-        strides = sorted(channels, reverse=True)             # 32, 16, ..., coarsest first
+        strides = sorted(channels, reverse=True)  # 32, 16, ..., coarsest first
         self.top = strides[0]
-        ladder = [self.top // 2 ** i for i in range(1, int(math.log2(self.top)) + 1)]
+        ladder = [self.top // 2**i for i in range(1, int(math.log2(self.top)) + 1)]
         widths = list(widths) + [widths[-1]] * max(0, len(ladder) - len(widths))
         self.blocks = nn.ModuleDict()
         cin = channels[self.top]
@@ -102,8 +112,7 @@ class UNetDecoder(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    def __init__(self, tower: nn.Module, image_size: int, num_classes: int,
-                 finetune: bool = False):
+    def __init__(self, tower: nn.Module, image_size: int, num_classes: int, finetune: bool = False):
         super().__init__()
         self.pyramid = Pyramid(tower, image_size, frozen=not finetune)
         self.decoder = UNetDecoder(self.pyramid.channels, num_classes)
@@ -131,30 +140,47 @@ def dice_iou(pred_NMHW: torch.Tensor, target_NMHW: torch.Tensor, classes) -> dic
         union = (p | t).sum().item()
         total = p.sum().item() + t.sum().item()
         positive = t.flatten(1).any(1)
-        per_image = [(2 * (p[i] & t[i]).sum().item()) / max(1, p[i].sum().item() +
-                                                            t[i].sum().item())
-                     for i in torch.nonzero(positive).flatten().tolist()]
-        out[name] = {"dice": 2 * inter / total if total else float("nan"),
-                     "iou": inter / union if union else float("nan"),
-                     "image_dice": statistics.mean(per_image) if per_image else float("nan"),
-                     "positive_images": len(per_image)}
+        per_image = [
+            (2 * (p[i] & t[i]).sum().item()) / max(1, p[i].sum().item() + t[i].sum().item())
+            for i in torch.nonzero(positive).flatten().tolist()
+        ]
+        out[name] = {
+            "dice": 2 * inter / total if total else float("nan"),
+            "iou": inter / union if union else float("nan"),
+            "image_dice": statistics.mean(per_image) if per_image else float("nan"),
+            "positive_images": len(per_image),
+        }
     valid = [v["dice"] for v in out.values() if v["dice"] == v["dice"]]
     ious = [v["iou"] for v in out.values() if v["iou"] == v["iou"]]
-    return {"mean_dice": statistics.mean(valid) if valid else float("nan"),
-            "mean_iou": statistics.mean(ious) if ious else float("nan"), "per_class": out}
+    return {
+        "mean_dice": statistics.mean(valid) if valid else float("nan"),
+        "mean_iou": statistics.mean(ious) if ious else float("nan"),
+        "per_class": out,
+    }
 
 
 @torch.no_grad()
 def predict_masks(model: SegmentationModel, data: TensorSet, batch_size: int = 32):
     model.eval()
-    parts = [model(data.normalised(slice(i, i + batch_size))) > 0
-             for i in range(0, len(data), batch_size)]
+    parts = [
+        model(data.normalised(slice(i, i + batch_size))) > 0
+        for i in range(0, len(data), batch_size)
+    ]
     return torch.cat(parts)
 
 
-def train_segmentation(tower: nn.Module, image_size: int, train: TensorSet, classes,
-                       indices: torch.Tensor, seed: int, steps: int = 200, batch_size: int = 16,
-                       lr: float = 1e-3, finetune: bool = False) -> SegmentationModel:
+def train_segmentation(
+    tower: nn.Module,
+    image_size: int,
+    train: TensorSet,
+    classes,
+    indices: torch.Tensor,
+    seed: int,
+    steps: int = 200,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    finetune: bool = False,
+) -> SegmentationModel:
     torch.manual_seed(seed)
     model = SegmentationModel(copy.deepcopy(tower), image_size, len(classes), finetune)
     decoder_params = [p for n, p in model.named_parameters() if not n.startswith("pyramid.tower")]
@@ -162,8 +188,9 @@ def train_segmentation(tower: nn.Module, image_size: int, train: TensorSet, clas
     if finetune:
         groups.append({"params": list(model.pyramid.tower.parameters()), "lr": lr / 10})
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups],
-                                                   total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, [g["lr"] for g in groups], total_steps=steps, pct_start=0.1
+    )
     model.train()
     for batch in batches(indices, min(batch_size, len(indices)), steps, seed):
         images = normalise(train.images[batch])
@@ -175,15 +202,29 @@ def train_segmentation(tower: nn.Module, image_size: int, train: TensorSet, clas
     return model
 
 
-def segmentation_task(tower: nn.Module, image_size: int, train: TensorSet, test: TensorSet,
-                      classes, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), steps: int = 200,
-                      finetune: bool = False) -> dict:
-    out = {"classes": list(classes), "train_images": len(train), "test_images": len(test),
-           "steps": steps, "finetune": finetune}
+def segmentation_task(
+    tower: nn.Module,
+    image_size: int,
+    train: TensorSet,
+    test: TensorSet,
+    classes,
+    fractions=(0.01, 0.1, 1.0),
+    seeds=(0, 1, 2),
+    steps: int = 200,
+    finetune: bool = False,
+) -> dict:
+    out = {
+        "classes": list(classes),
+        "train_images": len(train),
+        "test_images": len(test),
+        "steps": steps,
+        "finetune": finetune,
+    }
 
     def run(indices, seed):
-        model = train_segmentation(tower, image_size, train, classes, indices, seed, steps,
-                                   finetune=finetune)
+        model = train_segmentation(
+            tower, image_size, train, classes, indices, seed, steps, finetune=finetune
+        )
         return dice_iou(predict_masks(model, test), test.masks, classes)
 
     out.update(fraction_grid(len(train), fractions, seeds, run, ("mean_dice", "mean_iou")))

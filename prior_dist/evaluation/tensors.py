@@ -37,20 +37,32 @@ class _Resized(Dataset):
         size = self.size
         width, height = sample.image.size
         image = sample.image.resize((size, size), Image.Resampling.BILINEAR)
-        out = {"image": torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()),
-               "labels": torch.from_numpy(sample.labels)}
+        out = {
+            "image": torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()),
+            "labels": torch.from_numpy(sample.labels),
+        }
         if self.masks:
             if sample.masks is None:
                 return {"error": f"{sample.key}: no mask"}
-            out["masks"] = torch.from_numpy(np.stack([
-                np.asarray(Image.fromarray(m.astype(np.uint8)).resize(
-                    (size, size), Image.Resampling.NEAREST)) for m in sample.masks]).astype(bool))
+            out["masks"] = torch.from_numpy(
+                np.stack(
+                    [
+                        np.asarray(
+                            Image.fromarray(m.astype(np.uint8)).resize(
+                                (size, size), Image.Resampling.NEAREST
+                            )
+                        )
+                        for m in sample.masks
+                    ]
+                ).astype(bool)
+            )
         if self.boxes:
             boxes = sample.boxes if sample.boxes is not None else np.zeros((0, 4), np.float32)
             scale = np.array([size / width, size / height] * 2, dtype=np.float32)
             out["boxes"] = torch.from_numpy(boxes * scale)
             out["box_labels"] = torch.from_numpy(
-                sample.box_labels if sample.box_labels is not None else np.zeros(0, np.int64))
+                sample.box_labels if sample.box_labels is not None else np.zeros(0, np.int64)
+            )
         return out
 
 
@@ -58,10 +70,10 @@ class _Resized(Dataset):
 class TensorSet:
     """A whole split in memory: uint8 images (normalised on use), labels, masks, boxes."""
 
-    images: torch.Tensor                      # uint8 [N, S, S]
-    labels: torch.Tensor                      # float32 [N, C], NaN = unknown
-    masks: torch.Tensor | None = None         # bool [N, M, S, S]
-    boxes: list[torch.Tensor] | None = None   # per image float32 [K, 4]
+    images: torch.Tensor  # uint8 [N, S, S]
+    labels: torch.Tensor  # float32 [N, C], NaN = unknown
+    masks: torch.Tensor | None = None  # bool [N, M, S, S]
+    boxes: list[torch.Tensor] | None = None  # per image float32 [K, 4]
     box_labels: list[torch.Tensor] | None = None
     skipped: Counter | None = None
 
@@ -77,19 +89,29 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return ((images_uint8.float() / 255.0 - MIMIC_MEAN) / MIMIC_STD).unsqueeze(1)
 
 
-def resized_chunks(dataset: DownstreamSet, size: int, masks: bool = False,
-                   boxes: bool = False, batch_size: int = 32, workers: int = 2):
+def resized_chunks(
+    dataset: DownstreamSet,
+    size: int,
+    masks: bool = False,
+    boxes: bool = False,
+    batch_size: int = 32,
+    workers: int = 2,
+):
     """Per chunk of `batch_size` samples, decoded in `workers` processes: (the readable items,
     the messages of the unreadable ones)."""
-    loader = DataLoader(_Resized(dataset, size, masks, boxes), batch_size=batch_size,
-                        num_workers=workers, collate_fn=list)
+    loader = DataLoader(
+        _Resized(dataset, size, masks, boxes),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=list,
+    )
     for chunk in loader:
-        yield ([c for c in chunk if "error" not in c],
-               [c["error"] for c in chunk if "error" in c])
+        yield ([c for c in chunk if "error" not in c], [c["error"] for c in chunk if "error" in c])
 
 
-def materialize(dataset: DownstreamSet, size: int, masks: bool = False, boxes: bool = False,
-                workers: int = 2) -> TensorSet:
+def materialize(
+    dataset: DownstreamSet, size: int, masks: bool = False, boxes: bool = False, workers: int = 2
+) -> TensorSet:
     """Decode and resize every sample once (in `workers` processes)."""
     kept, errors = [], []
     for good, bad in resized_chunks(dataset, size, masks, boxes, workers=workers):
@@ -99,10 +121,14 @@ def materialize(dataset: DownstreamSet, size: int, masks: bool = False, boxes: b
         print(f"evaluate: skipped {message}")
     skipped = Counter(unreadable=len(errors)) if errors else Counter()
     if not kept:
-        raise ValueError(f"{dataset.name} [{dataset.split}]: no readable sample "
-                         f"({len(errors)} skipped)")
-    out = TensorSet(torch.stack([k["image"] for k in kept]),
-                    torch.stack([k["labels"] for k in kept]), skipped=skipped)
+        raise ValueError(
+            f"{dataset.name} [{dataset.split}]: no readable sample ({len(errors)} skipped)"
+        )
+    out = TensorSet(
+        torch.stack([k["image"] for k in kept]),
+        torch.stack([k["labels"] for k in kept]),
+        skipped=skipped,
+    )
     if masks:
         out.masks = torch.stack([k["masks"] for k in kept])
     if boxes:
@@ -147,5 +173,5 @@ def batches(indices: torch.Tensor, batch_size: int, steps: int, seed: int):
         if position + batch_size > len(order):
             order = indices[torch.randperm(len(indices), generator=g)]
             position = 0
-        yield order[position:position + batch_size]
+        yield order[position : position + batch_size]
         position += batch_size

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from prior_dist.losses.precision import fp32
 from torch import nn
 
+from prior_dist.losses.precision import fp32
 
-def simsiam_loss(predictor: nn.Module, patches_BPD: torch.Tensor, context_BPD: torch.Tensor,
-                 patch_mask_BP: torch.Tensor | None = None) -> torch.Tensor:
+
+def simsiam_loss(
+    predictor: nn.Module,
+    patches_BPD: torch.Tensor,
+    context_BPD: torch.Tensor,
+    patch_mask_BP: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`-(mean cos(pred(V), sg(C)) + mean cos(pred(C), sg(V))) / 2` over (valid) patches."""
     a = F.cosine_similarity(fp32(predictor(patches_BPD)), fp32(context_BPD.detach()), dim=-1)
     b = F.cosine_similarity(fp32(predictor(context_BPD)), fp32(patches_BPD.detach()), dim=-1)

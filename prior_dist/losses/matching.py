@@ -30,8 +30,9 @@ def hungarian_assignment(cost_BQT: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(columns).to(cost_BQT.device, non_blocking=True)
 
 
-def align_to_targets(outputs_BQD: torch.Tensor, assignment_BQ: torch.Tensor,
-                     mode: str = "correct") -> torch.Tensor:
+def align_to_targets(
+    outputs_BQD: torch.Tensor, assignment_BQ: torch.Tensor, mode: str = "correct"
+) -> torch.Tensor:
     """Reorder outputs so that row j is the output matched to target j.
 
     `correct` applies the inverse of the assignment; `reference` (the quirk, spec section 5)

@@ -15,8 +15,9 @@ def _per_report_mean(values_BS: torch.Tensor, mask_BS: torch.Tensor) -> torch.Te
     return ((values_BS * m).sum(1) / m.sum(1).clamp_min(1)).mean()
 
 
-def prototype_l1_loss(sentences_BSD: torch.Tensor, prototypes_BSD: torch.Tensor,
-                      mask_BS: torch.Tensor) -> torch.Tensor:
+def prototype_l1_loss(
+    sentences_BSD: torch.Tensor, prototypes_BSD: torch.Tensor, mask_BS: torch.Tensor
+) -> torch.Tensor:
     """Mean |x - q| over each valid sentence's elements, per report, then over reports."""
     diff = (fp32(sentences_BSD) - fp32(prototypes_BSD)).abs().mean(-1)
     return _per_report_mean(diff, mask_BS)
@@ -31,8 +32,9 @@ def sentence_generation_loss(matched_BQD: torch.Tensor, targets_BQD: torch.Tenso
     return F.l1_loss(fp32(matched_BQD), fp32(targets_BQD))
 
 
-def prototype_kl_loss(real_logits_BQK: torch.Tensor, matched_logits_BQK: torch.Tensor,
-                      mask_BQ: torch.Tensor) -> torch.Tensor:
+def prototype_kl_loss(
+    real_logits_BQK: torch.Tensor, matched_logits_BQK: torch.Tensor, mask_BQ: torch.Tensor
+) -> torch.Tensor:
     """L_kl: KL(softmax(E Wᵀ) || softmax(Ŷ Wᵀ)) from the two logit tensors, summed over
     prototypes, mean over real rows."""
     log_p = F.log_softmax(fp32(real_logits_BQK), dim=-1)

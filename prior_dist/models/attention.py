@@ -17,7 +17,7 @@ import torch.nn.functional as F
 _WARNED: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_module():
     """The imported `flash_attn` package, or None when it is not installed or does not import."""
     try:
@@ -33,10 +33,14 @@ def resolve_attention_impl(impl: str, device: torch.device) -> str:
     usable = device.type == "cuda" and flash_attn_module() is not None
     if impl == "flash":
         if not usable:
-            why = ("flash-attn is not installed" if flash_attn_module() is None
-                   else f"flash-attn runs on CUDA only, tensors are on {device.type}")
-            raise RuntimeError(f"attention_impl='flash' requested but {why}; "
-                               "use attention_impl='auto' or 'sdpa'")
+            why = (
+                "flash-attn is not installed"
+                if flash_attn_module() is None
+                else f"flash-attn runs on CUDA only, tensors are on {device.type}"
+            )
+            raise RuntimeError(
+                f"attention_impl='flash' requested but {why}; use attention_impl='auto' or 'sdpa'"
+            )
         return "flash"
     if impl != "auto":
         raise ValueError(f"attention_impl must be one of ['auto', 'flash', 'sdpa'], got {impl!r}")
@@ -45,19 +49,32 @@ def resolve_attention_impl(impl: str, device: torch.device) -> str:
     reason = "not installed" if flash_attn_module() is None else f"not usable on {device.type}"
     if reason not in _WARNED:
         _WARNED.add(reason)
-        warnings.warn(f"attention_impl='auto': flash-attn {reason}; using PyTorch SDPA",
-                      stacklevel=2)
+        warnings.warn(
+            f"attention_impl='auto': flash-attn {reason}; using PyTorch SDPA", stacklevel=2
+        )
     return "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str,
-              key_mask: torch.Tensor | None = None, causal: bool = False,
-              dropout_p: float = 0.0) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    impl: str,
+    key_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """Scaled dot-product attention on `[B, H, L, Dh]`; `key_mask [B, Lk]` is True where valid."""
     if impl == "flash" and key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
         flash = flash_attn_module()
-        out = flash.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                    dropout_p=dropout_p, causal=causal)
+        out = flash.flash_attn_func(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            dropout_p=dropout_p,
+            causal=causal,
+        )
         return out.transpose(1, 2)
     mask = None
     if key_mask is not None:
@@ -66,13 +83,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, impl: str,
             lq, lk = q.shape[-2], k.shape[-2]
             mask = mask & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
             causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
+    )
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, dropout_p: float = 0.0) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """Padding-free attention over packed sequences `[T, H, Dh]` (flash-attn only)."""
     flash = flash_attn_module()
-    return flash.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                        dropout_p=dropout_p)
+    return flash.flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p
+    )

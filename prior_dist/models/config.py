@@ -58,22 +58,35 @@ class ImageTowerConfig:
         _choice(owner, "arch", self.arch, ("resnet", "vit"))
         _choice(owner, "block", self.block, ("bottleneck", "basic"))
         _choice(owner, "attention_impl", self.attention_impl, ("auto", "flash", "sdpa"))
-        _positive(owner, image_size=self.image_size, width=self.width, pool_heads=self.pool_heads,
-                  patch_size=self.patch_size, vit_depth=self.vit_depth, vit_width=self.vit_width,
-                  vit_heads=self.vit_heads)
+        _positive(
+            owner,
+            image_size=self.image_size,
+            width=self.width,
+            pool_heads=self.pool_heads,
+            patch_size=self.patch_size,
+            vit_depth=self.vit_depth,
+            vit_width=self.vit_width,
+            vit_heads=self.vit_heads,
+        )
         object.__setattr__(self, "layers", tuple(self.layers))
         if len(self.layers) != 4 or any(n < 1 for n in self.layers):
             raise ValueError(f"image.layers must be four positive block counts, got {self.layers}")
         if self.arch == "resnet" and self.image_size % 32:
-            raise ValueError(f"image.image_size must be a multiple of 32 for a ResNet tower "
-                             f"(its stride), got {self.image_size}")
+            raise ValueError(
+                f"image.image_size must be a multiple of 32 for a ResNet tower "
+                f"(its stride), got {self.image_size}"
+            )
         if self.arch == "vit":
             if self.image_size % self.patch_size:
-                raise ValueError(f"image.image_size ({self.image_size}) must be a multiple of "
-                                 f"image.patch_size ({self.patch_size})")
+                raise ValueError(
+                    f"image.image_size ({self.image_size}) must be a multiple of "
+                    f"image.patch_size ({self.patch_size})"
+                )
             if self.vit_width % self.vit_heads:
-                raise ValueError(f"image.vit_width ({self.vit_width}) must be divisible by "
-                                 f"image.vit_heads ({self.vit_heads})")
+                raise ValueError(
+                    f"image.vit_width ({self.vit_width}) must be divisible by "
+                    f"image.vit_heads ({self.vit_heads})"
+                )
 
     @property
     def feature_channels(self) -> int:
@@ -110,16 +123,23 @@ class TextTowerConfig:
 
     def __post_init__(self) -> None:
         owner = "text"
-        _positive(owner, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                  num_layers=self.num_layers, num_heads=self.num_heads,
-                  intermediate_size=self.intermediate_size,
-                  max_position_embeddings=self.max_position_embeddings,
-                  type_vocab_size=self.type_vocab_size)
+        _positive(
+            owner,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+        )
         _choice(owner, "attention_impl", self.attention_impl, ("auto", "flash", "sdpa"))
         _probability(owner, "dropout", self.dropout)
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"text.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"text.num_heads ({self.num_heads})")
+            raise ValueError(
+                f"text.hidden_size ({self.hidden_size}) must be divisible by "
+                f"text.num_heads ({self.num_heads})"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,7 +149,7 @@ class HeadsConfig:
     embed_dim: int = 768
     report_pool_heads: int = 8
     logit_scale_init: float = 100.0
-    logit_scale_max: float | None = None   # None: unclamped, as in the reference; CLIP uses 100
+    logit_scale_max: float | None = None  # None: unclamped, as in the reference; CLIP uses 100
     local_attention_impl: LocalAttentionImpl = "auto"
     num_prototypes: int = 512
     gumbel_tau: float = 0.9
@@ -144,42 +164,59 @@ class HeadsConfig:
     decoder_dropout: float = 0.1
     decoder_max_positions: int = 512
     image_decoder_widths: tuple[int, ...] = (768, 384, 192, 96, 48)
-    feature_dropout: float = 0.5           # Dropout2d over the image token map (stage 3)
+    feature_dropout: float = 0.5  # Dropout2d over the image token map (stage 3)
     # Stop-gradient on the targets of L_spg (SPB prototypes) and L_kl (sentence embeddings):
     # the spec does not say; without it the demo collapsed in stage 3 (docs/model.md).
     detach_generation_targets: bool = True
 
     def __post_init__(self) -> None:
         owner = "heads"
-        _positive(owner, embed_dim=self.embed_dim, report_pool_heads=self.report_pool_heads,
-                  num_prototypes=self.num_prototypes, num_queries=self.num_queries,
-                  decoder_layers=self.decoder_layers, decoder_heads=self.decoder_heads,
-                  decoder_intermediate=self.decoder_intermediate)
-        _choice(owner, "local_attention_impl", self.local_attention_impl,
-                ("auto", "triton", "torch"))
+        _positive(
+            owner,
+            embed_dim=self.embed_dim,
+            report_pool_heads=self.report_pool_heads,
+            num_prototypes=self.num_prototypes,
+            num_queries=self.num_queries,
+            decoder_layers=self.decoder_layers,
+            decoder_heads=self.decoder_heads,
+            decoder_intermediate=self.decoder_intermediate,
+        )
+        _choice(
+            owner, "local_attention_impl", self.local_attention_impl, ("auto", "triton", "torch")
+        )
         _probability(owner, "decoder_dropout", self.decoder_dropout)
         _choice(owner, "prototype_init", self.prototype_init, ("normal", "sentences"))
         _probability(owner, "feature_dropout", self.feature_dropout)
         object.__setattr__(self, "image_decoder_widths", tuple(self.image_decoder_widths))
         if len(self.image_decoder_widths) != 5 or min(self.image_decoder_widths) < 1:
-            raise ValueError("heads.image_decoder_widths must be five positive widths (one per "
-                             f"2x upsampling from stride 32), got {self.image_decoder_widths}")
+            raise ValueError(
+                "heads.image_decoder_widths must be five positive widths (one per "
+                f"2x upsampling from stride 32), got {self.image_decoder_widths}"
+            )
         if self.embed_dim % self.report_pool_heads:
-            raise ValueError(f"heads.embed_dim ({self.embed_dim}) must be divisible by "
-                             f"heads.report_pool_heads ({self.report_pool_heads})")
+            raise ValueError(
+                f"heads.embed_dim ({self.embed_dim}) must be divisible by "
+                f"heads.report_pool_heads ({self.report_pool_heads})"
+            )
         if self.embed_dim % self.decoder_heads:
-            raise ValueError(f"heads.embed_dim ({self.embed_dim}) must be divisible by "
-                             f"heads.decoder_heads ({self.decoder_heads})")
+            raise ValueError(
+                f"heads.embed_dim ({self.embed_dim}) must be divisible by "
+                f"heads.decoder_heads ({self.decoder_heads})"
+            )
         if self.gumbel_tau <= 0:
             raise ValueError(f"heads.gumbel_tau must be > 0, got {self.gumbel_tau}")
         if self.logit_scale_init <= 0:
             raise ValueError(f"heads.logit_scale_init must be > 0, got {self.logit_scale_init}")
         if self.logit_scale_max is not None and self.logit_scale_max < self.logit_scale_init:
-            raise ValueError(f"heads.logit_scale_max ({self.logit_scale_max}) must be >= "
-                             f"heads.logit_scale_init ({self.logit_scale_init}) or None")
+            raise ValueError(
+                f"heads.logit_scale_max ({self.logit_scale_max}) must be >= "
+                f"heads.logit_scale_init ({self.logit_scale_init}) or None"
+            )
         if self.num_queries > self.decoder_max_positions:
-            raise ValueError(f"heads.num_queries ({self.num_queries}) must be <= "
-                             f"heads.decoder_max_positions ({self.decoder_max_positions})")
+            raise ValueError(
+                f"heads.num_queries ({self.num_queries}) must be <= "
+                f"heads.decoder_max_positions ({self.decoder_max_positions})"
+            )
 
 
 @dataclass(frozen=True)
@@ -204,9 +241,13 @@ class CompatConfig:
             raise ValueError(f"compat.eval_gumbel must be true or false, got {self.eval_gumbel!r}")
 
 
-REFERENCE_COMPAT = CompatConfig(token_layout="reference_view", decoder_mask="causal",
-                                matching="reference", eval_gumbel=True,
-                                reference_unused_params=True)
+REFERENCE_COMPAT = CompatConfig(
+    token_layout="reference_view",
+    decoder_mask="causal",
+    matching="reference",
+    eval_gumbel=True,
+    reference_unused_params=True,
+)
 
 
 @dataclass(frozen=True)
@@ -218,31 +259,47 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.image.arch == "vit" and self.compat.token_layout == "reference_view":
-            raise ValueError("compat.token_layout=reference_view reproduces a ResNet feature-map "
-                             "quirk; it does not apply to image.arch=vit")
+            raise ValueError(
+                "compat.token_layout=reference_view reproduces a ResNet feature-map "
+                "quirk; it does not apply to image.arch=vit"
+            )
 
-    def replace(self, **sections) -> "ModelConfig":
+    def replace(self, **sections) -> ModelConfig:
         return dataclasses.replace(self, **sections)
+
+    def for_vocabulary(self, size: int) -> ModelConfig:
+        """This config for a tokenizer of `size` tokens: a text tower trained from scratch takes
+        the tokenizer's vocabulary size; a pretrained one keeps its checkpoint's."""
+        if self.text.pretrained is not None or self.text.vocab_size == size:
+            return self
+        return self.replace(text=dataclasses.replace(self.text, vocab_size=size))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        parts = {"image": ImageTowerConfig, "text": TextTowerConfig, "heads": HeadsConfig,
-                 "compat": CompatConfig}
+    def from_dict(cls, data: dict) -> ModelConfig:
+        parts = {
+            "image": ImageTowerConfig,
+            "text": TextTowerConfig,
+            "heads": HeadsConfig,
+            "compat": CompatConfig,
+        }
         unknown = set(data) - set(parts)
         if unknown:
-            raise ValueError(f"model config: unknown section(s) {sorted(unknown)}; "
-                             f"allowed: {sorted(parts)}")
+            raise ValueError(
+                f"model config: unknown section(s) {sorted(unknown)}; allowed: {sorted(parts)}"
+            )
         built = {}
         for name, kind in parts.items():
             values = dict(data.get(name) or {})
             allowed = {f.name for f in dataclasses.fields(kind)}
             bad = set(values) - allowed
             if bad:
-                raise ValueError(f"model config: unknown field(s) {sorted(bad)} in [{name}]; "
-                                 f"allowed: {sorted(allowed)}")
+                raise ValueError(
+                    f"model config: unknown field(s) {sorted(bad)} in [{name}]; "
+                    f"allowed: {sorted(allowed)}"
+                )
             built[name] = kind(**values)
         return cls(**built)
 
@@ -255,27 +312,58 @@ def _demo() -> ModelConfig:
     # Trains in minutes on a CPU at 128 px (a 4x4 patch grid): a ResNet-10-like tower, a
     # 2-layer BERT, small heads.
     return ModelConfig(
-        image=ImageTowerConfig(image_size=128, block="basic", layers=(1, 1, 1, 1), width=16,
-                               pool_heads=4),
-        text=TextTowerConfig(vocab_size=4096, hidden_size=128, num_layers=2, num_heads=4,
-                             intermediate_size=256, max_position_embeddings=256),
-        heads=HeadsConfig(embed_dim=128, report_pool_heads=4, num_prototypes=64,
-                          decoder_layers=2, decoder_heads=4, decoder_intermediate=256,
-                          decoder_max_positions=64, image_decoder_widths=(64, 48, 32, 16, 8)),
+        image=ImageTowerConfig(
+            image_size=128, block="basic", layers=(1, 1, 1, 1), width=16, pool_heads=4
+        ),
+        text=TextTowerConfig(
+            vocab_size=4096,
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=256,
+        ),
+        heads=HeadsConfig(
+            embed_dim=128,
+            report_pool_heads=4,
+            num_prototypes=64,
+            decoder_layers=2,
+            decoder_heads=4,
+            decoder_intermediate=256,
+            decoder_max_positions=64,
+            image_decoder_widths=(64, 48, 32, 16, 8),
+        ),
     )
 
 
 def _tiny() -> ModelConfig:
     # For tests: every component present, dropout off so results are deterministic.
     return ModelConfig(
-        image=ImageTowerConfig(image_size=32, block="basic", layers=(1, 1, 1, 1), width=4,
-                               pool_heads=2),
-        text=TextTowerConfig(vocab_size=800, hidden_size=32, num_layers=2, num_heads=2,
-                             intermediate_size=64, max_position_embeddings=128, dropout=0.0),
-        heads=HeadsConfig(embed_dim=32, report_pool_heads=2, num_prototypes=16, num_queries=8,
-                          decoder_layers=1, decoder_heads=2, decoder_intermediate=64,
-                          decoder_dropout=0.0, decoder_max_positions=32,
-                          image_decoder_widths=(16, 16, 8, 8, 4), feature_dropout=0.0),
+        image=ImageTowerConfig(
+            image_size=32, block="basic", layers=(1, 1, 1, 1), width=4, pool_heads=2
+        ),
+        text=TextTowerConfig(
+            vocab_size=800,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            dropout=0.0,
+        ),
+        heads=HeadsConfig(
+            embed_dim=32,
+            report_pool_heads=2,
+            num_prototypes=16,
+            num_queries=8,
+            decoder_layers=1,
+            decoder_heads=2,
+            decoder_intermediate=64,
+            decoder_dropout=0.0,
+            decoder_max_positions=32,
+            image_decoder_widths=(16, 16, 8, 8, 4),
+            feature_dropout=0.0,
+        ),
     )
 
 

@@ -19,12 +19,17 @@ class ImageDecoder(nn.Module):
         super().__init__()
         blocks, previous = [], in_channels
         for width in widths:
-            blocks.append(nn.Sequential(
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(previous, width, 3, padding=1), nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True)))
+            blocks.append(
+                nn.Sequential(
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(previous, width, 3, padding=1),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(width, width, 3, padding=1),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                )
+            )
             previous = width
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Conv2d(previous, 1, 3, padding=1)
@@ -51,13 +56,16 @@ class _DecoderLayer(nn.Module):
         self.ffn_out = nn.Linear(intermediate, dim)
         self.ffn_norm = layer_norm(dim, 1e-12)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, causal: bool,
-                impl: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, causal: bool, impl: str
+    ) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        q, k, v = rearrange(self.self_qkv(x), "b n (three h d) -> three b h n d", three=3,
-                            h=self.heads)
-        ctx = rearrange(attention(q, k, v, impl=impl, causal=causal, dropout_p=p),
-                        "b h n d -> b n (h d)")
+        q, k, v = rearrange(
+            self.self_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads
+        )
+        ctx = rearrange(
+            attention(q, k, v, impl=impl, causal=causal, dropout_p=p), "b h n d -> b n (h d)"
+        )
         x = self.self_norm(x + F.dropout(self.self_out(ctx), p, self.training))
         q = rearrange(self.cross_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.cross_kv(memory), "b m (two h d) -> two b h m d", two=2, h=self.heads)
@@ -74,9 +82,19 @@ class SentencePrototypeDecoder(nn.Module):
     decoder. `causal=True` is the reference quirk (`decoder_mask: causal`).
     """
 
-    def __init__(self, dim: int, num_queries: int, layers: int, heads: int, intermediate: int,
-                 dropout: float, max_positions: int, causal: bool = False,
-                 unused_vocab_size: int | None = None, attention_impl: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        num_queries: int,
+        layers: int,
+        heads: int,
+        intermediate: int,
+        dropout: float,
+        max_positions: int,
+        causal: bool = False,
+        unused_vocab_size: int | None = None,
+        attention_impl: str = "auto",
+    ):
         super().__init__()
         self.causal = causal
         self.dropout = dropout
@@ -85,12 +103,16 @@ class SentencePrototypeDecoder(nn.Module):
         self.position_embeddings = nn.Embedding(max_positions, dim)
         self.token_type_embeddings = nn.Embedding(2, dim)
         self.embed_norm = layer_norm(dim, 1e-12)
-        self.layers = nn.ModuleList(_DecoderLayer(dim, heads, intermediate, dropout)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            _DecoderLayer(dim, heads, intermediate, dropout) for _ in range(layers)
+        )
         # The reference decoder is a BertModel whose word embeddings are never looked up
         # (queries enter as embeddings): built, frozen, only in the reference layout.
-        self.word_embeddings = (nn.Embedding(unused_vocab_size, dim).requires_grad_(False)
-                                if unused_vocab_size else None)
+        self.word_embeddings = (
+            nn.Embedding(unused_vocab_size, dim).requires_grad_(False)
+            if unused_vocab_size
+            else None
+        )
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -100,8 +122,11 @@ class SentencePrototypeDecoder(nn.Module):
     def forward(self, image_tokens_BPD: torch.Tensor) -> torch.Tensor:
         batch, num_queries = image_tokens_BPD.shape[0], self.queries.shape[0]
         positions = torch.arange(num_queries, device=self.queries.device)
-        x = (self.queries + self.position_embeddings(positions)
-             + self.token_type_embeddings(torch.zeros_like(positions))).to(image_tokens_BPD.dtype)
+        x = (
+            self.queries
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(torch.zeros_like(positions))
+        ).to(image_tokens_BPD.dtype)
         x = F.dropout(self.embed_norm(x), self.dropout, self.training)
         x = x.expand(batch, -1, -1)
         impl = resolve_attention_impl(self.attention_impl, x.device)

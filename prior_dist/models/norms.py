@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apex_fused_layer_norm():
     """apex's FusedLayerNorm class, or None (PyPI's unrelated `apex` package has no such module)."""
     try:

@@ -13,10 +13,10 @@ from torch import nn
 
 from prior_dist.models.config import ModelConfig
 from prior_dist.models.decoders import ImageDecoder, SentencePrototypeDecoder
+from prior_dist.models.features import tokens_to_map
 from prior_dist.models.local_alignment import LocalAlignment, Predictor
 from prior_dist.models.pooling import AttentionPool
 from prior_dist.models.prototypes import SentencePrototypeBank
-from prior_dist.models.resnet import tokens_to_map
 from prior_dist.models.text import TextTower
 from prior_dist.models.towers import build_image_tower
 
@@ -32,16 +32,23 @@ class PriorModel(nn.Module):
         self.report_pool = AttentionPool(dim, heads.report_pool_heads)
         self.local_alignment = LocalAlignment(dim, heads.local_attention_impl)
         self.predictor = Predictor(dim)
-        self.prototype_bank = SentencePrototypeBank(heads.num_prototypes, dim, heads.gumbel_tau,
-                                                    eval_gumbel=compat.eval_gumbel)
+        self.prototype_bank = SentencePrototypeBank(
+            heads.num_prototypes, dim, heads.gumbel_tau, eval_gumbel=compat.eval_gumbel
+        )
         self.feature_dropout = nn.Dropout2d(heads.feature_dropout)
         self.image_decoder = ImageDecoder(2 * dim, heads.image_decoder_widths)
         self.sentence_decoder = SentencePrototypeDecoder(
-            dim, heads.num_queries, heads.decoder_layers, heads.decoder_heads,
-            heads.decoder_intermediate, heads.decoder_dropout, heads.decoder_max_positions,
+            dim,
+            heads.num_queries,
+            heads.decoder_layers,
+            heads.decoder_heads,
+            heads.decoder_intermediate,
+            heads.decoder_dropout,
+            heads.decoder_max_positions,
             causal=compat.decoder_mask == "causal",
             unused_vocab_size=cfg.text.vocab_size if compat.reference_unused_params else None,
-            attention_impl=cfg.text.attention_impl)
+            attention_impl=cfg.text.attention_impl,
+        )
         self.logit_scales = LogitScales(heads.logit_scale_init, heads.logit_scale_max)
 
     @property
@@ -62,9 +69,13 @@ class PriorModel(nn.Module):
         """Per-report attention pool over the report's own sentences -> `[B, D]`."""
         return self.report_pool(sentences_BSD, mask_BS)
 
-    def reconstruct_image(self, patch_tokens_BPD: torch.Tensor, image_context_BPD: torch.Tensor,
-                          grid: tuple[int, int],
-                          channel_uniform_BD: torch.Tensor | None = None) -> torch.Tensor:
+    def reconstruct_image(
+        self,
+        patch_tokens_BPD: torch.Tensor,
+        image_context_BPD: torch.Tensor,
+        grid: tuple[int, int],
+        channel_uniform_BD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Decode `[Dropout2d(image map), C_i map]` to a 1-channel image.
 
         `channel_uniform_BD` (U(0, 1) per sample and channel) ties the dropout mask to the

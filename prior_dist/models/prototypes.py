@@ -22,8 +22,12 @@ class SentencePrototypeBank(nn.Module):
         self.tau = tau
         self.eval_gumbel = eval_gumbel
 
-    def forward(self, x_ND: torch.Tensor, uniform_noise: torch.Tensor | None = None,
-                logits_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x_ND: torch.Tensor,
+        uniform_noise: torch.Tensor | None = None,
+        logits_only: bool = False,
+    ) -> torch.Tensor:
         """`q = p W` with `p = softmax((x Wᵀ + g) / tau)`, computed in fp32.
 
         Noise is drawn in training (and at evaluation with `eval_gumbel`, the reference quirk);

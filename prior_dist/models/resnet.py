@@ -12,8 +12,9 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from prior_dist.models.config import ImageTowerConfig
+from prior_dist.models.features import ImageFeatures, map_to_tokens
 from prior_dist.models.pooling import AttentionPool, init_projection
-from prior_dist.models.towers import ImageFeatures
+from prior_dist.models.state_dict import resnet_from_torchvision
 
 
 class ResNetBackbone(nn.Module):
@@ -42,7 +43,8 @@ class ResNetBackbone(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion))
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         # torchvision's blocks take base_width relative to 64; scale it with our width.
         kwargs = {"base_width": 64} if block is Bottleneck else {}
         layers = [block(self.inplanes, planes, stride, downsample, **kwargs)]
@@ -54,8 +56,9 @@ class ResNetBackbone(nn.Module):
         """`{stride: [B, C, H/stride, W/stride]}` for strides 2 (stem), 4, 8, 16 and 32."""
         stem = self.relu(self.bn1(self.conv1(image)))
         out, x = {2: stem}, self.maxpool(stem)
-        for stride, stage in zip((4, 8, 16, 32), (self.layer1, self.layer2, self.layer3,
-                                                  self.layer4)):
+        for stride, stage in zip(
+            (4, 8, 16, 32), (self.layer1, self.layer2, self.layer3, self.layer4)
+        ):
             x = out[stride] = stage(x)
         return out
 
@@ -69,24 +72,6 @@ class ResNetBackbone(nn.Module):
         return x
 
 
-def map_to_tokens(feature_map_BCHW: torch.Tensor, layout: str) -> torch.Tensor:
-    """`[B, C, H, W]` -> `[B, H*W, C]`: one token per location (`spatial`), or the reference's
-    plain `view(B, -1, C)` of the channel-major buffer (`reference_view`, spec section 1)."""
-    if layout == "spatial":
-        return rearrange(feature_map_BCHW, "b c h w -> b (h w) c")
-    batch, channels = feature_map_BCHW.shape[:2]
-    return feature_map_BCHW.reshape(batch, -1, channels)
-
-
-def tokens_to_map(tokens_BPC: torch.Tensor, grid: tuple[int, int], layout: str) -> torch.Tensor:
-    """The inverse of `map_to_tokens` for the same layout."""
-    h, w = grid
-    if layout == "spatial":
-        return rearrange(tokens_BPC, "b (h w) c -> b c h w", h=h, w=w)
-    batch, _, channels = tokens_BPC.shape
-    return tokens_BPC.reshape(batch, channels, h, w)
-
-
 class ResNetTower(nn.Module):
     def __init__(self, cfg: ImageTowerConfig, embed_dim: int, token_layout: str = "spatial"):
         super().__init__()
@@ -94,8 +79,9 @@ class ResNetTower(nn.Module):
         self.token_layout = token_layout
         channels = cfg.feature_channels
         self.backbone = ResNetBackbone(cfg)
-        self.attention_pool = AttentionPool(channels, cfg.pool_heads,
-                                            num_positions=self.grid[0] * self.grid[1] + 1)
+        self.attention_pool = AttentionPool(
+            channels, cfg.pool_heads, num_positions=self.grid[0] * self.grid[1] + 1
+        )
         self.local_proj = nn.Linear(channels, embed_dim)
         self.global_proj = nn.Linear(channels, embed_dim)
         init_projection(self.local_proj)
@@ -109,24 +95,28 @@ class ResNetTower(nn.Module):
     def forward(self, image: torch.Tensor) -> ImageFeatures:
         feature_map = self.backbone(image)
         if tuple(feature_map.shape[-2:]) != self.grid:
-            raise ValueError(f"image tower built for {self.grid} feature grid (image.image_size), "
-                             f"got {tuple(feature_map.shape[-2:])} from input {tuple(image.shape)}")
+            raise ValueError(
+                f"image tower built for {self.grid} feature grid (image.image_size), "
+                f"got {tuple(feature_map.shape[-2:])} from input {tuple(image.shape)}"
+            )
         pooled = self.attention_pool(rearrange(feature_map, "b c h w -> b (h w) c"))
         tokens = map_to_tokens(feature_map, self.token_layout)
-        return ImageFeatures(global_embedding=self.global_proj(pooled),
-                             patch_tokens=self.local_proj(tokens), grid=self.grid)
+        return ImageFeatures(
+            global_embedding=self.global_proj(pooled),
+            patch_tokens=self.local_proj(tokens),
+            grid=self.grid,
+        )
 
 
 def load_imagenet(backbone: ResNetBackbone, path: str) -> None:
     """Load a torchvision-layout state dict; RGB conv1 is summed over colour to one channel."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    conv1 = state.get("conv1.weight")
-    if conv1 is not None and conv1.shape[1] == 3:
-        state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict ({type(state).__name__})")
+    state = resnet_from_torchvision(state)
     result = backbone.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: ImageNet weights do not fit the ResNet tower: missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"{path}: ImageNet weights do not fit the ResNet tower: missing "
+            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )

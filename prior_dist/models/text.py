@@ -7,8 +7,8 @@ from torch import nn
 
 from prior_dist.models.bert import BertEncoder, config_from_hf, load_pretrained
 from prior_dist.models.config import TextTowerConfig
+from prior_dist.models.features import TextFeatures
 from prior_dist.models.pooling import init_projection, sentence_means
-from prior_dist.models.towers import TextFeatures
 
 
 class TextTower(nn.Module):
@@ -27,11 +27,18 @@ class TextTower(nn.Module):
         if cfg.pretrained:
             load_pretrained(self.bert, cfg.pretrained)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                sentence_index: torch.Tensor, max_sentences: int | None = None) -> TextFeatures:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_index: torch.Tensor,
+        max_sentences: int | None = None,
+    ) -> TextFeatures:
         if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"text: token id {int(input_ids.max())} >= text.vocab_size="
-                             f"{self.cfg.vocab_size}; the tokenizer and the model disagree")
+            raise ValueError(
+                f"text: token id {int(input_ids.max())} >= text.vocab_size="
+                f"{self.cfg.vocab_size}; the tokenizer and the model disagree"
+            )
         hidden = self.bert(input_ids, attention_mask)
         tokens = self.token_proj(hidden)
         sentences, mask = sentence_means(tokens, sentence_index, max_sentences)

@@ -13,9 +13,9 @@ from torch.utils.checkpoint import checkpoint
 
 from prior_dist.models.attention import attention, resolve_attention_impl
 from prior_dist.models.config import ImageTowerConfig
+from prior_dist.models.features import ImageFeatures
 from prior_dist.models.norms import layer_norm
 from prior_dist.models.pooling import init_projection
-from prior_dist.models.towers import ImageFeatures
 
 
 class ViTBlock(nn.Module):
@@ -31,8 +31,9 @@ class ViTBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor, impl: str) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d",
-                            three=3, h=self.heads)
+        q, k, v = rearrange(
+            self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads
+        )
         x = x + self.proj(rearrange(attention(q, k, v, impl=impl), "b h n d -> b n (h d)"))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
@@ -46,8 +47,9 @@ class ViTTower(nn.Module):
         self.patch_embed = nn.Conv2d(1, width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, width) * 0.02)
-        self.blocks = nn.ModuleList(ViTBlock(width, cfg.vit_heads, cfg.vit_mlp_ratio)
-                                    for _ in range(cfg.vit_depth))
+        self.blocks = nn.ModuleList(
+            ViTBlock(width, cfg.vit_heads, cfg.vit_mlp_ratio) for _ in range(cfg.vit_depth)
+        )
         self.norm = layer_norm(width, 1e-6)
         self.local_proj = nn.Linear(width, embed_dim)
         self.global_proj = nn.Linear(width, embed_dim)
@@ -62,14 +64,19 @@ class ViTTower(nn.Module):
 
     def forward(self, image: torch.Tensor) -> ImageFeatures:
         x = self._tokens(image)
-        return ImageFeatures(global_embedding=self.global_proj(x[:, 0]),
-                             patch_tokens=self.local_proj(x[:, 1:]), grid=self.grid)
+        return ImageFeatures(
+            global_embedding=self.global_proj(x[:, 0]),
+            patch_tokens=self.local_proj(x[:, 1:]),
+            grid=self.grid,
+        )
 
     def _tokens(self, image: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embed(image)
         if tuple(patches.shape[-2:]) != self.grid:
-            raise ValueError(f"ViT built for a {self.grid} patch grid (image.image_size), got "
-                             f"{tuple(patches.shape[-2:])} from input {tuple(image.shape)}")
+            raise ValueError(
+                f"ViT built for a {self.grid} patch grid (image.image_size), got "
+                f"{tuple(patches.shape[-2:])} from input {tuple(image.shape)}"
+            )
         x = rearrange(patches, "b c h w -> b (h w) c")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         impl = resolve_attention_impl(self.cfg.attention_impl, x.device)

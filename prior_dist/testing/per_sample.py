@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 
-def sentence_means(tokens_LD: torch.Tensor, sentence_index_L: torch.Tensor,
-                   max_sentences: int | None = None) -> torch.Tensor:
+def sentence_means(
+    tokens_LD: torch.Tensor, sentence_index_L: torch.Tensor, max_sentences: int | None = None
+) -> torch.Tensor:
     """`[S, D]` for one report: the mean of each non-empty sentence's tokens, in index order."""
     rows = []
     for s in sorted(set(sentence_index_L.tolist()) - {-1}):
@@ -54,15 +55,17 @@ def simsiam(predictor, patches_PD: torch.Tensor, context_PD: torch.Tensor) -> to
     return -(a + b) / 2
 
 
-def intra_report(context_SD: torch.Tensor, sentences_SD: torch.Tensor,
-                 scale: torch.Tensor) -> torch.Tensor:
+def intra_report(
+    context_SD: torch.Tensor, sentences_SD: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     logits = scale * F.normalize(context_SD, dim=-1) @ F.normalize(sentences_SD, dim=-1).t()
     labels = torch.arange(logits.shape[0])
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def global_infonce(image_ND: torch.Tensor, text_ND: torch.Tensor,
-                   scale: torch.Tensor) -> torch.Tensor:
+def global_infonce(
+    image_ND: torch.Tensor, text_ND: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     logits = scale * F.normalize(image_ND, dim=-1) @ F.normalize(text_ND, dim=-1).t()
     labels = torch.arange(logits.shape[0])
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -86,9 +89,18 @@ def match(generated_QD: torch.Tensor, targets_QD: torch.Tensor, mode: str) -> to
     return generated_QD[index]
 
 
-def heads_losses(model, patches, image_global, tokens, sentence_index, generated=None,
-                 use_prototypes=False, sentence_cap=None, noise_sentences=None,
-                 noise_generated=None) -> dict[str, torch.Tensor]:
+def heads_losses(
+    model,
+    patches,
+    image_global,
+    tokens,
+    sentence_index,
+    generated=None,
+    use_prototypes=False,
+    sentence_cap=None,
+    noise_sentences=None,
+    noise_generated=None,
+) -> dict[str, torch.Tensor]:
     """Every loss after the encoders, one sample at a time (decoder outputs are inputs here)."""
     batch = patches.shape[0]
     bank, pool = model.prototype_bank, model.report_pool

@@ -8,7 +8,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from prior_dist.training.recipe import REPO
+import torch
+import torch.distributed as dist
+
+from prior_dist.distributed.env import adopt_slurm_environment
+from prior_dist.training.ds_config import check_against_recipe, read_deepspeed_config
+from prior_dist.training.recipe import REPO, load_recipe
+from prior_dist.training.trainer import NonFiniteLossError, Trainer
 
 EXIT_CONFIG, EXIT_COLLECTIVE, EXIT_NONFINITE = 2, 3, 4
 
@@ -17,22 +23,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="launch/pretrain.py",
         description="Pretrain PRIOR. Run under `deepspeed`, `torchrun` or `srun`; with no options "
-                    "it trains the demo recipe on phantom shards (generated on first use).")
-    parser.add_argument("--config", default=str(REPO / "configs" / "zero2.json"),
-                        help="DeepSpeed JSON: micro-batch, accumulation, precision, ZeRO stage")
+        "it trains the demo recipe on phantom shards (generated on first use).",
+    )
+    parser.add_argument(
+        "--config",
+        default=str(REPO / "configs" / "zero2.json"),
+        help="DeepSpeed JSON: micro-batch, accumulation, precision, ZeRO stage",
+    )
     parser.add_argument("--recipe", default="demo", help="demo | paper | tiny | PATH.yaml")
     parser.add_argument("--data", default=None, help="shard directory (sets data.path)")
     parser.add_argument("--run-dir", default=None, help="default: runs/<recipe>")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop at this global optimizer step (a checkpoint is saved)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override a recipe field (repeatable)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto (latest complete checkpoint in the run dir) | none | PATH")
-    parser.add_argument("--audit-samples", action="store_true",
-                        help="write RUN_DIR/samples/rank{R}.jsonl: the sample keys of every step")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)   # passed by the DeepSpeed launcher
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop at this global optimizer step (a checkpoint is saved)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (latest complete checkpoint in the run dir) | none | PATH",
+    )
+    parser.add_argument(
+        "--audit-samples",
+        action="store_true",
+        help="write RUN_DIR/samples/rank{R}.jsonl: the sample keys of every step",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the DeepSpeed launcher
     args = parser.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
@@ -47,12 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:
-        import torch
-
-        from prior_dist.distributed.env import adopt_slurm_environment
-        from prior_dist.training.ds_config import check_against_recipe, read_deepspeed_config
-        from prior_dist.training.recipe import load_recipe
-
         adopt_slurm_environment()
         overrides = list(args.overrides)
         if args.data:
@@ -64,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    from prior_dist.training.trainer import NonFiniteLossError, Trainer
-
     run_dir = Path(args.run_dir or REPO / "runs" / recipe.name)
     trainer = Trainer(recipe, ds, run_dir, args.resume, args.max_steps, args.audit_samples, raw)
     code = 0
@@ -73,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.run()
         if getattr(trainer, "rank", 0) == 0:
             summary = {k: v for k, v in result.items() if k != "zero_shot"}
-            if "zero_shot" in result:    # the whole result is in RUN_DIR/eval.json
+            if "zero_shot" in result:  # the whole result is in RUN_DIR/eval.json
                 summary["zero_shot_accuracy"] = result["zero_shot"]["paper_score"]["accuracy"]
             print(f"[prior_dist] done: {summary} (run directory {run_dir})", flush=True)
     except ValueError as err:
@@ -84,14 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_NONFINITE
     except RuntimeError as err:
         # gloo/NCCL errors when a peer dies (connection reset, collective timeout).
-        print(f"pretrain: rank {rank}: a collective or runtime operation failed; a peer rank "
-              f"has probably died (see the launcher's report of which one): {err}",
-              file=sys.stderr, flush=True)
+        print(
+            f"pretrain: rank {rank}: a collective or runtime operation failed; a peer rank "
+            f"has probably died (see the launcher's report of which one): {err}",
+            file=sys.stderr,
+            flush=True,
+        )
         traceback.print_exc()
         code = EXIT_COLLECTIVE
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and code == 0:
             dist.destroy_process_group()
     return code

@@ -50,16 +50,21 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
         raise ValueError(f"{path}: a DeepSpeed config is a JSON object")
     micro = raw.get("train_micro_batch_size_per_gpu")
     if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
-        raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, "
-                         f"got {micro!r} (train_batch_size alone is not accepted: the loader "
-                         "needs the per-rank micro-batch)")
+        raise ValueError(
+            f"{path}: train_micro_batch_size_per_gpu must be a positive integer, "
+            f"got {micro!r} (train_batch_size alone is not accepted: the loader "
+            "needs the per-rank micro-batch)"
+        )
     gas = raw.get("gradient_accumulation_steps", 1)
     if not isinstance(gas, int) or isinstance(gas, bool) or gas < 1:
-        raise ValueError(f"{path}: gradient_accumulation_steps must be a positive integer, "
-                         f"got {gas!r}")
+        raise ValueError(
+            f"{path}: gradient_accumulation_steps must be a positive integer, got {gas!r}"
+        )
     if "train_batch_size" in raw:
-        raise ValueError(f"{path}: leave train_batch_size out; it follows from "
-                         "train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks")
+        raise ValueError(
+            f"{path}: leave train_batch_size out; it follows from "
+            "train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks"
+        )
     fp16, bf16 = bool(_get(raw, "fp16.enabled")), bool(_get(raw, "bf16.enabled"))
     if fp16 and bf16:
         raise ValueError(f"{path}: fp16.enabled and bf16.enabled are both true; pick one")
@@ -68,11 +73,20 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
         raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     for owned in ("optimizer", "scheduler"):
         if owned in raw:
-            raise ValueError(f"{path}: remove the {owned!r} section: the recipe's optim and "
-                             "train.stages sections define AdamW and the per-stage schedule")
+            raise ValueError(
+                f"{path}: remove the {owned!r} section: the recipe's optim and "
+                "train.stages sections define AdamW and the per-stage schedule"
+            )
     offload = (_get(raw, "zero_optimization.offload_optimizer.device") or "none") != "none"
-    return DeepSpeedSettings(str(path), raw, micro, gas, "fp16" if fp16 else "bf16" if bf16
-                             else "fp32", int(stage), offload)
+    return DeepSpeedSettings(
+        str(path),
+        raw,
+        micro,
+        gas,
+        "fp16" if fp16 else "bf16" if bf16 else "fp32",
+        int(stage),
+        offload,
+    )
 
 
 def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> None:
@@ -80,9 +94,11 @@ def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str
     for key, expected in recipe.deepspeed_expect.items():
         actual = _get(ds.raw, key)
         if actual != expected:
-            raise ValueError(f"recipe {recipe.name!r} needs {key}={expected!r} but {ds.path} has "
-                             f"{actual!r}: use a DeepSpeed config that matches, or change the "
-                             "recipe's deepspeed_expect")
+            raise ValueError(
+                f"recipe {recipe.name!r} needs {key}={expected!r} but {ds.path} has "
+                f"{actual!r}: use a DeepSpeed config that matches, or change the "
+                "recipe's deepspeed_expect"
+            )
     if ds.precision == "fp16" and device_type != "cuda":
         raise ValueError(f"{ds.path}: fp16 needs a CUDA device; on a CPU use fp32 or bf16")
     if ds.offload_optimizer and ds.zero_stage == 0:
@@ -92,11 +108,15 @@ def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str
 def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> dict:
     """The dict handed to deepspeed.initialize: the user's JSON plus our optimizer section."""
     config = copy.deepcopy(ds.raw)
-    params = {"lr": recipe.train.stages[0].lr, "betas": list(recipe.optim.betas),
-              "eps": recipe.optim.eps, "weight_decay": recipe.optim.weight_decay}
+    params = {
+        "lr": recipe.train.stages[0].lr,
+        "betas": list(recipe.optim.betas),
+        "eps": recipe.optim.eps,
+        "weight_decay": recipe.optim.weight_decay,
+    }
     if device_type != "cuda" and not ds.offload_optimizer:
-        params["torch_adam"] = True       # no fused CUDA op to build on a CPU
+        params["torch_adam"] = True  # no fused CUDA op to build on a CPU
     config["optimizer"] = {"type": "AdamW", "params": params}
-    config.setdefault("steps_per_print", 10**9)   # we log ourselves
+    config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
     return config

@@ -9,14 +9,18 @@ import resource
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines with `step <= last_step` (a resumed run rewrites the steps after it)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -38,32 +42,45 @@ class JsonlWriter:
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 class MetricsLogger:
     """Rank 0 writes `metrics.jsonl` (+ TensorBoard); every rank may write its audit file."""
 
-    def __init__(self, run_dir: Path, rank: int, resume_step: int, tensorboard: bool,
-                 audit: bool, progress_total: int | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        resume_step: int,
+        tensorboard: bool,
+        audit: bool,
+        progress_total: int | None,
+    ):
         self.rank = rank
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl", resume_step) if rank == 0 else None
-        self.audit = (JsonlWriter(run_dir / "samples" / f"rank{rank}.jsonl", resume_step)
-                      if audit else None)
+        self.audit = (
+            JsonlWriter(run_dir / "samples" / f"rank{rank}.jsonl", resume_step) if audit else None
+        )
         self.tb = None
         if tensorboard and rank == 0:
+            # TensorBoard is optional (logging.tensorboard); the package may be absent.
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.bar = None
         if progress_total is not None and rank == 0:
-            from tqdm import tqdm
+            self.bar = tqdm(
+                total=progress_total, initial=resume_step, unit="step", dynamic_ncols=True
+            )
 
-            self.bar = tqdm(total=progress_total, initial=resume_step, unit="step",
-                            dynamic_ncols=True)
-
-    def step(self, record: dict, keys: list[str] | None = None,
-             bank_sha256: str | None = None, rank_memory_mb: float | None = None) -> None:
+    def step(
+        self,
+        record: dict,
+        keys: list[str] | None = None,
+        bank_sha256: str | None = None,
+        rank_memory_mb: float | None = None,
+    ) -> None:
         if self.audit is not None and keys is not None:
             line = {"step": record["step"], "keys": keys, "memory_mb": rank_memory_mb}
             if bank_sha256 is not None:
@@ -78,8 +95,11 @@ class MetricsLogger:
                     self.tb.add_scalar(name, value, record["step"])
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}",
-                                 sps=f"{record['samples_per_s']:.1f}")
+            self.bar.set_postfix(
+                stage=record["stage"],
+                loss=f"{record['loss']:.4f}",
+                sps=f"{record['samples_per_s']:.1f}",
+            )
 
     def close(self) -> None:
         for writer in (self.metrics, self.audit):

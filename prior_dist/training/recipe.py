@@ -16,45 +16,18 @@ from typing import Any
 
 import yaml
 
+from prior_dist.data.config import DataConfig
+from prior_dist.data.labels import CHEXPERT_COMPETITION
 from prior_dist.models.config import ModelConfig, model_config
+from prior_dist.task.curriculum import LOSS_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO / "configs" / "recipes"
-ZERO_SHOT_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    path: str = "shards/demo"
-    # Generate phantom shards at `path` on first use when it holds none (demo, tiny recipes).
-    phantom_studies: int | None = None
-    phantom_image_size: int = 128
-    phantom_shard_size: int = 256
-    # "auto": a WordPiece vocabulary built from the shards (cached under <path>/wordpiece);
-    # otherwise a local tokenizer directory or a hub id.
-    tokenizer: str = "auto"
-    vocab_size: int = 4096
-    max_tokens: int = 256
-    rotation_degrees: float = 5.0
-    flip_probability: float = 0.0
-    workers: int = 2
-    mode: str | None = None
-    eval_split: str = "test"
-
-    def __post_init__(self) -> None:
-        _require(self.phantom_studies is None or self.phantom_studies >= 10,
-                 f"data.phantom_studies must be >= 10 or null, got {self.phantom_studies}")
-        _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
-        _require(self.max_tokens >= 3, f"data.max_tokens must be >= 3, got {self.max_tokens}")
-        _require(self.mode in (None, "indexed", "stream", "resampled"),
-                 f"data.mode must be one of [null, indexed, stream, resampled], got {self.mode!r}")
-        _require(0 <= self.flip_probability <= 1,
-                 f"data.flip_probability must be in [0, 1], got {self.flip_probability}")
 
 
 @dataclass(frozen=True)
@@ -67,18 +40,44 @@ class StageConfig:
     warmup_start_lr: float = 1e-7
     warmup_epochs: float | None = None
     warmup_steps: int | None = None
+    # Loss name -> weight for this stage (null: the spec's weights for the stage); a loss left
+    # out or weighted 0 does not run.
+    loss_weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
-        _require((self.epochs is None) != (self.steps is None),
-                 f"train.stages: give exactly one of epochs or steps per stage, got "
-                 f"epochs={self.epochs} steps={self.steps}")
-        _require((self.epochs or 0) >= 0 and (self.steps or 0) >= 0,
-                 "train.stages: epochs and steps must be >= 0")
-        _require(not (self.warmup_epochs is not None and self.warmup_steps is not None),
-                 "train.stages: give at most one of warmup_epochs or warmup_steps")
-        _require(self.lr > 0 and self.warmup_start_lr >= 0,
-                 f"train.stages: lr must be > 0 and warmup_start_lr >= 0, got lr={self.lr} "
-                 f"warmup_start_lr={self.warmup_start_lr}")
+        if self.loss_weights is not None:
+            _require(
+                isinstance(self.loss_weights, dict),
+                f"train.stages: loss_weights must map loss names to weights, got "
+                f"{self.loss_weights!r}",
+            )
+            unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
+            _require(
+                not unknown,
+                f"train.stages: loss_weights: unknown loss name(s) {unknown}; "
+                f"allowed: {list(LOSS_NAMES)}",
+            )
+            object.__setattr__(
+                self, "loss_weights", {k: float(v) for k, v in self.loss_weights.items()}
+            )
+        _require(
+            (self.epochs is None) != (self.steps is None),
+            f"train.stages: give exactly one of epochs or steps per stage, got "
+            f"epochs={self.epochs} steps={self.steps}",
+        )
+        _require(
+            (self.epochs or 0) >= 0 and (self.steps or 0) >= 0,
+            "train.stages: epochs and steps must be >= 0",
+        )
+        _require(
+            not (self.warmup_epochs is not None and self.warmup_steps is not None),
+            "train.stages: give at most one of warmup_epochs or warmup_steps",
+        )
+        _require(
+            self.lr > 0 and self.warmup_start_lr >= 0,
+            f"train.stages: lr must be > 0 and warmup_start_lr >= 0, got lr={self.lr} "
+            f"warmup_start_lr={self.warmup_start_lr}",
+        )
 
 
 @dataclass(frozen=True)
@@ -89,41 +88,54 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        _require(self.weight_decay >= 0,
-                 f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _require(
+            self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}"
+        )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 114514
-    stages: tuple[StageConfig, ...] = field(default_factory=lambda: (
-        StageConfig(epochs=20, lr=1e-5, warmup_start_lr=1e-7, warmup_epochs=1),
-        StageConfig(epochs=30, lr=1e-5, warmup_start_lr=1e-7, warmup_epochs=1),
-        StageConfig(epochs=100, lr=5e-6, warmup_start_lr=1e-8, warmup_epochs=5)))
+    stages: tuple[StageConfig, ...] = field(
+        default_factory=lambda: (
+            StageConfig(epochs=20, lr=1e-5, warmup_start_lr=1e-7, warmup_epochs=1),
+            StageConfig(epochs=30, lr=1e-5, warmup_start_lr=1e-7, warmup_epochs=1),
+            StageConfig(epochs=100, lr=5e-6, warmup_start_lr=1e-8, warmup_epochs=5),
+        )
+    )
     sentence_cap: int = 16
     # Losses are computed from sample-tied randomness (Gumbel noise per sentence from the
     # sample's seed), so results do not depend on how many ranks share a batch.
     tie_noise_to_samples: bool = True
     sync_batchnorm: bool = True
+    # Shorthand for model.image/text.activation_checkpointing=true, resolved into the model
+    # config when the recipe is built.
     activation_checkpointing: bool = False
     max_nonfinite_steps: int = 5
     collective_timeout_s: float = 300.0
-    # Fault injection for tests: optimizer steps whose loss is replaced by NaN.
-    inject_nonfinite_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        stages = tuple(s if isinstance(s, StageConfig) else StageConfig(**_fields(
-            StageConfig, s, f"train.stages.{i}")) for i, s in enumerate(self.stages))
+        stages = tuple(
+            s
+            if isinstance(s, StageConfig)
+            else StageConfig(**_fields(StageConfig, s, f"train.stages.{i}"))
+            for i, s in enumerate(self.stages)
+        )
         object.__setattr__(self, "stages", stages)
-        object.__setattr__(self, "inject_nonfinite_steps", tuple(self.inject_nonfinite_steps))
-        _require(len(stages) == 3, f"train.stages must list the 3 curriculum stages, got "
-                                   f"{len(stages)}")
-        _require(self.sentence_cap >= 1,
-                 f"train.sentence_cap must be >= 1, got {self.sentence_cap}")
-        _require(self.max_nonfinite_steps >= 1,
-                 f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        _require(
+            len(stages) == 3, f"train.stages must list the 3 curriculum stages, got {len(stages)}"
+        )
+        _require(
+            self.sentence_cap >= 1, f"train.sentence_cap must be >= 1, got {self.sentence_cap}"
+        )
+        _require(
+            self.max_nonfinite_steps >= 1,
+            f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}",
+        )
         _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")
 
 
@@ -134,10 +146,14 @@ class CheckpointConfig:
     keep_last: int = 3
 
     def __post_init__(self) -> None:
-        _require(self.every_steps is None or self.every_steps >= 1,
-                 f"checkpoint.every_steps must be >= 1 or null, got {self.every_steps}")
-        _require(self.every_minutes is None or self.every_minutes > 0,
-                 f"checkpoint.every_minutes must be > 0 or null, got {self.every_minutes}")
+        _require(
+            self.every_steps is None or self.every_steps >= 1,
+            f"checkpoint.every_steps must be >= 1 or null, got {self.every_steps}",
+        )
+        _require(
+            self.every_minutes is None or self.every_minutes > 0,
+            f"checkpoint.every_minutes must be > 0 or null, got {self.every_minutes}",
+        )
         _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
 
@@ -149,18 +165,22 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if self.tensorboard:
             try:
+                # TensorBoard is optional: checked here so a recipe asking for it fails early.
                 import torch.utils.tensorboard  # noqa: F401
             except ImportError as err:
-                raise ValueError("logging.tensorboard=true needs the tensorboard package "
-                                 f"(pip install tensorboard): {err}") from err
+                raise ValueError(
+                    "logging.tensorboard=true needs the tensorboard package "
+                    f"(pip install tensorboard): {err}"
+                ) from err
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     zero_shot: bool = True
-    classes: tuple[str, ...] = ZERO_SHOT_CLASSES
+    classes: tuple[str, ...] = CHEXPERT_COMPETITION
     prompt: str = "{} is observed"
     local_weight: float = 0.5
+    # Images per forward pass of the periodic and end-of-run evaluation.
     micro_batch_size: int = 32
     # During pretraining: zero-shot accuracy and retrieval recall on this split every N
     # optimizer steps, logged with that step in metrics.jsonl (null: off).
@@ -168,8 +188,14 @@ class EvalConfig:
     split: str = "validate"
 
     def __post_init__(self) -> None:
-        _require(self.every_steps is None or self.every_steps >= 1,
-                 f"eval.every_steps must be >= 1 or null, got {self.every_steps}")
+        _require(
+            self.every_steps is None or self.every_steps >= 1,
+            f"eval.every_steps must be >= 1 or null, got {self.every_steps}",
+        )
+        _require(
+            self.micro_batch_size >= 1,
+            f"eval.micro_batch_size must be >= 1, got {self.micro_batch_size}",
+        )
         object.__setattr__(self, "classes", tuple(self.classes))
         _require(len(self.classes) >= 2, "eval.classes must name at least 2 classes")
         _require("{}" in self.prompt, f"eval.prompt must contain '{{}}', got {self.prompt!r}")
@@ -188,8 +214,22 @@ class Recipe:
     # DeepSpeed keys (dotted) and the values this recipe needs; a JSON that disagrees is refused.
     deepspeed_expect: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.train.activation_checkpointing:
+            image = dataclasses.replace(self.model.image, activation_checkpointing=True)
+            text = dataclasses.replace(self.model.text, activation_checkpointing=True)
+            object.__setattr__(self, "model", self.model.replace(image=image, text=text))
+
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def stage_weights(self) -> dict[int, dict[str, float]]:
+        """`stage_plan`'s overrides: the stages whose `loss_weights` the recipe sets."""
+        return {
+            i + 1: dict(s.loss_weights)
+            for i, s in enumerate(self.train.stages)
+            if s.loss_weights is not None
+        }
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -205,9 +245,9 @@ def _coerce(name: str, annotation: str, value, where: str):
         raise ValueError(f"{where}.{name} must not be null")
     kinds = [_SCALARS[p] for p in parts if p in _SCALARS]
     if not kinds or len(kinds) + ("None" in parts) != len(parts):
-        return value        # containers and literals: checked by the dataclass itself
+        return value  # containers and literals: checked by the dataclass itself
     if "float" in parts and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-        value = float(value)     # YAML 1.1 reads 1e-6 (no dot) as a string
+        value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
     allowed = tuple(t for kind in kinds for t in kind)
     if isinstance(value, bool) and bool not in allowed:
         allowed = ()
@@ -227,8 +267,14 @@ def _fields(kind, values, where: str) -> dict:
     return {k: _coerce(k, fields[k].type, v, where) for k, v in values.items()}
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-            "checkpoint": CheckpointConfig, "logging": LoggingConfig, "eval": EvalConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "eval": EvalConfig,
+}
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
@@ -236,23 +282,31 @@ def recipe_from_dict(raw: dict) -> Recipe:
     allowed = set(SECTIONS) | {"name", "model", "deepspeed_expect"}
     unknown = set(raw) - allowed
     if unknown:
-        raise ValueError(f"recipe: unknown section(s) {sorted(unknown)}; "
-                         f"allowed: {sorted(allowed)}")
+        raise ValueError(
+            f"recipe: unknown section(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
     model_raw = dict(raw.get("model") or {})
     base = model_config(model_raw.pop("name", "paper"), model_raw.pop("compat_preset", "default"))
     merged = base.to_dict()
     for section, values in model_raw.items():
         if section not in merged:
-            raise ValueError(f"model: unknown section {section!r}; allowed: name, "
-                             f"compat_preset, {', '.join(merged)}")
+            raise ValueError(
+                f"model: unknown section {section!r}; allowed: name, "
+                f"compat_preset, {', '.join(merged)}"
+            )
         merged[section].update(_fields(type(getattr(base, section)), values, f"model.{section}"))
-    parts = {name: kind(**_fields(kind, raw.get(name) or {}, name))
-             for name, kind in SECTIONS.items()}
+    parts = {
+        name: kind(**_fields(kind, raw.get(name) or {}, name)) for name, kind in SECTIONS.items()
+    }
     expect = raw.get("deepspeed_expect") or {}
     if not isinstance(expect, dict):
         raise ValueError("deepspeed_expect must map DeepSpeed keys to values")
-    return Recipe(name=str(raw.get("name", "custom")), model=ModelConfig.from_dict(merged),
-                  deepspeed_expect=dict(expect), **parts)
+    return Recipe(
+        name=str(raw.get("name", "custom")),
+        model=ModelConfig.from_dict(merged),
+        deepspeed_expect=dict(expect),
+        **parts,
+    )
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -270,8 +324,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for key in keys[:-1]:
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise ValueError(f"--set {item!r}: {key!r} is not an index into a list of "
-                                     f"{len(node)}")
+                    raise ValueError(
+                        f"--set {item!r}: {key!r} is not an index into a list of {len(node)}"
+                    )
                 node = node[int(key)]
             else:
                 node = node.setdefault(key, {})
@@ -280,8 +335,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         last = keys[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
-                raise ValueError(f"--set {item!r}: {last!r} is not an index into a list of "
-                                 f"{len(node)}")
+                raise ValueError(
+                    f"--set {item!r}: {last!r} is not an index into a list of {len(node)}"
+                )
             node[int(last)] = value
         else:
             node[last] = value
@@ -295,8 +351,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-            raise ValueError(f"--recipe {name_or_path!r}: no such recipe; named recipes: {names}, "
-                             "or a path to a .yaml file")
+            raise ValueError(
+                f"--recipe {name_or_path!r}: no such recipe; named recipes: {names}, "
+                "or a path to a .yaml file"
+            )
     if not path.is_file():
         raise ValueError(f"--recipe {name_or_path}: file not found")
     try:

@@ -10,8 +10,8 @@ from prior_dist.training.recipe import StageConfig
 
 @dataclass(frozen=True)
 class StageSpan:
-    stage: int          # 1, 2, 3
-    start: int          # first optimizer step (global count) of the stage
+    stage: int  # 1, 2, 3
+    start: int  # first optimizer step (global count) of the stage
     steps: int
     warmup: int
     config: StageConfig
@@ -24,8 +24,10 @@ class StageSpan:
 def plan_stages(stages: tuple[StageConfig, ...], steps_per_epoch: int) -> list[StageSpan]:
     """Stage lengths in optimizer steps, from epochs (x steps_per_epoch, rounded) or steps."""
     if steps_per_epoch < 1:
-        raise ValueError("an epoch gives no optimizer step: the training split is smaller than "
-                         "one global batch (micro-batch x accumulation x ranks)")
+        raise ValueError(
+            "an epoch gives no optimizer step: the training split is smaller than "
+            "one global batch (micro-batch x accumulation x ranks)"
+        )
     spans, start = [], 0
     for index, cfg in enumerate(stages, start=1):
         steps = cfg.steps if cfg.steps is not None else round(cfg.epochs * steps_per_epoch)

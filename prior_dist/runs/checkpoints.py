@@ -18,23 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "complete.json"
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+from prior_dist.runs.layout import MARKER, checkpoint_root, complete_checkpoints, rank_file, tag_for
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path | None:
@@ -47,8 +31,10 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     path = Path(resume)
     if not (path / MARKER).is_file():
         found = ", ".join(str(p) for p in complete_checkpoints(run_dir)) or "none"
-        raise ValueError(f"--resume {resume}: not a complete checkpoint (no {MARKER}); "
-                         f"complete ones in the run directory: {found}")
+        raise ValueError(
+            f"--resume {resume}: not a complete checkpoint (no {MARKER}); "
+            f"complete ones in the run directory: {found}"
+        )
     return path
 
 
@@ -65,8 +51,11 @@ def remove_partial(run_dir: Path) -> list[str]:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -86,18 +75,24 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, rank_state: dict,
-                    keep_last: int) -> Path:
+def save_checkpoint(
+    engine, run_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int
+) -> Path:
     """Save on every rank (a collective); returns the checkpoint directory."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _atomic_torch_save(rank_state, root / tag / f"rank{rank:05d}.pt")
+    _atomic_torch_save(rank_state, rank_file(root / tag, rank))
     dist.barrier()
     if rank == 0:
-        marker = {"step": step, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                  "stage": client_state.get("stage"), "epoch": client_state.get("epoch")}
+        marker = {
+            "step": step,
+            "world_size": world,
+            "zero_stage": engine.zero_optimization_stage(),
+            "stage": client_state.get("stage"),
+            "epoch": client_state.get("epoch"),
+        }
         tmp = root / tag / (MARKER + ".tmp")
         tmp.write_text(json.dumps(marker, indent=2))
         os.replace(tmp, root / tag / MARKER)
@@ -128,16 +123,22 @@ def load_checkpoint(engine, path: Path) -> tuple[dict, dict | None]:
             f"{marker['zero_stage']}; this run has {world} ranks (ZeRO stage {stage}). ZeRO "
             "partitions optimizer states by rank: resume with the same number of ranks, or "
             "convert it with DeepSpeed's ds_to_universal.py and load that universal checkpoint "
-            "(not wired into this launcher)")
+            "(not wired into this launcher)"
+        )
     if marker["zero_stage"] != stage:
-        raise ValueError(f"checkpoint {path} was written with ZeRO stage {marker['zero_stage']}; "
-                         f"this run uses stage {stage}: use the same DeepSpeed config")
-    load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                               load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+        raise ValueError(
+            f"checkpoint {path} was written with ZeRO stage {marker['zero_stage']}; "
+            f"this run uses stage {stage}: use the same DeepSpeed config"
+        )
+    load_path, client = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank_file = path / f"rank{dist.get_rank():05d}.pt"
-    rank_state = (torch.load(rank_file, map_location="cpu", weights_only=False)
-                  if rank_file.is_file() and marker["world_size"] == world else None)
+    own = rank_file(path, dist.get_rank())
+    rank_state = (
+        torch.load(own, map_location="cpu", weights_only=False)
+        if own.is_file() and marker["world_size"] == world
+        else None
+    )
     return client or {}, rank_state

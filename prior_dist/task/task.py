@@ -5,13 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prior_dist.losses import (LocalGather, align_to_targets, global_contrastive_loss,
-                               hungarian_assignment, image_reconstruction_loss,
-                               intra_report_contrastive_loss, prototype_kl_loss,
-                               prototype_l1_loss, sentence_generation_loss, simsiam_loss)
+from prior_dist.losses import (
+    LocalGather,
+    align_to_targets,
+    global_contrastive_loss,
+    hungarian_assignment,
+    image_reconstruction_loss,
+    intra_report_contrastive_loss,
+    prototype_kl_loss,
+    prototype_l1_loss,
+    sentence_generation_loss,
+    simsiam_loss,
+)
 from prior_dist.losses.contrastive import Gather
 from prior_dist.models.prior import PriorModel
-from prior_dist.training.curriculum import StagePlan
+from prior_dist.task.curriculum import StagePlan
+from prior_dist.task.noise import sample_noise
+from prior_dist.task.prototype_init import init_bank_from_batch
 
 
 class PriorTask(nn.Module):
@@ -26,25 +36,62 @@ class PriorTask(nn.Module):
         self.model = model
         self.gather = gather or LocalGather()
 
-    def forward(self, batch: dict, plan: StagePlan,
-                gumbel_noise: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, plan: StagePlan, gumbel_noise: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses by name (only those `plan` runs) plus `total`, the weighted sum.
 
         `gumbel_noise` may hold U(0, 1) tensors `sentences [B, S, K]`, `generated [B, Q, K]`
         (the prototype bank's noise) and `feature_keep [B, D]` (the stage-3 feature dropout) to
-        tie that randomness to the samples (`prior_dist.training.noise`); otherwise torch's RNG
+        tie that randomness to the samples (`tied_noise`); otherwise torch's RNG
         draws it.
         """
         model = self.model
         img = model.encode_image(batch["image"])
-        txt = model.encode_text(batch["input_ids"], batch["attention_mask"],
-                                batch["sentence_index"], plan.max_sentences)
-        return self.head_losses(img, txt.sentences, txt.sentence_mask, batch["image"], plan,
-                                gumbel_noise)
+        txt = model.encode_text(
+            batch["input_ids"], batch["attention_mask"], batch["sentence_index"], plan.max_sentences
+        )
+        return self.head_losses(
+            img, txt.sentences, txt.sentence_mask, batch["image"], plan, gumbel_noise
+        )
 
-    def head_losses(self, img, sentences, mask, image, plan: StagePlan,
-                    gumbel_noise: dict[str, torch.Tensor] | None = None,
-                    generated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def tied_noise(
+        self, batch: dict, epoch: int, seed: int, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """This batch's Gumbel and dropout noise from its samples' keys (any number of ranks
+        draws the same for the same sample)."""
+        heads = self.model.cfg.heads
+        return sample_noise(
+            batch,
+            epoch,
+            seed,
+            int(batch["num_sentences"].max()),
+            heads.num_queries,
+            heads.num_prototypes,
+            heads.embed_dim,
+            device,
+        )
+
+    @property
+    def bank_starts_from_sentences(self) -> bool:
+        """`heads.prototype_init: sentences`: stage 2 starts the bank from a batch's sentences."""
+        return self.model.cfg.heads.prototype_init == "sentences"
+
+    def start_prototype_bank(self, batch: dict, seed: int, zero_stage: int) -> int:
+        """Set the prototype bank from this global batch's sentences (identical on every rank);
+        returns how many distinct sentences it found."""
+        return init_bank_from_batch(self.model, batch, seed, zero_stage)
+
+    def head_losses(
+        self,
+        img,
+        sentences,
+        mask,
+        image,
+        plan: StagePlan,
+        gumbel_noise: dict[str, torch.Tensor] | None = None,
+        generated: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Everything after the encoders. `generated [B, Q, D]` replaces the sentence decoder's
         output when given (benchmarks time the heads without the decoder networks)."""
         model, noise = self.model, gumbel_noise or {}
@@ -58,31 +105,36 @@ class PriorTask(nn.Module):
                 aligned = prototypes
         report = model.report_embedding(aligned, mask)
         if plan.runs("global"):
-            losses["global"] = global_contrastive_loss(img.global_embedding, report,
-                                                       model.global_scale, self.gather)
+            losses["global"] = global_contrastive_loss(
+                img.global_embedding, report, model.global_scale, self.gather
+            )
         local = model.local_alignment(img.patch_tokens, aligned, mask)
         if plan.runs("local_image"):
-            losses["local_image"] = simsiam_loss(model.predictor, img.patch_tokens,
-                                                 local.image_context)
+            losses["local_image"] = simsiam_loss(
+                model.predictor, img.patch_tokens, local.image_context
+            )
         if plan.runs("local_text"):
-            losses["local_text"] = intra_report_contrastive_loss(local.text_context, aligned,
-                                                                 mask, model.local_scale)
+            losses["local_text"] = intra_report_contrastive_loss(
+                local.text_context, aligned, mask, model.local_scale
+            )
         if plan.runs("rec_image"):
-            reconstruction = model.reconstruct_image(img.patch_tokens, local.image_context,
-                                                     img.grid, noise.get("feature_keep"))
+            reconstruction = model.reconstruct_image(
+                img.patch_tokens, local.image_context, img.grid, noise.get("feature_keep")
+            )
             losses["rec_image"] = image_reconstruction_loss(reconstruction, image)
         if any(plan.runs(n) for n in ("spg", "kl", "gpa")):
             if generated is None:
                 generated = model.sentence_decoder(img.patch_tokens)
-            losses.update(self._generation_losses(generated, sentences, aligned, mask, report,
-                                                  plan, noise))
+            losses.update(
+                self._generation_losses(generated, sentences, aligned, mask, report, plan, noise)
+            )
         total = sum(plan.weights[name] * value for name, value in losses.items())
         return {**losses, "total": total}
 
     def _generation_losses(self, generated, sentences, aligned, mask, report, plan, noise):
         model = self.model
         num_queries = generated.shape[1]
-        targets = _pad_rows(aligned[:, :num_queries], num_queries)           # prototypes
+        targets = _pad_rows(aligned[:, :num_queries], num_queries)  # prototypes
         real = _pad_rows(sentences[:, :num_queries], num_queries)
         target_mask = _pad_rows(mask[:, :num_queries], num_queries)
         targets = targets * target_mask[..., None].to(targets.dtype)
@@ -96,13 +148,15 @@ class PriorTask(nn.Module):
             out["spg"] = sentence_generation_loss(matched, targets)
         if plan.runs("kl"):
             bank = model.prototype_bank
-            out["kl"] = prototype_kl_loss(bank(real, logits_only=True),
-                                          bank(matched, logits_only=True), target_mask)
+            out["kl"] = prototype_kl_loss(
+                bank(real, logits_only=True), bank(matched, logits_only=True), target_mask
+            )
         if plan.runs("gpa"):
             prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
             generated_report = model.report_embedding(prototypes, target_mask)
-            out["gpa"] = global_contrastive_loss(generated_report, report, model.global_scale,
-                                                 self.gather)
+            out["gpa"] = global_contrastive_loss(
+                generated_report, report, model.global_scale, self.gather
+            )
         return out
 
 
@@ -118,4 +172,4 @@ def _noise(noise: dict, name: str, like: torch.Tensor) -> torch.Tensor | None:
     value = noise.get(name)
     if value is None:
         return None
-    return value[:, :like.shape[1]]
+    return value[:, : like.shape[1]]

@@ -8,10 +8,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
+from prior_dist.data.config import DataConfig
+from prior_dist.data.provision import first_local_source, load_training_tokenizer
 from prior_dist.models import build_model
 from prior_dist.models.config import ModelConfig
 from prior_dist.models.prior import PriorModel
+from prior_dist.models.state_dict import join_from_export, load_hf_weights
+from prior_dist.runs.layout import (
+    CARD_FILE,
+    EVAL_RESULT,
+    HEADS_FILE,
+    IMAGE_FILE,
+    MARKER,
+    MODEL_STATES,
+    RESOLVED_CONFIG,
+    TEXT_DIR,
+    complete_checkpoints,
+)
 
 
 @dataclass
@@ -19,36 +35,39 @@ class LoadedModel:
     model: PriorModel
     tokenizer: object
     source: str
-    info: dict = field(default_factory=dict)   # steps, recipe, data, eval results
+    info: dict = field(default_factory=dict)  # steps, recipe, data, eval results
+
+    @property
+    def data_path(self) -> str | None:
+        """Where the model's pretraining data is, as its run or model card says."""
+        return self.info.get("data_path") or (self.info.get("data") or {}).get("path")
 
 
 def _checkpoint_state(checkpoint: Path) -> dict:
     """The full module state of a DeepSpeed checkpoint (ZeRO-3 partitions are merged)."""
-    states = checkpoint / "mp_rank_00_model_states.pt"
+    states = checkpoint / MODEL_STATES
     if not states.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no mp_rank_00_model_states.pt")
-    marker = json.loads((checkpoint / "complete.json").read_text())
+        raise FileNotFoundError(f"{checkpoint}: no {MODEL_STATES}")
+    marker = json.loads((checkpoint / MARKER).read_text())
     if marker.get("zero_stage", 0) == 3:
+        # deepspeed is heavy and needed only for ZeRO-3 partitions.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent),
-                                                         tag=checkpoint.name)
+        state = get_fp32_state_dict_from_zero_checkpoint(
+            str(checkpoint.parent), tag=checkpoint.name
+        )
     else:
         state = torch.load(states, map_location="cpu", weights_only=False)["module"]
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> LoadedModel:
-    from prior_dist.data.loader import parse_sources
-    from prior_dist.training.checkpoint import complete_checkpoints
-    from prior_dist.training.data import data_sources, load_training_tokenizer
-    from prior_dist.training.recipe import DataConfig
-
     run_dir = Path(run_dir)
-    resolved_path = run_dir / "config.resolved.json"
+    resolved_path = run_dir / RESOLVED_CONFIG
     if not resolved_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.resolved.json (not a pretraining run "
-                                "directory)")
+        raise FileNotFoundError(
+            f"{run_dir}: no {RESOLVED_CONFIG} (not a pretraining run directory)"
+        )
     resolved = json.loads(resolved_path.read_text())
     if checkpoint is None:
         found = complete_checkpoints(run_dir)
@@ -57,49 +76,58 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
         checkpoint = found[-1]
     checkpoint = Path(checkpoint)
     cfg = ModelConfig.from_dict(resolved["model"])
-    cfg = cfg.replace(text=replace(cfg.text, pretrained=None),
-                      image=replace(cfg.image, pretrained=None))
+    cfg = cfg.replace(
+        text=replace(cfg.text, pretrained=None), image=replace(cfg.image, pretrained=None)
+    )
     model = build_model(cfg)
     model.load_state_dict(_checkpoint_state(checkpoint), strict=True)
     model.eval()
     data_raw = dict(resolved["recipe"]["data"])
     data = DataConfig(**data_raw)
-    shards = Path(next(s.location for s in parse_sources(data_sources(data)) if not s.remote))
+    shards = first_local_source(data)
     tokenizer = load_training_tokenizer(data, shards)
-    marker = json.loads((checkpoint / "complete.json").read_text())
-    info = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "step": marker["step"],
-            "recipe": resolved["recipe"], "data_path": str(data.path), "shards": str(shards)}
-    eval_file = run_dir / "eval.json"
+    marker = json.loads((checkpoint / MARKER).read_text())
+    info = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(checkpoint),
+        "step": marker["step"],
+        "recipe": resolved["recipe"],
+        "data_path": str(data.path),
+        "shards": str(shards),
+    }
+    eval_file = run_dir / EVAL_RESULT
     if eval_file.is_file():
         info["eval"] = json.loads(eval_file.read_text())
     return LoadedModel(model, tokenizer, str(checkpoint), info)
 
 
 def load_export(export_dir: str | Path) -> LoadedModel:
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from prior_dist.export import import_state_dict
-
     export_dir = Path(export_dir)
-    card = json.loads((export_dir / "model_card.json").read_text())
+    card = json.loads((export_dir / CARD_FILE).read_text())
     cfg = ModelConfig.from_dict(card["model_config"])
     model = build_model(cfg)
-    state = import_state_dict(export_dir, load_file)
+    state = join_from_export(
+        load_file(str(export_dir / IMAGE_FILE)),
+        load_hf_weights(str(export_dir / TEXT_DIR)),
+        load_file(str(export_dir / HEADS_FILE)),
+        cfg,
+    )
     model.load_state_dict(state, strict=True)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir / "text_encoder"))
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir / TEXT_DIR))
     return LoadedModel(model, tokenizer, str(export_dir), card)
 
 
 def load_model(path: str | Path) -> LoadedModel:
     """A run directory or an export directory, told apart by what it holds."""
     path = Path(path)
-    if (path / "model_card.json").is_file():
+    if (path / CARD_FILE).is_file():
         return load_export(path)
-    if (path / "config.resolved.json").is_file():
+    if (path / RESOLVED_CONFIG).is_file():
         return load_run(path)
-    if (path / "complete.json").is_file():
+    if (path / MARKER).is_file():
         return load_run(path.parent.parent, path)
-    raise FileNotFoundError(f"{path}: neither a run directory (config.resolved.json), a "
-                            "checkpoint (complete.json) nor an export (model_card.json)")
+    raise FileNotFoundError(
+        f"{path}: neither a run directory (config.resolved.json), a "
+        "checkpoint (complete.json) nor an export (model_card.json)"
+    )

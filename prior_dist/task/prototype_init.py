@@ -11,7 +11,8 @@ across ranks; the value is written into the optimiser's fp32 master copy as well
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from prior_dist.distributed.collectives import gather_rows
 
 
 def farthest_point_rows(x_ND: torch.Tensor, k: int) -> torch.Tensor:
@@ -29,8 +30,9 @@ def farthest_point_rows(x_ND: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def initial_prototypes(sentences_ND: torch.Tensor, num_prototypes: int, seed: int,
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
+def initial_prototypes(
+    sentences_ND: torch.Tensor, num_prototypes: int, seed: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[K, D]`: the farthest-point sentences (`rows`, computed if not given); if there are
     fewer distinct ones than K, the rest are drawn from a normal with the sentences' mean and
     per-dimension spread."""
@@ -47,24 +49,10 @@ def initial_prototypes(sentences_ND: torch.Tensor, num_prototypes: int, seed: in
     return picked
 
 
-def _gather_rows(x_ND: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, rank order, for unequal row counts (padded to the largest)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x_ND
-    count = torch.tensor([len(x_ND)], dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    largest = int(max(c.item() for c in counts))
-    padded = x_ND.new_zeros((largest, x_ND.shape[1]))
-    padded[:len(x_ND)] = x_ND
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
-
-
 @torch.no_grad()
 def init_bank_from_batch(model, data: dict, seed: int, zero_stage: int) -> int:
     """Set the bank from this global batch's sentences; returns how many were distinct."""
+    # deepspeed is heavy and optional for the model and losses; only the running engine needs it.
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
@@ -72,12 +60,11 @@ def init_bank_from_batch(model, data: dict, seed: int, zero_stage: int) -> int:
     model.eval()
     text = model.encode_text(data["input_ids"], data["attention_mask"], data["sentence_index"])
     model.train(was_training)
-    sentences = _gather_rows(text.sentences[text.sentence_mask].float().cpu())
+    sentences = gather_rows(text.sentences[text.sentence_mask].float().cpu())
     weight = model.prototype_bank.prototypes
     rows = farthest_point_rows(sentences, weight.shape[0])
     value = initial_prototypes(sentences, weight.shape[0], seed, rows)
-    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0,
-                                           enabled=zero_stage == 3):
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0, enabled=zero_stage == 3):
         weight.data.copy_(value.to(weight.device, weight.dtype))
     safe_set_full_fp32_param(weight, value.to(weight.device))
     return len(rows)

@@ -1,0 +1,53 @@
+"""Image-report retrieval on a shard split: Recall@K and median rank both ways, Precision@K by
+label."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prior_dist.data.labels import CHEXPERT_COMPETITION
+from prior_dist.evaluation.inputs import report_loader
+from prior_dist.evaluation.metrics import precision_at_k, retrieval_metrics
+from prior_dist.runs import LoadedModel
+
+
+@torch.no_grad()
+def embeddings(loaded: LoadedModel, data: str, split: str, labels, batch_size: int = 64):
+    """(image globals, report embeddings: both normalised; pooled patch tokens; labels)."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    images, reports, pooled, all_labels = [], [], [], []
+    for batch in report_loader(loaded, data, split, labels, batch_size):
+        img = model.encode_image(batch["image"].to(device))
+        txt = model.encode_text(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["sentence_index"].to(device),
+        )
+        sentences = model.prototype_bank(txt.sentences)
+        images.append(F.normalize(img.global_embedding.float(), dim=-1).cpu())
+        reports.append(
+            F.normalize(model.report_embedding(sentences, txt.sentence_mask).float(), dim=-1).cpu()
+        )
+        pooled.append(img.patch_tokens.float().mean(1).cpu())
+        all_labels.append(batch["labels"])
+    return torch.cat(images), torch.cat(reports), torch.cat(pooled), torch.cat(all_labels)
+
+
+def retrieval(
+    loaded: LoadedModel, data: str, split: str, classes=CHEXPERT_COMPETITION, batch_size: int = 64
+) -> dict:
+    images, reports, _, labels = embeddings(loaded, data, split, classes, batch_size)
+    similarity = images @ reports.t()
+    return {
+        "pairs": len(images),
+        "image_to_text": {
+            **retrieval_metrics(similarity),
+            **precision_at_k(similarity, labels, labels),
+        },
+        "text_to_image": {
+            **retrieval_metrics(similarity.t()),
+            **precision_at_k(similarity.t(), labels, labels),
+        },
+    }

@@ -1,0 +1,270 @@
+"""Every translation between our parameter names and other libraries', in both directions.
+
+One table per library, read one way to import and the other way to export:
+- BERT <-> Hugging Face `BertModel` (q/k/v split in theirs, fused `qkv` in ours), and the
+  config fields;
+- ViT tower <-> timm `VisionTransformer`;
+- ResNet backbone <-> torchvision `ResNet` (1-channel conv1, no `fc`);
+- the whole `PriorModel` <-> an export directory's three parts (image encoder, Hugging Face
+  text encoder, heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from prior_dist.models.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+
+State = dict[str, torch.Tensor]
+
+# --- BERT <-> Hugging Face ---------------------------------------------------------------------
+
+# Hugging Face BertModel module names -> ours; q/k/v are fused into `qkv`.
+_BERT_LAYER = {
+    "attention.output.dense": "attn_out",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+    "output.LayerNorm": "ffn_norm",
+}
+_BERT_TOP = {
+    "embeddings.word_embeddings": "word_embeddings",
+    "embeddings.position_embeddings": "position_embeddings",
+    "embeddings.token_type_embeddings": "token_type_embeddings",
+    "embeddings.LayerNorm": "embed_norm",
+    "pooler.dense": "pooler",
+}
+_QKV = ("query", "key", "value")
+# Present in Hugging Face checkpoints, never part of an encoder.
+_BERT_IGNORED = ("cls.", "embeddings.position_ids")
+# TextTowerConfig field -> Hugging Face BertConfig field.
+_BERT_CONFIG = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "layer_norm_eps": "layer_norm_eps",
+    "pad_token_id": "pad_token_id",
+}
+
+
+def bert_from_hf(hf: State) -> State:
+    """A `BertModel` / `BertForPreTraining` state dict in our layout; unknown keys raise."""
+    out, qkv, unknown = {}, {}, []
+    for key, value in hf.items():
+        key = key.removeprefix("bert.")
+        key = key.replace(".gamma", ".weight").replace(".beta", ".bias")  # old TF exports
+        if key.startswith(_BERT_IGNORED):
+            continue
+        stem, _, leaf = key.rpartition(".")
+        if stem in _BERT_TOP:
+            out[f"{_BERT_TOP[stem]}.{leaf}"] = value
+            continue
+        parts = stem.split(".")
+        if len(parts) >= 4 and parts[0] == "encoder" and parts[1] == "layer":
+            index, inner = parts[2], ".".join(parts[3:])
+            if inner in {f"attention.self.{p}" for p in _QKV}:
+                qkv.setdefault((index, leaf), {})[inner.rsplit(".", 1)[1]] = value
+                continue
+            if inner in _BERT_LAYER:
+                out[f"layers.{index}.{_BERT_LAYER[inner]}.{leaf}"] = value
+                continue
+        unknown.append(key)
+    if unknown:
+        more = " ..." if len(unknown) > 5 else ""
+        raise ValueError(f"BERT checkpoint: unexpected parameter(s) {unknown[:5]}{more}")
+    for (index, leaf), parts in qkv.items():
+        if set(parts) != set(_QKV):
+            raise ValueError(f"BERT checkpoint: layer {index} lacks one of query/key/value.{leaf}")
+        out[f"layers.{index}.qkv.{leaf}"] = torch.cat([parts[p] for p in _QKV])
+    return out
+
+
+def bert_to_hf(state: State) -> State:
+    """Our BERT encoder's state dict in Hugging Face `BertModel` names (q/k/v split again)."""
+    top = {ours: theirs for theirs, ours in _BERT_TOP.items()}
+    layer = {ours: theirs for theirs, ours in _BERT_LAYER.items()}
+    out = {}
+    for key, value in state.items():
+        stem, _, leaf = key.rpartition(".")
+        if stem in top:
+            out[f"{top[stem]}.{leaf}"] = value
+            continue
+        _, index, name = stem.split(".", 2)
+        if name == "qkv":
+            for part, chunk in zip(_QKV, value.chunk(3, dim=0)):
+                out[f"encoder.layer.{index}.attention.self.{part}.{leaf}"] = chunk.contiguous()
+        else:
+            out[f"encoder.layer.{index}.{layer[name]}.{leaf}"] = value
+    return out
+
+
+def bert_config_from_hf(hf: dict, base: TextTowerConfig, where: str) -> TextTowerConfig:
+    """`base` with the shape fields of a Hugging Face BERT config dict."""
+    values = {
+        ours: hf[theirs] for ours, theirs in _BERT_CONFIG.items() if hf.get(theirs) is not None
+    }
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (only 'gelu')")
+    return dataclasses.replace(base, **values)
+
+
+def hf_bert_config(text_cfg: TextTowerConfig):
+    """The Hugging Face `BertConfig` of our text tower."""
+    from transformers import BertConfig  # heavy: only exports need it
+
+    fields = {theirs: getattr(text_cfg, ours) for ours, theirs in _BERT_CONFIG.items()}
+    return BertConfig(
+        **fields,
+        hidden_dropout_prob=text_cfg.dropout,
+        attention_probs_dropout_prob=text_cfg.dropout,
+    )
+
+
+def read_hf_config(path_or_id: str) -> dict:
+    """A Hugging Face `config.json` as a dict, from a local directory or a hub id."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint)")
+        return json.loads(config.read_text())
+    from transformers import AutoConfig  # heavy: only hub ids need it
+
+    return AutoConfig.from_pretrained(path_or_id).to_dict()
+
+
+def load_hf_weights(path_or_id: str) -> State:
+    """The raw state dict of a Hugging Face checkpoint: a local directory or a hub id (never
+    unpickled: safetensors, or `torch.load(weights_only=True)`)."""
+    path = Path(path_or_id)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download  # only hub ids need it
+
+        patterns = ["*.json", "*.safetensors", "*.bin"]
+        path = Path(snapshot_download(path_or_id, allow_patterns=patterns))
+    state = {}
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        for file in safetensors:
+            state.update(load_file(str(file)))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+    for file in bins:
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+# --- ViT tower <-> timm ------------------------------------------------------------------------
+
+# (ours, timm's) substrings; the first applies to `patch_embed.` keys, the rest inside blocks.
+_VIT_RENAMES = (
+    ("patch_embed.", "patch_embed.proj."),
+    (".qkv.", ".attn.qkv."),
+    (".proj.", ".attn.proj."),
+    (".fc1.", ".mlp.fc1."),
+    (".fc2.", ".mlp.fc2."),
+)
+_TOWER_PROJECTIONS = ("local_proj.", "global_proj.")
+
+
+def vit_to_timm(tower_state: State) -> State:
+    """Our ViT tower's encoder weights (no projections) in timm `VisionTransformer` names."""
+    out = {}
+    for key, value in tower_state.items():
+        if key.startswith(_TOWER_PROJECTIONS):
+            continue
+        if key.startswith("patch_embed."):
+            key = key.replace(*_VIT_RENAMES[0], 1)
+        elif key.startswith("blocks."):
+            for ours, theirs in _VIT_RENAMES[1:]:
+                key = key.replace(ours, theirs, 1)
+        out[key] = value
+    return out
+
+
+def timm_to_vit(state: State) -> State:
+    out = {}
+    for key, value in state.items():
+        for ours, theirs in _VIT_RENAMES:
+            key = key.replace(theirs, ours, 1)
+        out[key] = value
+    return out
+
+
+def timm_arguments(image_cfg: ImageTowerConfig) -> dict:
+    """`timm.models.vision_transformer.VisionTransformer(**these)` loads the export strictly."""
+    return {
+        "img_size": image_cfg.image_size,
+        "patch_size": image_cfg.patch_size,
+        "in_chans": 1,
+        "num_classes": 0,
+        "embed_dim": image_cfg.vit_width,
+        "depth": image_cfg.vit_depth,
+        "num_heads": image_cfg.vit_heads,
+        "mlp_ratio": image_cfg.vit_mlp_ratio,
+        "qkv_bias": True,
+        "class_token": True,
+        "global_pool": "token",
+    }
+
+
+# --- ResNet backbone <-> torchvision -----------------------------------------------------------
+
+
+def resnet_from_torchvision(state: State) -> State:
+    """A torchvision `ResNet` state dict (a `state_dict` wrapper and DataParallel's `module.`
+    allowed) for our 1-channel backbone: `fc` dropped, an RGB conv1 summed over colour."""
+    if "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    conv1 = state.get("conv1.weight")
+    if conv1 is not None and conv1.shape[1] == 3:
+        state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
+    return state
+
+
+# --- PriorModel <-> export parts ---------------------------------------------------------------
+
+_BERT_PREFIX = "text.bert."
+
+
+def split_for_export(state: State, cfg: ModelConfig) -> tuple[State, State, State]:
+    """(image encoder in torchvision's or timm's layout, text encoder in Hugging Face names,
+    heads: every other parameter under our own names)."""
+    if cfg.image.arch == "vit":
+        tower = {k.removeprefix("image."): v for k, v in state.items() if k.startswith("image.")}
+        image = vit_to_timm(tower)
+        used = {f"image.{k}" for k in tower if not k.startswith(_TOWER_PROJECTIONS)}
+    else:
+        prefix = "image.backbone."
+        image = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        used = {f"{prefix}{k}" for k in image}
+    bert = {k.removeprefix(_BERT_PREFIX): v for k, v in state.items() if k.startswith(_BERT_PREFIX)}
+    heads = {k: v for k, v in state.items() if k not in used and not k.startswith(_BERT_PREFIX)}
+    return image, bert_to_hf(bert), heads
+
+
+def join_from_export(image: State, hf_bert: State, heads: State, cfg: ModelConfig) -> State:
+    """The `PriorModel` state dict from the three export parts (inverse of `split_for_export`)."""
+    if cfg.image.arch == "vit":
+        state = {f"image.{k}": v for k, v in timm_to_vit(image).items()}
+    else:
+        state = {f"image.backbone.{k}": v for k, v in image.items()}
+    state.update(heads)
+    bert = bert_from_hf(hf_bert)
+    if not cfg.compat.reference_unused_params:
+        bert = {k: v for k, v in bert.items() if not k.startswith("pooler.")}
+    state.update({f"{_BERT_PREFIX}{k}": v for k, v in bert.items()})
+    return state

@@ -1,0 +1,51 @@
+"""The names of what a run directory and an export directory hold (one place for both sides).
+
+RUN_DIR/
+  config.resolved.json      the recipe, model and DeepSpeed config the run used
+  metrics.jsonl             one record per optimizer step
+  eval.json                 end-of-run zero-shot result
+  PREEMPTED                 present (holding the step) after a signal stopped the run
+  pids/rank{R}.pid
+  checkpoints/step{N:08d}/  DeepSpeed's files, rank{R:05d}.pt, complete.json (written last)
+EXPORT_DIR/
+  image_encoder.safetensors, heads.safetensors, text_encoder/, model_card.json, README.md
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESOLVED_CONFIG = "config.resolved.json"
+METRICS = "metrics.jsonl"
+EVAL_RESULT = "eval.json"
+PREEMPTED = "PREEMPTED"
+PIDS = "pids"
+CHECKPOINTS = "checkpoints"
+MARKER = "complete.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+IMAGE_FILE = "image_encoder.safetensors"
+HEADS_FILE = "heads.safetensors"
+TEXT_DIR = "text_encoder"
+CARD_FILE = "model_card.json"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rank_file(checkpoint: Path, rank: int) -> Path:
+    """This rank's loader position and RNG states inside a checkpoint directory."""
+    return checkpoint / f"rank{rank:05d}.pt"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())

@@ -1,0 +1,175 @@
+"""One optimizer step: `gradient_accumulation_steps` good micro-batches on every rank.
+
+A micro-batch that lost samples to corrupt data on any rank, or whose loss is NaN/inf on any
+rank, is skipped by every rank (ranks agree by an all-reduce, so they stay in step); N
+non-finite micro-batches in a row abort the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from prior_dist.task import StagePlan
+from prior_dist.training.ds_config import DeepSpeedSettings
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+_BATCH_TENSORS = ("image", "input_ids", "attention_mask", "sentence_index")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive micro-batches with a NaN or inf loss."""
+
+
+def agree(
+    values: list[float], device: torch.device, op: dist.ReduceOp = dist.ReduceOp.MAX
+) -> list[float]:
+    """`values` all-reduced over the ranks with `op` (every rank gets the same answer)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        t = t.to(device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {
+        k: (v.to(device, non_blocking=True) if k in _BATCH_TENSORS else v) for k, v in batch.items()
+    }
+    # The engine holds bf16/fp16 weights under mixed precision: images follow them.
+    out["image"] = out["image"].to(dtype)
+    return out
+
+
+def peak_flops(device: torch.device) -> float:
+    """The device's peak dense bf16 FLOP/s (`PRIOR_PEAK_FLOPS` overrides; NaN if unknown)."""
+    name = torch.cuda.get_device_name(device)
+    return float(os.environ.get("PRIOR_PEAK_FLOPS", 0)) or next(
+        (v for k, v in PEAK_FLOPS.items() if k in name), math.nan
+    )
+
+
+@dataclass
+class StepOutcome:
+    totals: dict[str, float]  # each loss averaged over this rank's micro-batches
+    keys: list[str]  # the sample keys this rank trained on
+    epoch: int
+    wait_s: float  # time spent waiting for the loader
+    skipped: Counter = field(default_factory=Counter)
+
+
+class StepRunner:
+    """Runs optimizer steps on a DeepSpeed engine wrapping a `PriorTask`."""
+
+    def __init__(
+        self,
+        engine,
+        loader,
+        ds: DeepSpeedSettings,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+        tie_noise: bool,
+        max_nonfinite: int,
+        log: Callable[[str], None],
+    ):
+        self.engine, self.loader, self.ds = engine, loader, ds
+        self.device, self.dtype, self.seed = device, dtype, seed
+        self.tie_noise, self.max_nonfinite, self.log = tie_noise, max_nonfinite, log
+        self.batches = self._forever()
+        self.bad_streak = 0
+        self.skipped: Counter = Counter()
+        self.flops_per_micro: float | None = None
+        self.start_bank = False  # set at the start of stage 2 (heads.prototype_init)
+        self.step = 0  # the optimizer step being run, 1-based
+
+    def _forever(self) -> Iterator[dict]:
+        while True:
+            yield from self.loader
+
+    def forward(self, data: dict, plan: StagePlan, noise: dict | None) -> dict:
+        """The task's losses for one micro-batch (FLOPs counted once on CUDA, for MFU)."""
+        if self.flops_per_micro is None and self.device.type == "cuda":
+            with FlopCounterMode(display=False) as counter:
+                out = self.engine(data, plan, noise)
+            self.flops_per_micro = 3 * counter.get_total_flops()
+            return out
+        return self.engine(data, plan, noise)
+
+    def run(self, step: int, plan: StagePlan, lr: float, stage: int) -> StepOutcome:
+        """Optimizer step `step`: micro-batches until `gradient_accumulation_steps` good ones."""
+        self.step = step
+        gas = self.ds.gradient_accumulation_steps
+        totals: dict[str, float] = collections.defaultdict(float)
+        keys: list[str] = []
+        wait, good, epoch = 0.0, 0, self.loader.epoch
+        while good < gas:
+            t0 = time.perf_counter()
+            batch = next(self.batches)
+            wait += time.perf_counter() - t0
+            epoch = self.loader.epoch
+            out = self._micro_batch(batch, plan, lr, stage)
+            if out is None:
+                continue
+            good += 1
+            keys += list(batch["key"])
+            for name, value in out.items():
+                totals[name] += float(value.detach()) / gas
+        return StepOutcome(totals, keys, epoch, wait, self.skipped)
+
+    def _micro_batch(self, batch: dict, plan: StagePlan, lr: float, stage: int) -> dict | None:
+        """Forward, backward and engine step of one micro-batch; None when every rank skips it."""
+        smallest = agree([float(len(batch["key"]))], self.device, dist.ReduceOp.MIN)[0]
+        if smallest < self.ds.micro_batch_size:
+            self.skipped["short_batch"] += 1
+            self.log(
+                f"step {self.step}: a rank's micro-batch lost samples to corrupt data "
+                f"({int(smallest)} < {self.ds.micro_batch_size}); skipped on every rank"
+            )
+            return None
+        data = to_device(batch, self.device, self.dtype)
+        task = self.engine.module
+        if self.start_bank:
+            distinct = task.start_prototype_bank(data, self.seed, self.ds.zero_stage)
+            self.log(f"prototype bank set from {distinct} distinct sentences")
+            self.start_bank = False
+        noise = (
+            task.tied_noise(batch, self.loader.epoch, self.seed, self.device)
+            if self.tie_noise
+            else None
+        )
+        out = self.forward(data, plan, noise)
+        loss = out["total"]
+        finite = agree(
+            [float(torch.isfinite(loss.detach()).all())], self.device, dist.ReduceOp.MIN
+        )[0]
+        if not finite:
+            self._non_finite(stage, lr)
+            return None
+        self.bad_streak = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        return out
+
+    def _non_finite(self, stage: int, lr: float) -> None:
+        self.bad_streak += 1
+        self.skipped["nonfinite_loss"] += 1
+        self.log(
+            f"step {self.step}: non-finite loss on some rank; micro-batch skipped "
+            f"({self.bad_streak} in a row, limit {self.max_nonfinite})"
+        )
+        if self.bad_streak >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.bad_streak} micro-batches in a row gave a NaN or inf loss at step "
+                f"{self.step} (stage {stage}, lr {lr:.3g}); aborting. Lower the learning rate, "
+                "check the data, or use bf16/fp32"
+            )
