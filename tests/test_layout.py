@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,13 @@ LAZY_OK = (
 MAX_FUNCTION_LINES = 60
 
 
-def _modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        source = path.read_text()
-        yield path.relative_to(PACKAGE.parent), source, ast.parse(source)
+@functools.cache
+def _modules() -> tuple:
+    """(path, source, syntax tree) of every module of the package, parsed once."""
+    return tuple(
+        (path.relative_to(PACKAGE.parent), path.read_text(), ast.parse(path.read_text()))
+        for path in sorted(PACKAGE.rglob("*.py"))
+    )
 
 
 def _functions(tree):
@@ -94,37 +98,135 @@ def test_functions_fit_on_a_screen():
     assert not long, "\n".join(long)
 
 
-def _reads() -> set[str]:
-    """Attribute names the package reads, outside the validation in `__post_init__`."""
-    names = set()
+# Where a config object is reached: the attribute names that hold one (`recipe.eval`,
+# `cfg.heads`, `span.config`) and those that hold a sequence of them (`train.stages`).
+HOLDERS = {
+    DataConfig: ({"data"}, set()),
+    OptimConfig: ({"optim"}, set()),
+    TrainConfig: ({"train"}, set()),
+    StageConfig: ({"config"}, {"stages"}),
+    CheckpointConfig: ({"checkpoint"}, set()),
+    LoggingConfig: ({"logging"}, set()),
+    EvalConfig: ({"eval"}, set()),
+    ImageTowerConfig: ({"image"}, set()),
+    TextTowerConfig: ({"text"}, set()),
+    HeadsConfig: ({"heads"}, set()),
+    CompatConfig: ({"compat"}, set()),
+}
+
+
+def _iterated(node: ast.expr) -> ast.expr:
+    """`X` of `enumerate(X)`, else the node itself."""
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "enumerate":
+        return node.args[0]
+    return node
+
+
+def _pairs(node: ast.Assign):
+    """(target, value) pairs of an assignment, tuples unpacked (`a, b = x.a, x.b`)."""
+    for target in node.targets:
+        if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+            yield from zip(target.elts, node.value.elts)
+        else:
+            yield target, node.value
+
+
+def _bound_names(function, kind) -> set[str]:
+    """Names that hold a `kind` in `function`: parameters annotated with it, assignments from a
+    holder attribute, loop and comprehension variables over a sequence of them."""
+    one, many = HOLDERS[kind]
+    single, sequences = set(), set()
+    for arg in function.args.args + function.args.kwonlyargs:
+        text = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+        if kind.__name__ in text:
+            (sequences if "tuple" in text or "list" in text else single).add(arg.arg)
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign):
+            single |= {
+                t.id
+                for t, v in _pairs(node)
+                if isinstance(t, ast.Name) and isinstance(v, ast.Attribute) and v.attr in one
+            }
+        if isinstance(node, (ast.For, ast.comprehension)):
+            source = _iterated(node.iter)
+            holds = (isinstance(source, ast.Attribute) and source.attr in many) or (
+                isinstance(source, ast.Name) and source.id in sequences
+            )
+            if holds:
+                targets = node.target.elts if isinstance(node.target, ast.Tuple) else [node.target]
+                single |= {targets[-1].id} if isinstance(targets[-1], ast.Name) else set()
+    return single
+
+
+def _self_attributes(cls: ast.ClassDef, kind) -> set[str]:
+    """`self.X` attributes a class's `__init__` sets from a parameter annotated with `kind`."""
+    init = next(
+        (f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None
+    )
+    if init is None:
+        return set()
+    params = _bound_names(init, kind)
+    return {
+        t.attr
+        for node in ast.walk(init)
+        if isinstance(node, ast.Assign)
+        for t, v in _pairs(node)
+        if isinstance(t, ast.Attribute)
+        and isinstance(t.value, ast.Name)
+        and t.value.id == "self"
+        and isinstance(v, ast.Name)
+        and v.id in params
+    }
+
+
+@functools.cache
+def _reads(kind) -> set[str]:
+    """Fields of `kind` the package reads on an object known to be a `kind`; a class's own
+    `__post_init__` (validation) does not count."""
+    one, many = HOLDERS[kind]
+    names = {f.name for f in dataclasses.fields(kind)}
+    found = set()
     for _, _, tree in _modules():
-        skip = {id(n) for f in _functions(tree) if f.name == "__post_init__" for n in ast.walk(f)}
-        names |= {
-            n.attr
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load) and id(n) not in skip
+        classes = {
+            id(f): c
+            for c in ast.walk(tree)
+            if isinstance(c, ast.ClassDef)
+            for f in c.body
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
         }
-    return names
+        for function in _functions(tree):
+            cls = classes.get(id(function))
+            own = cls is not None and cls.name == kind.__name__
+            held = _self_attributes(cls, kind) if cls is not None else set()
+            if own and function.name == "__post_init__":
+                continue
+            bound = _bound_names(function, kind) | ({"self"} if own else set())
+            for node in ast.walk(function):
+                if not (isinstance(node, ast.Attribute) and node.attr in names):
+                    continue
+                holder = node.value
+                if (
+                    (isinstance(holder, ast.Attribute) and holder.attr in one)
+                    or (isinstance(holder, ast.Name) and holder.id in bound)
+                    or (
+                        isinstance(holder, ast.Attribute)
+                        and holder.attr in held
+                        and isinstance(holder.value, ast.Name)
+                        and holder.value.id == "self"
+                    )
+                    or (
+                        isinstance(holder, ast.Subscript)
+                        and isinstance(holder.value, ast.Attribute)
+                        and holder.value.attr in many
+                    )
+                ):
+                    found.add(node.attr)
+    return found
 
 
-CONFIGS = (
-    DataConfig,
-    OptimConfig,
-    TrainConfig,
-    StageConfig,
-    CheckpointConfig,
-    LoggingConfig,
-    EvalConfig,
-    ImageTowerConfig,
-    TextTowerConfig,
-    HeadsConfig,
-    CompatConfig,
-)
-
-
-@pytest.mark.parametrize("kind", CONFIGS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("kind", list(HOLDERS), ids=lambda k: k.__name__)
 def test_every_config_field_is_read_by_the_code(kind):
-    reads = _reads()
+    reads = _reads(kind)
     unread = [f.name for f in dataclasses.fields(kind) if f.name not in reads]
     assert not unread, f"{kind.__name__}: fields nothing reads: {unread}"
 
@@ -132,30 +234,24 @@ def test_every_config_field_is_read_by_the_code(kind):
 @pytest.mark.parametrize("recipe", sorted(RECIPE_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_key_names_a_field_the_code_reads(recipe):
     raw = yaml.safe_load(recipe.read_text())
-    reads = _reads()
-    sections = {
-        **SECTIONS,
+    model_parts = {
         "image": ImageTowerConfig,
         "text": TextTowerConfig,
         "heads": HeadsConfig,
         "compat": CompatConfig,
     }
-    unread = []
+    keys = []  # (dotted key, the config class it sets a field of)
     for name, values in raw.items():
         if name == "model":
-            for part, fields in values.items():
-                if part in sections:
-                    kind = sections[part]
-                    unread += [
-                        f"model.{part}.{k}"
-                        for k in fields
-                        if k not in {f.name for f in dataclasses.fields(kind)} or k not in reads
-                    ]
-        elif name in SECTIONS and isinstance(values, dict):
-            kind = SECTIONS[name]
-            unread += [
-                f"{name}.{k}"
-                for k in values
-                if k not in {f.name for f in dataclasses.fields(kind)} or k not in reads
+            keys += [
+                (f"model.{part}.{k}", model_parts[part])
+                for part, fields in values.items()
+                if part in model_parts
+                for k in fields
             ]
-    assert not unread, f"{recipe.name}: keys no code reads: {unread}"
+        elif name in SECTIONS and isinstance(values, dict):
+            keys += [(f"{name}.{k}", SECTIONS[name]) for k in values]
+            for i, stage in enumerate(values.get("stages") or [] if name == "train" else []):
+                keys += [(f"train.stages.{i}.{k}", StageConfig) for k in stage]
+    unread = [key for key, kind in keys if key.rsplit(".", 1)[1] not in _reads(kind)]
+    assert keys and not unread, f"{recipe.name}: keys no code reads: {unread}"

@@ -1,4 +1,4 @@
-"""Process-group helpers applied from outside the model (gathers, later: sync BN, checkpoints)."""
+"""Process-group helpers applied from outside the model: start-up, gathers, SyncBatchNorm."""
 
 from prior_dist.distributed.gather import AllGather
 

@@ -1,4 +1,5 @@
-"""Collectives that carry gradients, written on the public torch.distributed API (any backend).
+"""Collectives on the public torch.distributed API (any backend): gathers and sums that carry
+gradients, and a gather of unequal row counts.
 
 (`torch.distributed.nn.functional` does the same but is deprecated in this torch.)
 """

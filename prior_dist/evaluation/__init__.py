@@ -1,1 +1,2 @@
-"""Evaluation of pretrained PRIOR models (zero-shot classification first)."""
+"""Evaluation of pretrained PRIOR models: one module per task (zero-shot, retrieval, linear
+probe, segmentation and detection), downstream data adapters, metrics."""

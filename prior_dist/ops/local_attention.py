@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from prior_dist.kernels.local_attention import triton_local_attention, unsupported_reason
+from prior_dist.kernels import local_attention as kernel
 
 Activation = Literal["sigmoid", "softmax"]
 
@@ -69,7 +69,7 @@ def resolve_local_attention_impl(
         raise ValueError(
             f"local_attention_impl must be one of ['auto', 'triton', 'torch'], got {impl!r}"
         )
-    reason = unsupported_reason(query, key, value)
+    reason = kernel.unsupported_reason(query, key, value)
     if impl == "triton":
         if reason is not None:
             raise RuntimeError(
@@ -120,7 +120,7 @@ def local_attention(
         chosen = "torch"
     if chosen == "triton":
         try:
-            return triton_local_attention(
+            return kernel.triton_local_attention(
                 query,
                 key,
                 value,

@@ -1,1 +1,1 @@
-"""Training machinery: the curriculum and the task that turns a batch into named losses."""
+"""Pretraining: recipes, the DeepSpeed engine around the task, one optimizer step, the run."""
