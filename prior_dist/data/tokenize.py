@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 from tokenizers import normalizers, pre_tokenizers
-from transformers import AutoTokenizer, BertTokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _CACHE_LIMIT = 500_000  # distinct sentences kept per worker before the cache starts over
@@ -23,6 +22,10 @@ _CACHE_LIMIT = 500_000  # distinct sentences kept per worker before the cache st
 
 def load_tokenizer(spec: str, allow_download: bool = False):
     """A `transformers` fast tokenizer from a local directory or (when allowed) a hub id."""
+    # transformers takes about a second to import: only paths that make a tokenizer pay it, so
+    # a bad config or a shardify run is not slowed down.
+    from transformers import AutoTokenizer
+
     local = Path(spec).expanduser()
     if local.exists():
         return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
@@ -75,6 +78,9 @@ def build_wordpiece(
 ):
     """Build a lower-cased BERT WordPiece vocabulary from the shards' sentences (the same
     vocabulary for the same shards, on any machine); return a tokenizer."""
+    # transformers takes about a second to import; see `load_tokenizer`.
+    from transformers import BertTokenizer
+
     out = Path(out_dir)
     vocab = out / "vocab.txt"
     if not vocab.is_file():

@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 
 from safetensors.torch import save_file
-from transformers import BertModel
 
 from prior_dist.data.transforms import MIMIC_MEAN, MIMIC_STD
 from prior_dist.models.state_dict import hf_bert_config, split_for_export, timm_arguments
@@ -45,6 +44,8 @@ def export_model(loaded, out_dir: str | Path) -> Path:
     image, hf_state, heads = split_for_export(state, cfg)
     save_file(image, str(out / IMAGE_FILE))
     save_file(heads, str(out / HEADS_FILE))
+    # transformers' modeling code takes ~0.5 s to import and only an export needs it.
+    from transformers import BertModel
 
     hf = BertModel(hf_bert_config(cfg.text), add_pooling_layer="pooler.dense.weight" in hf_state)
     result = hf.load_state_dict(hf_state, strict=False)

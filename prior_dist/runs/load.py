@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
 from prior_dist.data.config import DataConfig
 from prior_dist.data.provision import first_local_source, load_training_tokenizer
@@ -114,6 +113,9 @@ def load_export(export_dir: str | Path) -> LoadedModel:
     )
     model.load_state_dict(state, strict=True)
     model.eval()
+    # transformers takes about a second to import; only an export's tokenizer needs it here.
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir / TEXT_DIR))
     return LoadedModel(model, tokenizer, str(export_dir), card)
 
