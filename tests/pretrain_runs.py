@@ -129,7 +129,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def final_state(run_dir: Path, step: int) -> dict:
     path = run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
 
 
 LOSS_KEYS = ("loss", *LOSS_NAMES)

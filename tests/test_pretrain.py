@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -178,6 +179,23 @@ def test_crash_during_save_leaves_previous_checkpoint(reference, shards):
     )
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
     assert not fake.exists()  # removed by the next successful save
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(reference, shards):
+    """`--resume auto` checks DeepSpeed's files with a weights-only load before DeepSpeed (which
+    unpickles everything) reads them."""
+    from tests.test_untrusted_files import hostile_torch_file
+
+    tmp = reference["tmp"]
+    run = tmp / "hostile"
+    shutil.copytree(reference["one"], run)
+    states = run / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt"
+    witness = tmp / "code-ran"
+    hostile_torch_file(states, witness)
+    proc = launch(1, ds_config(tmp, 16), run, shards, "--max-steps", "9", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(states) in proc.stderr and "refused" in proc.stderr
+    assert not witness.exists()
 
 
 def test_nonfinite_loss_is_skipped_then_aborts(reference, shards):

@@ -42,7 +42,8 @@ def test_shardify_array_job_and_finalize(tmp_path):
     reason = _cluster_up()
     if reason:
         pytest.skip(reason)
-    out = tmp_path / "shards"
+    # A path with a space and shell syntax: it must arrive as given and never run.
+    out = tmp_path / "my shards; $(touch PWNED) `touch PWNED2`"
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO))
     args = ["phantom", "--num", "30", "--seed", "2", "--shard-size", "4", "--image-size", "32"]
     proc = subprocess.run(
@@ -63,6 +64,7 @@ def test_shardify_array_job_and_finalize(tmp_path):
     assert parts == [f"manifest.part-{i:05d}-of-00003.json" for i in range(3)], logs
     manifest = load_manifest(out)
     assert manifest["totals"]["samples"] == 30
+    assert not list(tmp_path.rglob("PWNED*")), "a shell ran part of the output path"
     # The same shards as a single local run: assignment does not depend on the task count.
     local = tmp_path / "local"
     subprocess.run(

@@ -11,8 +11,12 @@ tasks=$1 out=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python}
-export PYTHON SHARDIFY_ARGS="$* --out $out"
+# Each argument shell-quoted (printf %q), so paths with spaces or shell characters arrive as
+# they were given and are never run by a shell.
+printf -v SHARDIFY_ARGS '%q ' "$@" --out "$out"
+export PYTHON SHARDIFY_ARGS
 array=$(sbatch --parsable --array=0-$((tasks - 1)) "$here/shardify.sbatch")
+printf -v finalize '%q ' "$PYTHON" -m prior_dist.shardify finalize "$out"
 final=$(sbatch --parsable --dependency=afterok:"$array" --job-name=prior-shardify-finalize \
-  --output="prior-shardify-finalize-%j.out" --wrap "$PYTHON -m prior_dist.shardify finalize $out")
+  --output="prior-shardify-finalize-%j.out" --wrap "$finalize")
 echo "array job $array, finalize job $final"

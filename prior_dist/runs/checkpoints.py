@@ -1,9 +1,11 @@
 """Checkpoints that survive preemption: DeepSpeed states plus our client state, marked complete.
 
-Layout: `RUN_DIR/checkpoints/step00000120/` holds DeepSpeed's files, `rank00000.pt` ... (each
-rank's loader position and RNG states) and, written last by rank 0 after every rank finished,
-`complete.json`. A crash during a save leaves a directory without `complete.json`, which
-`--resume auto` never picks; the next run removes it before it starts.
+Layout: `RUN_DIR/checkpoints/step00000120/` holds DeepSpeed's files, `rank00000.json` and
+`rank00000.safetensors` ... (each rank's loader position and RNG states) and, written last by
+rank 0 after every rank finished, `complete.json`. Nothing is unpickled beyond tensors and plain
+data: DeepSpeed's files pass a weights-only load before DeepSpeed reads them. A crash during a
+save leaves a directory without `complete.json`, which `--resume auto` never picks; the next
+run removes it before it starts.
 """
 
 from __future__ import annotations
@@ -17,8 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from prior_dist.runs.layout import MARKER, checkpoint_root, complete_checkpoints, rank_file, tag_for
+from prior_dist.runs.layout import (
+    MARKER,
+    checkpoint_root,
+    complete_checkpoints,
+    legacy_rank_file,
+    rank_files,
+    tag_for,
+)
+from prior_dist.runs.safe_load import check_torch_files, safe_legacy_rank_state
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path | None:
@@ -51,28 +62,66 @@ def remove_partial(run_dir: Path) -> list[str]:
 
 
 def rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
+    """Every RNG stream of this process: JSON-able values, and tensors under `tensors`."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return {
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+        "tensors": tensors,
+    }
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    tensors = state["tensors"]
+    torch.set_rng_state(tensors["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _save_rank_state(checkpoint: Path, rank: int, rank_state: dict) -> None:
+    """`{"loader": ..., "rng": rng_state()}` as JSON + safetensors; the JSON is written last."""
+    values, tensors = rank_files(checkpoint, rank)
+    rng = dict(rank_state["rng"])
+    _atomic(tensors, lambda tmp: save_file(rng.pop("tensors"), str(tmp)))
+    text = json.dumps({"loader": rank_state["loader"], "rng": rng})
+    _atomic(values, lambda tmp: tmp.write_text(text))
+
+
+def _load_rank_state(checkpoint: Path, rank: int) -> dict | None:
+    values, tensors = rank_files(checkpoint, rank)
+    if values.is_file():
+        state = json.loads(values.read_text())
+        state["rng"]["tensors"] = load_file(str(tensors))
+        return state
+    legacy = legacy_rank_file(checkpoint, rank)
+    if not legacy.is_file():
+        return None
+    old = safe_legacy_rank_state(legacy)
+    rng = old["rng"]
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    tensors = {k: rng[k] for k in ("torch", "cuda") if k in rng}
+    return {
+        "loader": old["loader"],
+        "rng": {
+            "numpy": [name, np.asarray(keys).tolist(), pos, has_gauss, cached],
+            "python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
+            "tensors": tensors,
+        },
+    }
 
 
 def save_checkpoint(
@@ -83,7 +132,7 @@ def save_checkpoint(
     tag = tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _atomic_torch_save(rank_state, rank_file(root / tag, rank))
+    _save_rank_state(root / tag, rank, rank_state)
     dist.barrier()
     if rank == 0:
         marker = {
@@ -130,15 +179,11 @@ def load_checkpoint(engine, path: Path) -> tuple[dict, dict | None]:
             f"checkpoint {path} was written with ZeRO stage {marker['zero_stage']}; "
             f"this run uses stage {stage}: use the same DeepSpeed config"
         )
+    check_torch_files(path)  # DeepSpeed's own loader unpickles everything: look first
     load_path, client = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
-    own = rank_file(path, dist.get_rank())
-    rank_state = (
-        torch.load(own, map_location="cpu", weights_only=False)
-        if own.is_file() and marker["world_size"] == world
-        else None
-    )
+    rank_state = _load_rank_state(path, dist.get_rank()) if marker["world_size"] == world else None
     return client or {}, rank_state

@@ -38,8 +38,15 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def rank_file(checkpoint: Path, rank: int) -> Path:
-    """This rank's loader position and RNG states inside a checkpoint directory."""
+def rank_files(checkpoint: Path, rank: int) -> tuple[Path, Path]:
+    """This rank's loader position and RNG states inside a checkpoint directory: plain values
+    as JSON, RNG tensors as safetensors (neither can carry code)."""
+    stem = checkpoint / f"rank{rank:05d}"
+    return stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+
+
+def legacy_rank_file(checkpoint: Path, rank: int) -> Path:
+    """The same state as a torch file, in checkpoints written before 2026-12-02."""
     return checkpoint / f"rank{rank:05d}.pt"
 
 

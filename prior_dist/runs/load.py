@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from prior_dist.data.config import DataConfig
@@ -27,6 +26,7 @@ from prior_dist.runs.layout import (
     TEXT_DIR,
     complete_checkpoints,
 )
+from prior_dist.runs.safe_load import check_torch_files, safe_torch_load
 
 
 @dataclass
@@ -52,11 +52,12 @@ def _checkpoint_state(checkpoint: Path) -> dict:
         # deepspeed is heavy and needed only for ZeRO-3 partitions.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_torch_files(checkpoint)  # DeepSpeed's merge unpickles everything: look first
         state = get_fp32_state_dict_from_zero_checkpoint(
             str(checkpoint.parent), tag=checkpoint.name
         )
     else:
-        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        state = safe_torch_load(states)["module"]
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
