@@ -164,6 +164,22 @@ def test_sigusr1_on_one_rank_checkpoints_all_and_exits_cleanly(reference, shards
     assert metrics(run)[-1]["step"] == stopped + 2 and not (run / "PREEMPTED").exists()
 
 
+def test_group_sigterm_with_loader_workers_checkpoints_and_stops(reference, shards):
+    """`kill -TERM -- -PGID` (what `timeout`, container runtimes and schedulers send) reaches the
+    DataLoader workers too: they leave it to their rank, which checkpoints and stops."""
+    tmp = reference["tmp"]
+    run = tmp / "group_sigterm"
+    proc = start(2, ds_config(tmp, 8), run, shards, overrides=[*LONG, "data.workers=2"])
+    _wait_for_step(run, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # start() gives the launcher its own process group
+    output, _ = proc.communicate(timeout=600)
+    assert "peer rank has probably died" not in output, output[-3000:]
+    assert (run / "PREEMPTED").is_file(), output[-3000:]
+    stopped = int((run / "PREEMPTED").read_text())
+    assert "after a signal" in output
+    assert (run / "checkpoints" / f"step{stopped:08d}" / "complete.json").is_file()
+
+
 def test_crash_during_save_leaves_previous_checkpoint(reference, shards):
     """A checkpoint directory without complete.json (a save cut short) is never resumed."""
     tmp = reference["tmp"]

@@ -21,6 +21,7 @@ and the number of workers. Resampled mode draws every epoch's samples with repla
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 
@@ -118,6 +119,14 @@ def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and SIGINT to the main process: a signal sent to the
+    whole process group (`timeout`, container runtimes, schedulers) must not kill the workers
+    first, or the rank dies before the checkpoint the signal asks for."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _choose_mode(sources: list, mode: Mode | None) -> Mode:
@@ -235,6 +244,7 @@ class PriorLoader:
             "num_workers": self.num_workers,
             "prefetch_factor": self.prefetch_factor,
             "persistent_workers": False,
+            "worker_init_fn": _ignore_stop_signals,
         }
 
     def __iter__(self) -> Iterator[dict]:
