@@ -169,7 +169,7 @@ def test_group_sigterm_with_loader_workers_checkpoints_and_stops(reference, shar
     DataLoader workers too: they leave it to their rank, which checkpoints and stops."""
     tmp = reference["tmp"]
     run = tmp / "group_sigterm"
-    proc = start(2, ds_config(tmp, 8), run, shards, overrides=[*LONG, "data.workers=2"])
+    proc = start(1, ds_config(tmp, 16), run, shards, overrides=[*LONG, "data.workers=2"])
     _wait_for_step(run, 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # start() gives the launcher its own process group
     output, _ = proc.communicate(timeout=600)
