@@ -12,6 +12,7 @@ import os
 import sys
 
 from prior_dist.data.build import build_shards, finalize, verify
+from prior_dist.data.images import MAX_PIXELS
 from prior_dist.data.prepare import PrepareSettings
 from prior_dist.data.sources import (
     FRONTAL_VIEWS,
@@ -43,6 +44,13 @@ def _add_common(parser: argparse.ArgumentParser, min_sentences: int) -> None:
         "--format", choices=("jpg", "png"), default="jpg", help="stored image format"
     )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"skip (as unreadable_image) source images with more pixels, read from their "
+        f"header before decoding (default {MAX_PIXELS}, Pillow's decompression-bomb limit)",
+    )
     parser.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
     )
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             jpeg_quality=args.quality,
             min_sentences=args.min_sentences,
             encoding_errors=args.encoding_errors,
+            max_pixels=args.max_pixels,
             phantom_seed=getattr(args, "seed", 0) if args.command == "phantom" else 0,
         )
         if args.command == "mimic-cxr":

@@ -60,3 +60,16 @@ def dicom_bytes(
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels (a decompression bomb's header:
+    a decoder that trusts it would allocate width * height bytes)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(np.zeros((8, 8), dtype=np.uint8)))
+    # Bytes 8..33: IHDR chunk (length, type, width, height, ..., CRC over type + fields).
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)

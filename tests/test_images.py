@@ -73,3 +73,34 @@ def test_bad_images_raise_named_errors(data, what):
 def test_broken_dicom_raises():
     with pytest.raises(images.ImageDecodeError, match="DICOM"):
         images.decode_grayscale(b"\0" * 128 + b"DICM" + b"\x02\x00" * 10, ".dcm")
+
+
+def test_huge_image_is_refused_from_its_header():
+    from imaging import png_claiming_size
+
+    bomb = png_claiming_size(20000, 20000)  # 400M pixels claimed, 100-odd bytes on disk
+    with pytest.raises(images.ImageDecodeError, match="too large"):
+        images.decode_grayscale(bomb, ".png")
+    small = png_bytes(gradient(40, 50))
+    with pytest.raises(images.ImageDecodeError, match="2000 pixels, over the limit of 1000"):
+        images.prepare_image(small, ".png", 32, max_pixels=1000)
+    assert images.decode_grayscale(small, ".png", max_pixels=2000).size == (50, 40)
+
+
+def test_huge_shard_member_is_a_corrupt_sample():
+    import json
+
+    from imaging import png_claiming_size
+
+    from prior_dist.data.transforms import CorruptSample, SampleTransform, TransformConfig
+
+    class Tokenizer:  # the transform needs only what tokenising one sentence uses
+        pad_token_id = 0
+
+    transform = SampleTransform(Tokenizer(), TransformConfig(image_size=32), seed=0)
+    members = {
+        "json": json.dumps({"sentences": ["Clear."]}).encode(),
+        "png": png_claiming_size(20000, 20000),
+    }
+    with pytest.raises(CorruptSample, match="k.png: image does not decode"):
+        transform("k", members, epoch=0)

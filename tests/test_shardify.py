@@ -380,3 +380,33 @@ def test_member_types_are_safe(phantom_dir):
             for name in tar.getnames():
                 ext = name.split(".", 1)[1]
                 assert ext in ("jpg", "json", "mask.png", "0.jpg", "1.jpg"), name
+
+
+def test_huge_image_is_skipped_and_counted(tmp_path):
+    """A decompression bomb (header: 20000 x 20000) is skipped as unreadable_image, not a crash;
+    --max-pixels sets the limit."""
+    from imaging import png_claiming_size
+
+    (tmp_path / "bomb.png").write_bytes(png_claiming_size(20000, 20000))
+    (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(gradient(50, 60)))
+    rows = [
+        {"id": "bomb", "image": "bomb.png", "report": "FINDINGS: Clear.", "split": "train"},
+        {"id": "ok", "image": "ok.jpg", "report": "FINDINGS: Clear.", "split": "train"},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    common = [
+        "prior_dist.shardify",
+        "manifest",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--image-size",
+        "32",
+        "--no-progress",
+    ]
+    run_cli(*common, "--out", str(tmp_path / "out"))
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["totals"]["samples"] == 1
+    assert manifest["skipped"]["unreadable_image"]["examples"] == ["bomb"]
+    run_cli(*common, "--out", str(tmp_path / "small"), "--max-pixels", "1000")
+    skipped = load_manifest(tmp_path / "small")["skipped"]["unreadable_image"]
+    assert skipped["count"] == 2

@@ -23,6 +23,11 @@ class ImageDecodeError(ValueError):
     """An image could not be decoded; the message names the reason."""
 
 
+# Pillow's decompression-bomb threshold (89.5M pixels): a larger image, e.g. 20000 x 20000, is
+# refused from its header before any pixel is decoded; shardify's --max-pixels sets another.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
 def _target_size(width: int, height: int, size: int, mode: ResizeMode) -> tuple[int, int]:
     if mode == "square":
         return size, size
@@ -81,12 +86,17 @@ def dicom_to_uint8(data: bytes) -> np.ndarray:
 
 
 def decode_grayscale(
-    data: bytes, suffix: str = "", size: int | None = None, mode: ResizeMode = "short"
+    data: bytes,
+    suffix: str = "",
+    size: int | None = None,
+    mode: ResizeMode = "short",
+    max_pixels: int = MAX_PIXELS,
 ) -> Image.Image:
     """Decode image bytes to an 8-bit grayscale PIL image.
 
     When `size` is given and the file is a JPEG, the decoder downscales in the DCT domain to
-    the smallest power-of-two reduction still at least the target size.
+    the smallest power-of-two reduction still at least the target size. An image of more than
+    `max_pixels` pixels (read from its header, before any decoding) raises `ImageDecodeError`.
     """
     if not data:
         raise ImageDecodeError("zero-byte image")
@@ -94,9 +104,12 @@ def decode_grayscale(
         return Image.fromarray(dicom_to_uint8(data), mode="L")
     try:
         image = Image.open(io.BytesIO(data))
+        check_pixels(image, max_pixels)
         if size is not None and image.format == "JPEG":
             image.draft("L", _target_size(image.width, image.height, size, mode))
         image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"undecodable image: {exc}") from exc
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -109,6 +122,15 @@ def decode_grayscale(
     if image.mode != "L":
         image = image.convert("L")
     return image
+
+
+def check_pixels(image: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an opened (not yet decoded) image of more than `max_pixels` pixels."""
+    if image.width * image.height > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {image.width}x{image.height} = {image.width * image.height} "
+            f"pixels, over the limit of {max_pixels} (--max-pixels)"
+        )
 
 
 def resize(image: Image.Image, size: int, mode: ResizeMode = "short") -> Image.Image:
@@ -138,9 +160,10 @@ def prepare_image(
     mode: ResizeMode = "short",
     fmt: ImageFormat = "jpg",
     quality: int = 95,
+    max_pixels: int = MAX_PIXELS,
 ) -> bytes:
     """Decode once, convert to 8-bit grayscale, resize, re-encode: the shardify image path."""
-    image = decode_grayscale(data, suffix, size=size, mode=mode)
+    image = decode_grayscale(data, suffix, size=size, mode=mode, max_pixels=max_pixels)
     return encode(resize(image, size, mode), fmt, quality)
 
 

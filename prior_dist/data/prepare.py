@@ -25,6 +25,8 @@ class PrepareSettings:
     min_sentences: int = 1
     encoding_errors: Literal["skip", "repair"] = "skip"
     phantom_seed: int = 0
+    # Larger images (by their header) are skipped as unreadable_image, never decoded.
+    max_pixels: int = imgs.MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -35,6 +37,8 @@ class PrepareSettings:
             raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.min_sentences < 0:
             raise ValueError(f"min_sentences must be >= 0, got {self.min_sentences}")
         if self.encoding_errors not in ("skip", "repair"):
@@ -94,6 +98,7 @@ def _encoded_images(
                     settings.resize_mode,
                     settings.image_format,
                     settings.jpeg_quality,
+                    settings.max_pixels,
                 )
             )
             views.append(record.views[i] if i < len(record.views) else "")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from prior_dist.data.images import check_pixels
 from prior_dist.data.tokenize import tokenize_sentences
 
 MIMIC_MEAN, MIMIC_STD = 0.4755, 0.3011
@@ -138,9 +139,10 @@ class SampleTransform:
         flip = bool(rng.random() < cfg.flip_probability)
         try:
             image = Image.open(io.BytesIO(members[chosen]))
+            check_pixels(image)
             image.draft("L", (cfg.image_size, cfg.image_size))
             image = image.convert("L")
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise CorruptSample(f"{key}.{chosen}: image does not decode: {exc}") from exc
         image = squash_rotate(image, cfg.image_size, angle)
         if flip:
