@@ -14,6 +14,7 @@ import sys
 from prior_dist.data.build import build_shards, finalize, verify
 from prior_dist.data.images import MAX_PIXELS
 from prior_dist.data.prepare import PrepareSettings
+from prior_dist.data.shards import load_manifest
 from prior_dist.data.sources import (
     FRONTAL_VIEWS,
     enumerate_manifest,
@@ -200,8 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"shardify: error: {exc}", file=sys.stderr)
         return 2
+    if "manifest" in summary:
+        _print_skips(load_manifest(args.out))
     print(json.dumps(summary))
     return 0
+
+
+def _print_skips(manifest: dict) -> None:
+    """Each skip reason with its count and first examples, on stderr (stdout keeps the JSON)."""
+    for reason, entry in sorted(manifest["skipped"].items()):
+        examples = "; ".join(entry.get("examples", []))
+        print(f"shardify: skipped {entry['count']} ({reason}), e.g. {examples}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -410,3 +410,43 @@ def test_huge_image_is_skipped_and_counted(tmp_path):
     run_cli(*common, "--out", str(tmp_path / "small"), "--max-pixels", "1000")
     skipped = load_manifest(tmp_path / "small")["skipped"]["unreadable_image"]
     assert skipped["count"] == 2
+
+
+def test_manifest_rows_of_the_wrong_shape_are_skipped_and_counted(tmp_path):
+    """Well-formed JSON of the wrong type and labels outside {1, 0, -1, null} are skipped with
+    the line that holds them, and every reason is printed with examples."""
+    (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(gradient(40, 40)))
+    good = {"image": "ok.jpg", "report": "FINDINGS: Clear.", "split": "train"}
+    rows = [
+        {**good, "id": "good", "labels": {"Edema": 1, "Atelectasis": -1, "Nodule": None}},
+        [1, 2, 3],
+        {**good, "id": "r1", "report": ["x"]},
+        {**good, "id": "r2", "image": 5},
+        {**good, "id": "r3", "labels": {"Edema": "yes"}},
+        {**good, "id": "r4", "labels": "[1,2]"},
+        {**good, "id": "r5", "labels": {"Edema": True}},
+        {**good, "id": "r6", "split": "val"},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    proc = run_cli(
+        "prior_dist.shardify",
+        "manifest",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--no-progress",
+    )
+    manifest = load_manifest(out)
+    assert manifest["totals"]["samples"] == 1
+    skipped = manifest["skipped"]
+    assert {k: v["count"] for k, v in skipped.items()} == {"bad_row": 4, "bad_labels": 3}
+    assert any("in.jsonl:2: a row must be an object" in e for e in skipped["bad_row"]["examples"])
+    assert any("in.jsonl:5:" in e for e in skipped["bad_labels"]["examples"])
+    assert "skipped 3 (bad_labels), e.g. in.jsonl:5" in proc.stderr
+    with tarfile.open(out / "train-000000.tar") as tar:
+        meta = json.loads(tar.extractfile("good.json").read())
+    assert meta["labels"] == {"Edema": 1.0, "Atelectasis": -1.0, "Nodule": None}

@@ -13,7 +13,7 @@ from pathlib import Path
 from prior_dist.data.labels import chexpert_value
 from prior_dist.data.phantom import GENERATOR_VERSION, split_for_subject
 from prior_dist.data.shards import SkipCounter, sanitize_key
-from prior_dist.data.tables import patient_split, read_csv_rows
+from prior_dist.data.tables import SPLITS, patient_split, read_csv_rows
 
 FRONTAL_VIEWS = ("PA", "AP")
 # The salt of pretraining sources' patient splits (changing it moves patients between splits).
@@ -127,88 +127,149 @@ _MANIFEST_COLUMNS = {
 }
 
 
-def _as_list(value) -> list[str]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("["):
-        return [str(v) for v in json.loads(text)]
-    return [part.strip() for part in text.split(";") if part.strip()]
-
-
-def _manifest_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """The rows of a user CSV (optionally gzipped) or JSONL manifest, and its column names."""
+def _manifest_rows(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
+    """(line number, row) of a user CSV (optionally gzipped) or JSONL manifest, and its column
+    names. A JSONL line that is valid JSON of another kind than an object is kept as it is, for
+    the row check to skip and count."""
     if path.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((line_no, json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
-        return rows, sorted({k for row in rows for k in row})
+        columns = sorted({k for _, row in rows if isinstance(row, dict) for k in row})
+        return rows, columns
     if path.suffix in (".csv", ".gz"):
         rows = read_csv_rows(path, ("image",))
-        return rows, list(rows[0].keys()) if rows else []
+        return [(n, row) for n, row in enumerate(rows, 2)], list(rows[0].keys()) if rows else []
     raise ValueError(f"--input {path}: expected a .csv, .csv.gz or .jsonl file")
+
+
+_LABEL_VALUES = (1, 0, -1, None)
+
+
+class _BadRow(ValueError):
+    """A manifest row that cannot become a study; `reason` is the skip counter's key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _text(row: dict, field: str, where: str, numbers: bool = False) -> str | None:
+    """`row[field]` as text (None when absent or empty); a number only where `numbers`."""
+    value = row.get(field)
+    if value is None or value == "":
+        return None
+    kinds = (str, int) if numbers else str
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise _BadRow("bad_row", f"{where}: {field} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _texts(row: dict, field: str, where: str) -> list[str]:
+    value = row.get(field)
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise _BadRow("bad_row", f"{where}: {field} must be text or a list of text")
+        return value
+    text = _text(row, field, where)
+    if text is None:
+        return []
+    if text.strip().startswith("["):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            raise _BadRow(
+                "bad_row", f"{where}: {field} is not a JSON list: {text[:40]!r}"
+            ) from None
+        return _texts({field: parsed}, field, where)
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+def _labels(row: dict, where: str) -> dict | None:
+    """`labels`: an object (or its JSON text) of name -> 1, 0, -1 or null."""
+    labels = row.get("labels")
+    if isinstance(labels, str):
+        if not labels.strip():
+            return None
+        try:
+            labels = json.loads(labels)
+        except json.JSONDecodeError:
+            raise _BadRow("bad_labels", f"{where}: labels are not JSON: {labels[:40]!r}") from None
+    if labels is None or labels == {}:
+        return None
+    if not isinstance(labels, dict):
+        raise _BadRow("bad_labels", f"{where}: labels must be an object, got {labels!r:.40}")
+    bad = {
+        k: v
+        for k, v in labels.items()
+        if isinstance(v, bool) or v not in _LABEL_VALUES or not isinstance(k, str)
+    }
+    if bad:
+        raise _BadRow("bad_labels", f"{where}: label values must be 1, 0, -1 or null: {bad!r:.60}")
+    return {k: (None if v is None else float(v)) for k, v in labels.items()}
+
+
+def _manifest_record(row, where: str, key: str, base: Path, fractions: dict) -> StudyRecord:
+    """One manifest row as a study, or `_BadRow` (and the reason it is skipped)."""
+    if not isinstance(row, dict):
+        raise _BadRow("bad_row", f"{where}: a row must be an object, got {type(row).__name__}")
+    images = [str(p if Path(p).is_absolute() else base / p) for p in _texts(row, "image", where)]
+    if not images:
+        raise _BadRow("no_image", key)
+    report_path = _text(row, "report_path", where)
+    if report_path and not Path(report_path).is_absolute():
+        report_path = str(base / report_path)
+    report_text = _text(row, "report", where)
+    if report_text is None and report_path is None:
+        raise _BadRow("missing_report", key)
+    labels = _labels(row, where)
+    split = _text(row, "split", where)
+    if split is not None and split not in SPLITS:
+        raise _BadRow("bad_row", f"{where}: split must be one of {list(SPLITS)}, got {split!r}")
+    subject_id = _text(row, "subject_id", where, numbers=True)
+    return StudyRecord(
+        key=key,
+        split=split or patient_split(subject_id or key, fractions, PATIENT_SALT),
+        subject_id=subject_id,
+        images=images,
+        views=_texts(row, "views", where),
+        report_text=report_text,
+        report_path=report_path,
+        labels=labels,
+    )
 
 
 def enumerate_manifest(
     input_path: str, val_fraction: float, test_fraction: float
 ) -> tuple[list[StudyRecord], SkipCounter, dict]:
-    """Studies from a user CSV or JSONL (paths relative to the file's directory)."""
+    """Studies from a user CSV or JSONL (paths relative to the file's directory). A row of the
+    wrong shape (not an object, a field of the wrong type, labels other than 1/0/-1/null) is
+    skipped and counted with its line number."""
     path = Path(input_path)
     if not path.is_file():
         raise FileNotFoundError(f"--input {path}: file not found")
-    base = path.parent
     rows, columns = _manifest_rows(path)
-    ignored = sorted(set(columns) - _MANIFEST_COLUMNS)
+    fractions = {"validate": val_fraction, "test": test_fraction}
     skipped = SkipCounter()
     seen: set[str] = set()
     records = []
-    for row_no, row in enumerate(rows):
-        raw_id = row.get("id") or f"row{row_no:08d}"
-        key = sanitize_key(raw_id)
+    for row_no, (line, row) in enumerate(rows):
+        where = f"{path.name}:{line}"
+        raw_id = row.get("id") if isinstance(row, dict) else None
+        key = sanitize_key(str(raw_id) if raw_id not in (None, "") else f"row{row_no:08d}")
         if key in seen:
             skipped.add("duplicate_id", key)
             continue
         seen.add(key)
-        images = [str(p if Path(p).is_absolute() else base / p) for p in _as_list(row.get("image"))]
-        if not images:
-            skipped.add("no_image", key)
-            continue
-        report_path = row.get("report_path") or None
-        if report_path and not Path(report_path).is_absolute():
-            report_path = str(base / report_path)
-        report_text = row.get("report") or None
-        if report_text is None and report_path is None:
-            skipped.add("missing_report", key)
-            continue
-        labels = row.get("labels")
-        if isinstance(labels, str) and labels.strip():
-            try:
-                labels = json.loads(labels)
-            except json.JSONDecodeError:
-                skipped.add("bad_labels", key)
-                continue
-        subject = str(row.get("subject_id") or key)
-        split = row.get("split") or patient_split(
-            subject, {"validate": val_fraction, "test": test_fraction}, PATIENT_SALT
-        )
-        records.append(
-            StudyRecord(
-                key=key,
-                split=str(split),
-                subject_id=row.get("subject_id") or None,
-                images=images,
-                views=_as_list(row.get("views")),
-                report_text=report_text,
-                report_path=report_path,
-                labels=labels or None,
-            )
-        )
+        try:
+            records.append(_manifest_record(row, where, key, path.parent, fractions))
+        except _BadRow as bad:
+            skipped.add(bad.reason, str(bad))
+    ignored = sorted(set(columns) - _MANIFEST_COLUMNS)
     source = {"kind": "manifest", "input": str(path), "rows": len(rows), "ignored_columns": ignored}
     return records, skipped, source
 
