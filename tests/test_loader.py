@@ -313,3 +313,27 @@ def test_pipe_source_streams_exactly_once(phantom_dir, tokenizer):
     assert sorted(k for batches in per_rank for b in batches for k in b["key"]) == all_keys(
         phantom_dir
     )
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ([1, 2, 3], "metadata must be a JSON object"),
+        ({"sentences": "Heart normal."}, "sentences must be a list of text"),
+        ({"sentences": ["a", 3]}, "sentences must be a list of text"),
+        ({"sentences": ["a"], "labels": {"Edema": "yes"}}, "labels must map names"),
+        ({"sentences": ["a"], "labels": [1, 2]}, "labels must map names"),
+    ],
+)
+def test_sample_json_of_the_wrong_type_is_a_corrupt_sample(meta, message):
+    """Well-formed JSON of the wrong shape is skipped and counted like a broken image, never
+    split into characters or crashing a worker."""
+    from prior_dist.data.transforms import CorruptSample, SampleTransform, TransformConfig
+
+    class Tokenizer:  # nothing is tokenised: the check comes first
+        pad_token_id = 0
+
+    transform = SampleTransform(Tokenizer(), TransformConfig(image_size=32), seed=0)
+    members = {"json": json.dumps(meta).encode(), "jpg": b"unused"}
+    with pytest.raises(CorruptSample, match=message):
+        transform("k", members, epoch=0)

@@ -450,3 +450,36 @@ def test_manifest_rows_of_the_wrong_shape_are_skipped_and_counted(tmp_path):
     with tarfile.open(out / "train-000000.tar") as tar:
         meta = json.loads(tar.extractfile("good.json").read())
     assert meta["labels"] == {"Edema": 1.0, "Atelectasis": -1.0, "Nodule": None}
+
+
+def test_mimic_reports_without_metadata_are_counted_and_a_wrong_root_fails(tmp_path):
+    src = make_mimic(tmp_path)
+    extra = src["reports"] / "files" / "p10" / "p10000099"
+    extra.mkdir(parents=True)
+    (extra / "s50000099.txt").write_text(GOOD_REPORT)  # a report no metadata row lists
+    common = [
+        "prior_dist.shardify",
+        "mimic-cxr",
+        "--images",
+        str(src["images"]),
+        "--metadata",
+        str(src["metadata"]),
+        "--image-size",
+        "32",
+        "--no-progress",
+    ]
+    run_cli(*common, "--reports", str(src["reports"]), "--out", str(tmp_path / "out"))
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest["skipped"]["no_metadata"] == {"count": 1, "examples": ["s50000099"]}
+    proc = run_cli(
+        *common,
+        "--reports",
+        str(src["reports"] / "files"),
+        "--out",
+        str(tmp_path / "off"),
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert f"--reports {src['reports'] / 'files'}" in proc.stderr
+    assert f"--images {src['images']}" in proc.stderr
+    assert not (tmp_path / "off" / "manifest.json").exists()

@@ -51,6 +51,31 @@ def _mimic_studies(rows: list[dict], images_root: str, views: tuple[str, ...]) -
     return studies
 
 
+def _check_mimic_roots(records: list[StudyRecord], images_root: str, reports_root: str) -> None:
+    """Fail when not one listed report, or not one listed image, is where the layout puts it:
+    a root one folder off (e.g. `--reports .../files`) would otherwise give 0 samples, exit 0."""
+    if not records:
+        return
+    roots = f"(--images {images_root}, --reports {reports_root})"
+    if not any(Path(r.report_path).is_file() for r in records):
+        raise FileNotFoundError(
+            f"--reports {reports_root}: none of the {len(records)} studies' reports is there, "
+            f"e.g. {records[0].report_path}; give the folder that holds files/ {roots}"
+        )
+    if not any(Path(p).is_file() for r in records for p in r.images):
+        raise FileNotFoundError(
+            f"--images {images_root}: none of the studies' images is there, e.g. "
+            f"{records[0].images[0]}; give the folder that holds files/ {roots}"
+        )
+
+
+def _reports_without_metadata(reports_root: str, study_ids: set[str]) -> list[str]:
+    """Keys of reports on disk (`files/pXX/pSUBJECT/sSTUDY.txt`) whose study has no metadata
+    row: they are counted as skipped (`no_metadata`), never silently dropped."""
+    found = sorted(Path(reports_root).glob("files/p*/p*/s*.txt"))
+    return [sanitize_key(p.stem) for p in found if p.stem[1:] not in study_ids]
+
+
 def enumerate_mimic(
     images_root: str,
     reports_root: str,
@@ -79,7 +104,8 @@ def enumerate_mimic(
             }
     skipped = SkipCounter()
     records = []
-    for study_id, info in sorted(_mimic_studies(rows, images_root, views).items()):
+    studies = _mimic_studies(rows, images_root, views)
+    for study_id, info in sorted(studies.items()):
         key = sanitize_key(f"s{study_id}")
         if not info["frontal"]:
             skipped.add("non_frontal_only", key)
@@ -102,6 +128,9 @@ def enumerate_mimic(
                 labels=labels_by_study.get(study_id),
             )
         )
+    _check_mimic_roots(records, images_root, reports_root)
+    for key in _reports_without_metadata(reports_root, set(studies)):
+        skipped.add("no_metadata", key)
     source = {
         "kind": "mimic-cxr",
         "images": str(images_root),

@@ -131,6 +131,7 @@ class SampleTransform:
             meta = json.loads(members["json"])
         except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptSample(f"{key}: metadata unreadable: {exc}") from exc
+        _check_metadata(key, meta)
         choices = image_members(members)
         if not choices:
             raise CorruptSample(f"{key}: no image member")
@@ -150,7 +151,7 @@ class SampleTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).div_(255.0)
         pixels = pixels.sub_(cfg.mean).div_(cfg.std).unsqueeze(0)
 
-        sentences = [str(s) for s in meta.get("sentences", [])]
+        sentences = list(meta.get("sentences", []))
         if cfg.shuffle_sentences and len(sentences) > 1:
             sentences = [sentences[i] for i in rng.permutation(len(sentences))]
         if cfg.max_sentences is not None:
@@ -176,6 +177,23 @@ class SampleTransform:
                 for n in self.label_names
             ]
         return out
+
+
+def _check_metadata(key: str, meta) -> None:
+    """A sample's JSON must be an object with `sentences` a list of text and `labels` an object
+    of name -> number or null: anything else is a corrupt sample (a string of sentences would
+    otherwise be read character by character)."""
+    if not isinstance(meta, dict):
+        raise CorruptSample(f"{key}: metadata must be a JSON object, got {type(meta).__name__}")
+    sentences = meta.get("sentences", [])
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise CorruptSample(f"{key}: sentences must be a list of text, got {sentences!r:.60}")
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        for v in labels.values()
+    ):
+        raise CorruptSample(f"{key}: labels must map names to numbers or null, got {labels!r:.60}")
 
 
 def collate(
