@@ -84,7 +84,7 @@ def launch(
     *extra: str,
     overrides: list[str] = (),
     check: bool = True,
-    timeout: float = 300,
+    timeout: float = 540,
     script: str = "launch/pretrain.py",
 ) -> subprocess.CompletedProcess:
     cmd = deepspeed_cmd(num_ranks) + pretrain_args(
