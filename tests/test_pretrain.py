@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from tests.pretrain_runs import (
     LONG,
     assert_traces_close,
     ds_config,
+    env,
     final_state,
     launch,
     max_param_difference,
@@ -239,6 +241,26 @@ def test_nonfinite_loss_is_skipped_then_aborts(reference, shards):
     )
     assert proc.returncode != 0
     assert "3 micro-batches in a row gave a NaN or inf loss at step 2" in proc.stderr
+
+
+def test_a_port_in_use_fails_at_once_naming_it(reference, shards):
+    """A second run on a taken MASTER_PORT is refused by rank 0 before the rendezvous, instead
+    of every rank waiting out the store's timeout and blaming a dead peer."""
+    import socket
+
+    from tests.pretrain_runs import pretrain_args
+
+    tmp = reference["tmp"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "1"]
+        cmd = launcher + ["--master_port", str(port)]
+        cmd += pretrain_args(ds_config(tmp, 16), tmp / "port", shards, "--max-steps", "1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=540)
+    assert proc.returncode != 0
+    assert f"port {port} is in use" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_world_size_change_is_refused_for_zero2(reference, shards):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -39,11 +41,32 @@ def init_process_group(device: torch.device, timeout_s: float) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    check_master_port()
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
     )
     release_shm_names()
+
+
+def check_master_port() -> None:
+    """On rank 0, which opens the rendezvous store (unless torchrun's agent holds it), fail at
+    once when MASTER_PORT is taken (say, by another run on the default 29500) rather than let
+    every rank wait out the store's timeout and blame a dead peer."""
+    if os.environ["RANK"] != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise ValueError(
+                f"port {port} is in use (another run on this machine?): pass --master_port "
+                "to the launcher, or set MASTER_PORT"
+            ) from None
 
 
 def release_shm_names() -> list[str]:
