@@ -79,6 +79,11 @@ def _add_common(parser: argparse.ArgumentParser, min_sentences: int) -> None:
         default=0.05,
         help="test fraction of subjects when no split is given (default 0.05)",
     )
+    _add_parallel(parser)
+
+
+def _add_parallel(parser: argparse.ArgumentParser) -> None:
+    """Worker processes and the array-job task of this run."""
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument(
         "--num-tasks",
