@@ -25,9 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_cmd(num_ranks: int) -> list[str]:
+def deepspeed_cmd(num_ranks: int, port: int | None = None) -> list[str]:
     exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    return [exe, "--num_gpus", str(num_ranks), "--master_port", str(free_port())]
+    return [exe, "--num_gpus", str(num_ranks), "--master_port", str(port or free_port())]
 
 
 def ds_config(tmp: Path, micro: int, stage: int = 2, **extra) -> Path:
@@ -86,8 +86,9 @@ def launch(
     check: bool = True,
     timeout: float = 540,
     script: str = "launch/pretrain.py",
+    port: int | None = None,
 ) -> subprocess.CompletedProcess:
-    cmd = deepspeed_cmd(num_ranks) + pretrain_args(
+    cmd = deepspeed_cmd(num_ranks, port) + pretrain_args(
         config, run_dir, shards, *extra, overrides=overrides, script=script
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout)

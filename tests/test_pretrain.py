@@ -248,17 +248,14 @@ def test_a_port_in_use_fails_at_once_naming_it(reference, shards):
     of every rank waiting out the store's timeout and blaming a dead peer."""
     import socket
 
-    from tests.pretrain_runs import pretrain_args
-
     tmp = reference["tmp"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        launcher = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "1"]
-        cmd = launcher + ["--master_port", str(port)]
-        cmd += pretrain_args(ds_config(tmp, 16), tmp / "port", shards, "--max-steps", "1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=540)
+        proc = launch(
+            1, ds_config(tmp, 16), tmp / "port", shards, "--max-steps", "1", check=False, port=port
+        )
     assert proc.returncode != 0
     assert f"port {port} is in use" in proc.stderr, proc.stderr[-2000:]
 
@@ -273,10 +270,9 @@ def test_world_size_change_is_refused_for_zero2(reference, shards):
 
 
 def test_torchrun_launcher_runs_the_same_script(reference, shards):
-    import subprocess
     import sys
 
-    from tests.pretrain_runs import env, pretrain_args
+    from tests.pretrain_runs import pretrain_args
 
     run = reference["tmp"] / "torchrun"
     cmd = [

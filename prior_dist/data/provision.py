@@ -32,15 +32,10 @@ def ensure_phantom_shards(cfg: DataConfig, seed: int, log=print) -> Path:
     """The first local source directory (phantom shards generated there first when asked);
     every local source must hold a manifest.json."""
     sources = parse_sources(cfg.sources())
-    local = [Path(s.location) for s in sources if not s.remote]
+    local = _local_sources(sources)
     for extra in local[1:]:
         if not (extra / "manifest.json").is_file():
             raise ValueError(f"data.path source {extra}: no manifest.json")
-    if not local:
-        raise ValueError(
-            "data.path: at least one local shard directory is needed (for the "
-            "manifest counts and the tokenizer)"
-        )
     path = local[0]
     if (path / "manifest.json").is_file():
         _check_phantom_manifest(path, cfg, seed)
@@ -87,13 +82,18 @@ def _check_phantom_manifest(path: Path, cfg: DataConfig, seed: int) -> None:
 def first_local_source(cfg: DataConfig) -> Path:
     """The first local shard directory of `data.path` (its manifest and tokenizer speak for the
     run)."""
-    local = [Path(s.location) for s in parse_sources(cfg.sources()) if not s.remote]
+    return _local_sources(parse_sources(cfg.sources()))[0]
+
+
+def _local_sources(sources: list) -> list[Path]:
+    """The local shard directories among `sources` (at least one, or a clear error)."""
+    local = [Path(s.location) for s in sources if not s.remote]
     if not local:
         raise ValueError(
             "data.path: at least one local shard directory is needed (for the "
             "manifest counts and the tokenizer)"
         )
-    return local[0]
+    return local
 
 
 def load_training_tokenizer(cfg: DataConfig, shards: Path):

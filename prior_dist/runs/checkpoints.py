@@ -95,8 +95,8 @@ def _atomic(path: Path, write) -> None:
 def _save_rank_state(checkpoint: Path, rank: int, rank_state: dict) -> None:
     """`{"loader": ..., "rng": rng_state()}` as JSON + safetensors; the JSON is written last."""
     values, tensors = rank_files(checkpoint, rank)
-    rng = dict(rank_state["rng"])
-    _atomic(tensors, lambda tmp: save_file(rng.pop("tensors"), str(tmp)))
+    rng = {k: v for k, v in rank_state["rng"].items() if k != "tensors"}
+    _atomic(tensors, lambda tmp: save_file(rank_state["rng"]["tensors"], str(tmp)))
     text = json.dumps({"loader": rank_state["loader"], "rng": rng})
     _atomic(values, lambda tmp: tmp.write_text(text))
 

@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,6 @@ class StepOutcome:
     keys: list[str]  # the sample keys this rank trained on
     epoch: int
     wait_s: float  # time spent waiting for the loader
-    skipped: Counter = field(default_factory=Counter)
 
 
 class StepRunner:
@@ -124,7 +123,7 @@ class StepRunner:
             keys += list(batch["key"])
             for name, value in out.items():
                 totals[name] += float(value.detach()) / gas
-        return StepOutcome(totals, keys, epoch, wait, self.skipped)
+        return StepOutcome(totals, keys, epoch, wait)
 
     def _micro_batch(self, batch: dict, plan: StagePlan, lr: float, stage: int) -> dict | None:
         """Forward, backward and engine step of one micro-batch; None when every rank skips it."""
