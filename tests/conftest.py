@@ -14,8 +14,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m ...` in a subprocess, as a user would."""
+def run_cli(
+    *args: str, env: dict | None = None, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m ...` in a subprocess, as a user would (from the repository, or `cwd`)."""
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     proc = subprocess.run(
@@ -23,7 +25,7 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subproce
         capture_output=True,
         text=True,
         env=full_env,
-        cwd=REPO,
+        cwd=cwd or REPO,
         timeout=600,
     )
     if check and proc.returncode != 0:
@@ -64,3 +66,20 @@ def phantom_copy(phantom_dir, tmp_path) -> Path:
     dest = tmp_path / "shards"
     shutil.copytree(phantom_dir, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """The tiny recipe's phantom shards and vocabulary, shared by the pretraining modules."""
+    # Imported here: tests.pretrain_runs imports REPO from this module.
+    from tests.pretrain_runs import make_tiny_shards
+
+    return make_tiny_shards(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_shards, tmp_path_factory):
+    """8 tiny steps on 1 rank x 16 and on 2 ranks x 8 (ZeRO-2), for the others to compare to."""
+    from tests.pretrain_runs import make_reference
+
+    return make_reference(tiny_shards, tmp_path_factory)

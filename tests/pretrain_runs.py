@@ -8,11 +8,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from prior_dist.data.provision import ensure_phantom_shards, load_training_tokenizer
 from prior_dist.task import LOSS_NAMES
+from prior_dist.training.recipe import load_recipe
 from tests.conftest import REPO
 
 # Long enough stage 3 for runs that are interrupted on purpose.
@@ -52,6 +55,7 @@ def pretrain_args(
     *extra: str,
     overrides: list[str] = (),
     script: str = "launch/pretrain.py",
+    recipe: str = "tiny",
 ) -> list[str]:
     sets = [f"data.path={shards}", "optim.eps=1e-6", *overrides]
     return [
@@ -59,7 +63,7 @@ def pretrain_args(
         "--config",
         str(config),
         "--recipe",
-        "tiny",
+        recipe,
         "--run-dir",
         str(run_dir),
         *[a for s in sets for a in ("--set", s)],
@@ -87,9 +91,10 @@ def launch(
     timeout: float = 540,
     script: str = "launch/pretrain.py",
     port: int | None = None,
+    recipe: str = "tiny",
 ) -> subprocess.CompletedProcess:
     cmd = deepspeed_cmd(num_ranks, port) + pretrain_args(
-        config, run_dir, shards, *extra, overrides=overrides, script=script
+        config, run_dir, shards, *extra, overrides=overrides, script=script, recipe=recipe
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
@@ -157,3 +162,33 @@ def max_param_difference(a: dict, b: dict) -> float:
     return max(
         float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point()
     )
+
+
+def wait_for_step(run_dir, step, proc, timeout=540):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = metrics(run_dir)
+        if lines and lines[-1]["step"] >= step:
+            return lines[-1]["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+# What the session fixtures `tiny_shards` and `reference` (tests/conftest.py) build.
+def make_tiny_shards(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "shards"
+    recipe, _ = load_recipe("tiny", [f"data.path={path}"])
+    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    load_training_tokenizer(recipe.data, path)
+    return path
+
+
+def make_reference(tiny_shards: Path, tmp_path_factory) -> dict:
+    """8 steps (stage changes at 3 and 6): 1 rank x 16 and 2 ranks x 8, ZeRO-2."""
+    tmp = tmp_path_factory.mktemp("reference")
+    one, two = tmp / "one", tmp / "two"
+    launch(1, ds_config(tmp, 16), one, tiny_shards, "--max-steps", "8")
+    launch(2, ds_config(tmp, 8), two, tiny_shards, "--max-steps", "8", "--audit-samples")
+    return {"tmp": tmp, "one": one, "two": two}

@@ -2,12 +2,15 @@
 
 import itertools
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from prior_dist.evaluation.metrics import macro_f1, precision_at_k, retrieval_metrics, roc_auc
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.pretrain_runs import ds_config, launch
 
 
@@ -44,6 +47,8 @@ def tiny_run(tmp_path_factory):
     recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
     ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
     run = tmp / "run"
+    # The data path as a user types it: relative to where training starts (the repository).
+    relative = os.path.relpath(shards, REPO)
     launch(
         1,
         ds_config(tmp, 8),
@@ -51,9 +56,59 @@ def tiny_run(tmp_path_factory):
         shards,
         "--max-steps",
         "4",
-        overrides=["data.phantom_studies=200"],
+        overrides=["data.phantom_studies=200", f"data.path={relative}"],
     )
     return run
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_run_reads_the_same_from_anywhere_and_evaluation_writes_nothing(tiny_run, tmp_path):
+    """The run stores its data path absolute and its own tokenizer; evaluation from another
+    folder works and creates nothing (no lock file, no vocabulary) beside the shards."""
+    resolved = json.loads((tiny_run / "config.resolved.json").read_text())
+    shards = Path(resolved["recipe"]["data"]["path"])
+    assert shards.is_absolute() and (shards / "manifest.json").is_file()
+    assert (tiny_run / "tokenizer").is_dir()
+    before = _files(shards)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "zs.json"
+    run_cli(
+        "prior_dist.evaluate",
+        "zero-shot",
+        "--checkpoint",
+        str(tiny_run),
+        "--out",
+        str(out),
+        cwd=elsewhere,
+    )
+    assert json.loads(out.read_text())["pretrained"]["images"] > 0
+    assert _files(shards) == before and _files(elsewhere) == []
+
+
+def test_an_older_run_with_a_relative_path_and_no_tokenizer_still_loads(tiny_run, tmp_path):
+    """Runs written before 2026-12-04: data.path relative to where training ran and no saved
+    tokenizer. The shards are found from the run directory's parents and the vocabulary is
+    rebuilt in a temporary directory, the same words, writing nothing beside the shards."""
+    from prior_dist.runs.load import load_run
+
+    resolved = json.loads((tiny_run / "config.resolved.json").read_text())
+    shards = Path(resolved["recipe"]["data"]["path"])
+    old = tmp_path / "project"
+    shutil.copytree(tiny_run, old / "runs" / "old", ignore=shutil.ignore_patterns("tokenizer"))
+    shutil.copytree(shards, old / "data" / "shards", ignore=shutil.ignore_patterns("wordpiece"))
+    resolved["recipe"]["data"]["path"] = "data/shards"
+    (old / "runs" / "old" / "config.resolved.json").write_text(json.dumps(resolved))
+    before = _files(old / "data")
+    loaded = load_run(old / "runs" / "old")
+    assert loaded.data_path == str((old / "data" / "shards").resolve())
+    assert _files(old / "data") == before
+    words = ["effusion", "no", "pneumothorax"]
+    fresh = load_run(tiny_run).tokenizer
+    assert loaded.tokenizer(words)["input_ids"] == fresh(words)["input_ids"]
 
 
 def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):

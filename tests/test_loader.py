@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch
 from prior_dist.data.loader import BatchPlan, PriorLoader
 from prior_dist.data.shards import load_index, load_manifest
 from prior_dist.data.transforms import TransformConfig, swap_laterality
+from tests.conftest import REPO
 
 CFG = TransformConfig(image_size=32)
 
@@ -337,3 +340,44 @@ def test_sample_json_of_the_wrong_type_is_a_corrupt_sample(meta, message):
     members = {"json": json.dumps(meta).encode(), "jpg": b"unused"}
     with pytest.raises(CorruptSample, match=message):
         transform("k", members, epoch=0)
+
+
+WORKER_SIGNALS = """
+import subprocess, sys
+import psutil
+from prior_dist.data.loader import PriorLoader
+from prior_dist.data.tokenize import load_tokenizer
+from prior_dist.data.transforms import TransformConfig
+
+shards = sys.argv[1]
+loader = PriorLoader(
+    shards, load_tokenizer(shards + "/wordpiece"), 4, num_workers=2,
+    transform=TransformConfig(image_size=32),
+)
+batches = iter(loader)
+next(batches)
+workers = psutil.Process().children()
+assert len(workers) == 2, workers
+# A SIGTERM from another process (a group signal's sender): the workers stay.
+subprocess.run(["kill", "-TERM", *[str(w.pid) for w in workers]], check=True)
+next(batches)
+next(batches)
+assert all(w.is_running() for w in workers), "a worker died of someone else's SIGTERM"
+print("workers kept", flush=True)
+# Exit with the iterator half read: multiprocessing ends the workers with the main process's
+# own SIGTERM, which they obey; the exit must not hang.
+sys.exit(3)
+"""
+
+
+def test_workers_ignore_sigterm_from_others_but_not_from_their_rank(phantom_dir, tokenizer):
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER_SIGNALS, str(phantom_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,  # an overall bound: a hung exit fails here
+    )
+    assert "workers kept" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "exited unexpectedly" not in proc.stderr

@@ -6,19 +6,26 @@ import sys
 import time
 
 import pytest
+import torch
 
+from prior_dist.training.cli import main
 from prior_dist.training.recipe import load_recipe
 from prior_dist.training.schedule import learning_rate, plan_stages
 from tests.conftest import REPO
 from tests.pretrain_runs import env
 
 
-def _run(tmp_path, config: dict | str | None, *args):
+def _write(tmp_path, config: dict | str | None):
     path = tmp_path / "ds.json"
     if isinstance(config, dict):
         path.write_text(json.dumps(config))
     elif isinstance(config, str):
         path.write_text(config)
+    return path
+
+
+def _run(tmp_path, config: dict | str | None, *args):
+    path = _write(tmp_path, config)
     cmd = [
         sys.executable,
         str(REPO / "launch/pretrain.py"),
@@ -65,13 +72,23 @@ GOOD = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
         (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
     ],
 )
-def test_refused_with_a_message(tmp_path, config, args, message):
-    if "fp16" in str(config) and __import__("torch").cuda.is_available():
+def test_refused_with_a_message(tmp_path, capsys, config, args, message):
+    """`launch/pretrain.py`'s main, in this process (the refusals come before any process group
+    or import of DeepSpeed's engine); the script itself: test_the_script_refuses_bad_json."""
+    if "fp16" in str(config) and torch.cuda.is_available():
         pytest.skip("fp16 is allowed on CUDA")
-    proc, seconds = _run(tmp_path, config, *args)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr, proc.stderr
+    path = _write(tmp_path, config)
+    code = main(["--config", str(path), "--run-dir", str(tmp_path / "run"), *args])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert message in stderr, stderr
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_the_script_refuses_bad_json(tmp_path):
+    proc, _ = _run(tmp_path, "{not json", "--recipe", "tiny")
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_schedule_warmup_then_cosine():

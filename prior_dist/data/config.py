@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from prior_dist.data.index import parse_sources
 from prior_dist.data.transforms import TransformConfig
 
 
@@ -52,6 +54,20 @@ class DataConfig:
         if not entries:
             raise ValueError("data.path is empty")
         return entries
+
+    def anchored(self, base: str | Path) -> DataConfig:
+        """This config with every local source of `path` made absolute against `base` (weights
+        and remote URLs kept), and `tokenizer` too when it names a directory there: a run
+        directory then reads the same from any working directory."""
+        entries = []
+        for source in parse_sources(self.sources()):
+            location = source.location if source.remote else str(Path(base, source.location))
+            location = location if source.remote else str(Path(location).resolve())
+            entries.append(location if source.weight == 1.0 else f"{location}:{source.weight:g}")
+        tokenizer = self.tokenizer
+        if tokenizer != "auto" and Path(base, tokenizer).is_dir():
+            tokenizer = str(Path(base, tokenizer).resolve())
+        return replace(self, path=",".join(entries), tokenizer=tokenizer)
 
     def transform(self, image_size: int, train: bool) -> TransformConfig:
         """The loader's transform: augmentation and sentence shuffling only when training."""

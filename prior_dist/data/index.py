@@ -89,6 +89,12 @@ class SplitIndex:
                 )
                 if need_offsets:
                     index = load_index(manifest_dir, shard["name"])
+                    if len(index["samples"]) != shard["num_samples"]:
+                        raise ValueError(
+                            f"{manifest_dir}: shard {shard['name']} has "
+                            f"{len(index['samples'])} samples in its index and "
+                            f"{shard['num_samples']} in manifest.json (rebuild with shardify)"
+                        )
                     for pos, entry in enumerate(index["samples"]):
                         self.sample_shard.append(shard_id)
                         self.sample_pos.append(pos)
@@ -183,6 +189,11 @@ class ShardReader:
             if len(self.handles) >= self.limit:
                 os.close(self.handles.pop(next(iter(self.handles))))
             fd = self.handles[path] = os.open(path, os.O_RDONLY)
+        if offset + size > os.fstat(fd).st_size:  # also keeps a huge `size` from being read
+            raise CorruptSample(
+                f"{path}: truncated (wanted {size} bytes at offset {offset}, the file has "
+                f"{os.fstat(fd).st_size})"
+            )
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise CorruptSample(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 
@@ -39,7 +40,13 @@ from prior_dist.data.index import (
     parse_sources,
 )
 from prior_dist.data.streaming import StreamSamples
-from prior_dist.data.transforms import CorruptSample, SampleTransform, TransformConfig, collate
+from prior_dist.data.transforms import (
+    CorruptSample,
+    SampleTransform,
+    TransformConfig,
+    collate,
+    sample_rng,
+)
 
 
 class IndexedBatches(Dataset):
@@ -124,9 +131,23 @@ def _default_rank_world() -> tuple[int, int]:
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM and SIGINT to the main process: a signal sent to the
     whole process group (`timeout`, container runtimes, schedulers) must not kill the workers
-    first, or the rank dies before the checkpoint the signal asks for."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    first, or the rank dies before the checkpoint the signal asks for. A SIGTERM from the main
+    process itself (how multiprocessing ends workers at interpreter exit) still ends the worker:
+    ignoring that one would hang the exit. Told apart by the sender's pid, which only
+    `sigwaitinfo` sees, so SIGTERM is blocked and a thread waits for it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = os.getppid()
+    threading.Thread(
+        target=_end_on_sigterm_from, args=(parent,), name="sigterm-from-parent", daemon=True
+    ).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == parent or os.getppid() != parent:
+            os._exit(0)  # a clean end: the main process asked for it
 
 
 def _choose_mode(sources: list, mode: Mode | None) -> Mode:
@@ -238,9 +259,15 @@ class PriorLoader:
                 self.skipped_examples.append(error)
 
     def _loader_kwargs(self) -> dict:
+        # Its own generator: creating the iterator draws the workers' base seed from it, not
+        # from torch's global one (which would shift the dropout stream of a resumed run).
+        generator = torch.Generator().manual_seed(
+            int(sample_rng(self.seed, self.epoch, "__dataloader__").integers(2**62))
+        )
         if self.num_workers == 0:
-            return {"num_workers": 0}
+            return {"num_workers": 0, "generator": generator}
         return {
+            "generator": generator,
             "num_workers": self.num_workers,
             "prefetch_factor": self.prefetch_factor,
             "persistent_workers": False,

@@ -150,19 +150,61 @@ def load_manifest(directory: str | Path) -> dict:
             "first, or `finalize` after an array job)"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    _check_splits(path, manifest.get("splits"))
     return manifest
 
 
+def _check_splits(path: Path, splits) -> None:
+    """`splits`: {name: {"shards": [{"name": str, "file": str, "num_samples": int >= 0}]}}."""
+    if not isinstance(splits, dict):
+        raise ValueError(f"{path}: `splits` must be an object, got {splits!r:.60}")
+    for split, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"{path}: splits.{split}.shards must be a list, got {entry!r:.60}")
+        for i, shard in enumerate(shards):
+            if not (
+                isinstance(shard, dict)
+                and isinstance(shard.get("name"), str)
+                and isinstance(shard.get("file"), str)
+                and _count(shard.get("num_samples"))
+            ):
+                raise ValueError(f"{path}: splits.{split}.shards[{i}] is malformed: {shard!r:.80}")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_index(directory: str | Path, name: str) -> dict:
+    """A shard's index: {"samples": [{"key": str, "members": {ext: [offset, size]}}]}, checked:
+    a malformed one is a ValueError naming the file and the entry."""
     path = index_path(Path(directory), name)
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_bytes())
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{path}: shard index missing") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: shard index is not valid JSON: {exc}") from exc
+    samples = index.get("samples") if isinstance(index, dict) else None
+    if not isinstance(samples, list):
+        raise ValueError(f"{path}: shard index must be an object with a `samples` list")
+    for i, entry in enumerate(samples):
+        members = entry.get("members") if isinstance(entry, dict) else None
+        if not (
+            isinstance(entry.get("key") if isinstance(entry, dict) else None, str)
+            and isinstance(members, dict)
+            and all(
+                isinstance(m, list) and len(m) == 2 and all(_count(v) for v in m)
+                for m in members.values()
+            )
+        ):
+            raise ValueError(f"{path}: samples[{i}] is malformed: {entry!r:.80}")
+    return index

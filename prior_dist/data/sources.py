@@ -162,12 +162,15 @@ def _manifest_rows(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
     the row check to skip and count."""
     if path.suffix == ".jsonl":
         rows = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
+        for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
                     rows.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text: {exc}") from exc
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: invalid JSON: {exc}") from exc
         columns = sorted({k for _, row in rows if isinstance(row, dict) for k in row})
         return rows, columns
     if path.suffix in (".csv", ".gz"):

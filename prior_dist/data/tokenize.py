@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -102,7 +103,8 @@ def resolve_tokenizer(
     spec: str | None, shard_dir: str | Path | None, cache_dir: str | Path | None = None
 ):
     """`spec` when it loads; otherwise (with one warning) a WordPiece vocabulary built from
-    shards."""
+    shards: cached in `cache_dir`, or the shards' own `wordpiece/` when training made one, or
+    else built in a temporary directory (a read-only command writes nothing there)."""
     if spec:
         try:
             return load_tokenizer(spec)
@@ -116,8 +118,13 @@ def resolve_tokenizer(
             )
     if shard_dir is None:
         raise ValueError("no tokenizer given and no shard directory to build one from")
-    cache = Path(cache_dir) if cache_dir else Path(shard_dir) / "wordpiece"
-    return build_wordpiece(shard_dir, cache)
+    if cache_dir:
+        return build_wordpiece(shard_dir, cache_dir)
+    cached = Path(shard_dir) / "wordpiece"
+    if (cached / "vocab.txt").is_file():  # training's vocabulary: loaded, not rebuilt
+        return build_wordpiece(shard_dir, cached)
+    with tempfile.TemporaryDirectory() as tmp:  # nothing is written beside the shards
+        return build_wordpiece(shard_dir, Path(tmp) / "wordpiece")
 
 
 def tokenize_sentences(

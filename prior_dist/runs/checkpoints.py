@@ -2,14 +2,18 @@
 
 Layout: `RUN_DIR/checkpoints/step00000120/` holds DeepSpeed's files, `rank00000.json` and
 `rank00000.safetensors` ... (each rank's loader position and RNG states) and, written last by
-rank 0 after every rank finished, `complete.json`. Nothing is unpickled beyond tensors and plain
-data: DeepSpeed's files pass a weights-only load before DeepSpeed reads them. A crash during a
-save leaves a directory without `complete.json`, which `--resume auto` never picks; the next
-run removes it before it starts.
+rank 0 after every rank finished, `complete.json` with every file's size and SHA-256. Nothing is
+unpickled beyond tensors and plain data: DeepSpeed's files pass a weights-only load before
+DeepSpeed reads them. A crash during a save leaves a directory without `complete.json`, which
+`--resume auto` never picks; the next run removes it before it starts. A complete checkpoint
+whose files no longer match their records (truncated, overwritten, scrambled) is set aside as
+`damaged-stepN` and `--resume auto` falls back to the previous one, saying so.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -19,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prior_dist.runs.layout import (
+    DAMAGED_PREFIX,
     MARKER,
+    TAG_PREFIX,
     checkpoint_root,
     complete_checkpoints,
     legacy_rank_file,
@@ -30,6 +37,13 @@ from prior_dist.runs.layout import (
     tag_for,
 )
 from prior_dist.runs.safe_load import check_torch_files, safe_legacy_rank_state
+
+_NEARLY_FULL_BYTES = 64 * 2**20
+FILES = "files"  # complete.json: {name: {"bytes": N, "sha256": HEX}}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); names the path."""
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path | None:
@@ -55,10 +69,110 @@ def remove_partial(run_dir: Path) -> list[str]:
     removed = []
     if root.is_dir():
         for path in sorted(root.iterdir()):
-            if path.is_dir() and not (path / MARKER).is_file():
+            if path.is_dir() and path.name.startswith(TAG_PREFIX) and not (path / MARKER).is_file():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
     return removed
+
+
+def _digest(path: Path) -> dict:
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        return {"bytes": size, "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+
+
+def file_records(directory: Path, rank: int = 0, world: int = 1) -> dict:
+    """Size and SHA-256 of this rank's share (every `world`-th name) of a checkpoint's files."""
+    names = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+    )
+    return {name: _digest(directory / name) for name in names[rank::world]}
+
+
+def damaged_files(directory: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with this rank's share of the files `complete.json` records (all of them
+    for rank 0 of 1), one line per file; [] when they match, or when the checkpoint predates
+    the records."""
+    marker = directory / MARKER
+    try:
+        records = json.loads(marker.read_text()).get(FILES)
+    except (OSError, ValueError, AttributeError) as err:
+        return [f"{marker}: unreadable ({err})"] if rank == 0 else []
+    if records is None:
+        return []
+    problems = []
+    for name in sorted(records)[rank::world]:
+        path, want = directory / name, records[name]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(
+                f"{path}: {path.stat().st_size} bytes, {want['bytes']} recorded (truncated or "
+                "overwritten)"
+            )
+        elif _digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{path}: its SHA-256 differs from the one recorded (corrupted)")
+    return problems
+
+
+def _all_ranks(value: list | dict, merge) -> list | dict:
+    """`value` from every rank, merged with `merge` (this rank's alone without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)  # between this run's own ranks: not user input
+    return merge(parts)
+
+
+def _problems(directory: Path) -> list[str]:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = damaged_files(directory, rank, world)
+    return _all_ranks(mine, lambda parts: sorted(p for part in parts for p in part))
+
+
+def choose_checkpoint(run_dir: Path, resume: str, log=print) -> Path | None:
+    """The checkpoint to resume from, its files checked against `complete.json` (every rank
+    checks a share and all agree). `auto`: the newest intact one; damaged newer ones are set
+    aside as `damaged-stepN` with a warning naming the bad files. A damaged checkpoint named
+    with `--resume PATH`, or no intact one at all, is an error naming the files."""
+    if resume != "auto":
+        path = resolve_resume(run_dir, resume)
+        problems = _problems(path) if path is not None else []
+        if problems:
+            raise ValueError(f"--resume {resume}: damaged checkpoint: " + "; ".join(problems))
+        return path
+    damaged = []
+    for path in reversed(complete_checkpoints(run_dir)):
+        problems = _problems(path)
+        if not problems:
+            for bad, why in damaged:
+                _set_aside(bad, why, path, log)
+            return path
+        damaged.append((path, problems))
+    if damaged:
+        found = "; ".join(f"{p.name}: {', '.join(why)}" for p, why in damaged)
+        raise ValueError(
+            f"{checkpoint_root(run_dir)}: every complete checkpoint is damaged ({found}); "
+            "restore the files, or start over with --resume none"
+        )
+    return None
+
+
+def _set_aside(path: Path, problems: list[str], fallback: Path, log) -> None:
+    """Rename a damaged checkpoint so no later run picks it (rank 0; every rank waits)."""
+    target = path.with_name(DAMAGED_PREFIX + path.name)
+    log(
+        f"WARNING: checkpoint {path} is damaged: {'; '.join(problems[:4])}; resuming from the "
+        f"previous complete checkpoint {fallback} instead; the damaged one is kept as {target}"
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if target.exists():
+            shutil.rmtree(target)
+        path.rename(target)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -131,9 +245,16 @@ def save_checkpoint(
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _save_rank_state(root / tag, rank, rank_state)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        _save_rank_state(root / tag, rank, rank_state)
+    except (OSError, RuntimeError) as err:  # torch.save reports ENOSPC as a RuntimeError
+        raise _write_error(root / tag, rank, err) from err
     dist.barrier()
+    records = _all_ranks(
+        file_records(root / tag, rank, world),
+        lambda parts: {k: v for p in parts for k, v in p.items()},
+    )
     if rank == 0:
         marker = {
             "step": step,
@@ -141,13 +262,33 @@ def save_checkpoint(
             "zero_stage": engine.zero_optimization_stage(),
             "stage": client_state.get("stage"),
             "epoch": client_state.get("epoch"),
+            FILES: records,
         }
-        tmp = root / tag / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker, indent=2))
-        os.replace(tmp, root / tag / MARKER)
+        try:
+            _atomic(root / tag / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=2)))
+        except OSError as err:
+            raise _write_error(root / tag, rank, err) from err
         _prune(root, keep_last)
     dist.barrier()
     return root / tag
+
+
+def _write_error(directory: Path, rank: int, err: Exception) -> CheckpointWriteError:
+    """The failed save's path, the cause and the free space left where it was writing. (torch
+    reports a full disk as "unexpected pos N vs M", so the free space is what tells.)"""
+    cause = " ".join(str(err).split())[:300] or type(err).__name__
+    full = getattr(err, "errno", None) == errno.ENOSPC
+    try:
+        usage = shutil.disk_usage(directory if directory.exists() else directory.parent)
+        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB there"
+        full = full or usage.free < min(_NEARLY_FULL_BYTES, usage.total // 100)
+    except OSError:
+        space = "free space unknown"
+    hint = " (the file system is full: free space or point --run-dir elsewhere)" if full else ""
+    return CheckpointWriteError(
+        f"rank {rank}: saving checkpoint {directory} failed: {cause}; {space}{hint}. It has no "
+        f"{MARKER}, so no resume will pick it; the previous complete checkpoint is intact"
+    )
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -180,10 +321,22 @@ def load_checkpoint(engine, path: Path) -> tuple[dict, dict | None]:
             f"this run uses stage {stage}: use the same DeepSpeed config"
         )
     check_torch_files(path)  # DeepSpeed's own loader unpickles everything: look first
-    load_path, client = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    try:
+        load_path, client = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+    except (RuntimeError, OSError, EOFError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}: {reason}") from err
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank_state = _load_rank_state(path, dist.get_rank()) if marker["world_size"] == world else None
+    try:
+        rank_state = (
+            _load_rank_state(path, dist.get_rank()) if marker["world_size"] == world else None
+        )
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise ValueError(f"{path}: rank {dist.get_rank()}'s state is unreadable: {err}") from err
     return client or {}, rank_state

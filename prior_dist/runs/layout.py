@@ -6,7 +6,11 @@ RUN_DIR/
   eval.json                 end-of-run zero-shot result
   PREEMPTED                 present (holding the step) after a signal stopped the run
   pids/rank{R}.pid
-  checkpoints/step{N:08d}/  DeepSpeed's files, rank{R:05d}.pt, complete.json (written last)
+  tokenizer/                the tokenizer the run trained with (written by rank 0 at start)
+  checkpoints/step{N:08d}/  DeepSpeed's files, rank{R:05d}.json + .safetensors, complete.json
+                            (written last: step, world size, every file's size and SHA-256)
+  checkpoints/damaged-step{N:08d}/  a complete checkpoint whose files failed that check, set
+                            aside by `--resume auto` when it fell back to an earlier one
 EXPORT_DIR/
   image_encoder.safetensors, heads.safetensors, text_encoder/, model_card.json, README.md
 """
@@ -20,6 +24,7 @@ METRICS = "metrics.jsonl"
 EVAL_RESULT = "eval.json"
 PREEMPTED = "PREEMPTED"
 PIDS = "pids"
+RUN_TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"
 MARKER = "complete.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -34,8 +39,12 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
 
 
+TAG_PREFIX = "step"
+DAMAGED_PREFIX = "damaged-"
+
+
 def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+    return f"{TAG_PREFIX}{step:08d}"
 
 
 def rank_files(checkpoint: Path, rank: int) -> tuple[Path, Path]:
@@ -55,4 +64,8 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / MARKER).is_file()
+    )

@@ -4,17 +4,21 @@ export directory (`python -m prior_dist.export`)."""
 from __future__ import annotations
 
 import json
+import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from prior_dist.data.config import DataConfig
-from prior_dist.data.provision import first_local_source, load_training_tokenizer
+from prior_dist.data.provision import first_local_source
+from prior_dist.data.tokenize import build_wordpiece, load_tokenizer
 from prior_dist.models import build_model
 from prior_dist.models.config import ModelConfig
 from prior_dist.models.prior import PriorModel
 from prior_dist.models.state_dict import join_from_export, load_hf_weights
+from prior_dist.runs.checkpoints import damaged_files
 from prior_dist.runs.layout import (
     CARD_FILE,
     EVAL_RESULT,
@@ -23,6 +27,7 @@ from prior_dist.runs.layout import (
     MARKER,
     MODEL_STATES,
     RESOLVED_CONFIG,
+    RUN_TOKENIZER,
     TEXT_DIR,
     complete_checkpoints,
 )
@@ -69,12 +74,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
             f"{run_dir}: no {RESOLVED_CONFIG} (not a pretraining run directory)"
         )
     resolved = json.loads(resolved_path.read_text())
-    if checkpoint is None:
-        found = complete_checkpoints(run_dir)
-        if not found:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
-        checkpoint = found[-1]
-    checkpoint = Path(checkpoint)
+    checkpoint = _intact_checkpoint(run_dir, checkpoint)
     cfg = ModelConfig.from_dict(resolved["model"])
     cfg = cfg.replace(
         text=replace(cfg.text, pretrained=None), image=replace(cfg.image, pretrained=None)
@@ -82,10 +82,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     model = build_model(cfg)
     model.load_state_dict(_checkpoint_state(checkpoint), strict=True)
     model.eval()
-    data_raw = dict(resolved["recipe"]["data"])
-    data = DataConfig(**data_raw)
+    data = _locate_data(DataConfig(**resolved["recipe"]["data"]), run_dir)
     shards = first_local_source(data)
-    tokenizer = load_training_tokenizer(data, shards)
+    tokenizer = _run_tokenizer(run_dir, data, shards)
     marker = json.loads((checkpoint / MARKER).read_text())
     info = {
         "run_dir": str(run_dir),
@@ -99,6 +98,57 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     if eval_file.is_file():
         info["eval"] = json.loads(eval_file.read_text())
     return LoadedModel(model, tokenizer, str(checkpoint), info)
+
+
+def _intact_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    """The named checkpoint, refused when its files fail their records in complete.json; or the
+    newest intact complete one, with a warning naming each damaged newer one."""
+    if checkpoint is not None:
+        problems = damaged_files(Path(checkpoint))
+        if problems:
+            raise ValueError(f"checkpoint {checkpoint} is damaged: " + "; ".join(problems))
+        return Path(checkpoint)
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
+    for path in reversed(found):
+        problems = damaged_files(path)
+        if not problems:
+            return path
+        warnings.warn(
+            f"checkpoint {path} is damaged ({'; '.join(problems)}); skipped", stacklevel=3
+        )
+    raise ValueError(f"{run_dir}: every complete checkpoint is damaged")
+
+
+def _locate_data(data: DataConfig, run_dir: Path) -> DataConfig:
+    """The run's data paths, absolute. Runs store them absolute; older runs stored them
+    relative to wherever training ran, so look from here, the run directory and its parents
+    (the first place that holds the first source's manifest wins)."""
+    for base in (Path.cwd(), run_dir, *run_dir.resolve().parents):
+        anchored = data.anchored(base)
+        if (first_local_source(anchored) / "manifest.json").is_file():
+            return anchored
+    return data.anchored(Path.cwd())
+
+
+def _run_tokenizer(run_dir: Path, data: DataConfig, shards: Path):
+    """The tokenizer the run saved; for older runs the shards' WordPiece vocabulary or the
+    configured tokenizer. Nothing is written: a missing vocabulary is rebuilt in a temporary
+    directory (the same words, from the same shards)."""
+    if (run_dir / RUN_TOKENIZER).is_dir():
+        return load_tokenizer(str(run_dir / RUN_TOKENIZER))
+    if data.tokenizer != "auto":
+        return load_tokenizer(data.tokenizer)
+    if (shards / "wordpiece" / "vocab.txt").is_file():
+        return load_tokenizer(str(shards / "wordpiece"))
+    if not (shards / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no saved tokenizer, and the run's shards {shards} (data.path in "
+            f"{RESOLVED_CONFIG}) are not there to rebuild it from; pass the data location"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_wordpiece(shards, Path(tmp) / "wordpiece", vocab_size=data.vocab_size)
 
 
 def load_export(export_dir: str | Path) -> LoadedModel:

@@ -55,4 +55,12 @@ def check_torch_files(directory: Path) -> None:
     """Every `*.pt` in a checkpoint directory passes a weights-only load before DeepSpeed (whose
     own loader unpickles everything) reads it. Memory-mapped: tensors are not read."""
     for path in sorted(Path(directory).glob("*.pt")):
-        safe_torch_load(path, deepspeed_types=True, mmap=True)
+        try:
+            safe_torch_load(path, deepspeed_types=True, mmap=True)
+        except UnsafeFileError:
+            raise
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise ValueError(
+                f"{path}: unreadable torch file (truncated or corrupted?): {reason}"
+            ) from err

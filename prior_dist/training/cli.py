@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 from prior_dist.distributed.env import adopt_slurm_environment
+from prior_dist.runs.checkpoints import CheckpointWriteError
 from prior_dist.training.ds_config import check_against_recipe, read_deepspeed_config
 from prior_dist.training.recipe import REPO, load_recipe
 from prior_dist.training.trainer import NonFiniteLossError, Trainer
 
-EXIT_CONFIG, EXIT_COLLECTIVE, EXIT_NONFINITE = 2, 3, 4
+EXIT_CONFIG, EXIT_COLLECTIVE, EXIT_NONFINITE, EXIT_SAVE = 2, 3, 4, 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"pretrain: rank {rank}: {err}", file=sys.stderr, flush=True)
         code = EXIT_NONFINITE
+    except CheckpointWriteError as err:
+        print(f"pretrain: {err}", file=sys.stderr, flush=True)
+        code = EXIT_SAVE
     except RuntimeError as err:
         # gloo/NCCL errors when a peer dies (connection reset, collective timeout).
         print(

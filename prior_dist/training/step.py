@@ -8,6 +8,7 @@ non-finite micro-batches in a row abort the run.
 from __future__ import annotations
 
 import collections
+import hashlib
 import math
 import os
 import time
@@ -58,6 +59,15 @@ def peak_flops(device: torch.device) -> float:
     )
 
 
+def micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """The seed of torch's global generator for a forward pass (micro-batch `micro` of optimizer
+    step `step` on `rank`): dropout, its one use in training, then depends on these alone, so a
+    resumed run draws exactly what the uninterrupted one did, whatever else drew from the
+    generator in between (a DataLoader iterator drawing its base seed, an evaluation)."""
+    text = f"{seed}|dropout|{rank}|{step}|{micro}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 @dataclass
 class StepOutcome:
     totals: dict[str, float]  # each loss averaged over this rank's micro-batches
@@ -90,10 +100,17 @@ class StepRunner:
         self.flops_per_micro: float | None = None
         self.start_bank = False  # set at the start of stage 2 (heads.prototype_init)
         self.step = 0  # the optimizer step being run, 1-based
+        self.micro = 0  # forward passes so far in this step
 
     def _forever(self) -> Iterator[dict]:
         while True:
             yield from self.loader
+
+    def close(self) -> None:
+        """Stop the loader's workers now. They ignore SIGTERM (the rank owns shutdown), so one
+        left waiting at interpreter exit would hang the exit: closing the generator drops the
+        DataLoader iterator, which tells its workers to finish and joins them."""
+        self.batches.close()
 
     def forward(self, data: dict, plan: StagePlan, noise: dict | None) -> dict:
         """The task's losses for one micro-batch (FLOPs counted once on CUDA, for MFU)."""
@@ -106,7 +123,7 @@ class StepRunner:
 
     def run(self, step: int, plan: StagePlan, lr: float, stage: int) -> StepOutcome:
         """Optimizer step `step`: micro-batches until `gradient_accumulation_steps` good ones."""
-        self.step = step
+        self.step, self.micro = step, 0
         gas = self.ds.gradient_accumulation_steps
         totals: dict[str, float] = collections.defaultdict(float)
         keys: list[str] = []
@@ -146,6 +163,9 @@ class StepRunner:
             if self.tie_noise
             else None
         )
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.manual_seed(micro_batch_seed(self.seed, rank, self.step, self.micro))
+        self.micro += 1
         out = self.forward(data, plan, noise)
         loss = out["total"]
         finite = agree(

@@ -1,15 +1,18 @@
 """The pretraining run: set-up, the three-stage curriculum loop, evaluation and checkpoints.
 
-One optimizer step is `training.step.StepRunner.run`. SIGTERM/SIGUSR1 make every rank
-checkpoint at the next step boundary and exit cleanly; a run resumes from its newest complete
-checkpoint (`--resume auto`), on the same or, for ZeRO-0, another number of ranks.
+One optimizer step is `training.step.StepRunner.run`. SIGTERM/SIGUSR1 on any rank, or the
+`deepspeed` launcher above the ranks exiting, make every rank checkpoint at the next step
+boundary and exit cleanly; a run resumes from its newest intact complete checkpoint (`--resume
+auto`), on the same or, for ZeRO-0, another number of ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,11 +27,12 @@ from prior_dist.data.provision import (
     training_loader,
 )
 from prior_dist.distributed.env import device_for_local_rank, init_process_group
+from prior_dist.distributed.launcher import watch_runner
 from prior_dist.evaluation.retrieval import retrieval
 from prior_dist.evaluation.zero_shot import zero_shot
 from prior_dist.runs import LoadedModel
 from prior_dist.runs import checkpoints as ckpt
-from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG
+from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG, RUN_TOKENIZER
 from prior_dist.task import LOSS_NAMES, stage_plan
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
 from prior_dist.training.metrics import MetricsLogger, memory_mb
@@ -58,7 +62,9 @@ class Trainer:
         audit_samples: bool = False,
         raw_recipe: dict | None = None,
     ):
-        self.recipe, self.ds = recipe, ds
+        # Local data paths become absolute: the run directory reads the same from anywhere.
+        self.recipe = dataclasses.replace(recipe, data=recipe.data.anchored(Path.cwd()))
+        self.ds = ds
         self.run_dir = Path(run_dir)
         self.resume, self.max_steps, self.audit_samples = resume, max_steps, audit_samples
         self.raw_recipe = raw_recipe or recipe.to_dict()
@@ -73,11 +79,20 @@ class Trainer:
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signal.Signals(signum).name
 
+    def _on_launcher_gone(self, reason: str) -> None:
+        print(
+            f"[prior_dist] rank {self.rank}: {reason}; checkpointing at the next step and stopping",
+            flush=True,
+        )
+        self.stop_signal = "launcher exit"
+
     def setup(self) -> None:
         self._start_process()
         torch.manual_seed(self.recipe.train.seed)
         shards = ensure_phantom_shards(self.recipe.data, self.recipe.train.seed, self.log)
         self.tokenizer = load_training_tokenizer(self.recipe.data, shards)
+        if self.rank == 0:
+            self._keep_tokenizer()
         self._build()
         self.step, self.stage, self.resumed_from = 0, None, None
         self._resume()
@@ -113,6 +128,18 @@ class Trainer:
         (self.run_dir / PIDS / f"rank{self.rank}.pid").write_text(str(os.getpid()))
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        watch_runner(self._on_launcher_gone)
+
+    def _keep_tokenizer(self) -> None:
+        """A copy of the tokenizer in the run directory: evaluation and export need no shards
+        for it (written once, complete or absent)."""
+        target = self.run_dir / RUN_TOKENIZER
+        if target.is_dir():
+            return
+        tmp = self.run_dir / f".{RUN_TOKENIZER}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, target)
 
     def _build(self) -> None:
         """The model config for the tokenizer, the engine, the loader and the stage plan."""
@@ -151,7 +178,7 @@ class Trainer:
             for name in ckpt.remove_partial(self.run_dir):
                 self.log(f"removed {name}: an incomplete checkpoint (a save that did not finish)")
         dist.barrier()
-        path = ckpt.resolve_resume(self.run_dir, self.resume)
+        path = ckpt.choose_checkpoint(self.run_dir, self.resume, self.log)
         if path is None:
             return
         start = time.perf_counter()
@@ -196,6 +223,7 @@ class Trainer:
         try:
             return self._train()
         finally:
+            self.runner.close()
             self.metrics.close()
 
     def _enter_stage(self, span: StageSpan) -> None:
