@@ -129,7 +129,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("task", choices=sorted(TASKS | {"splits"}))
-    parser.add_argument("--checkpoint", help="run, checkpoint or export directory")
+    parser.add_argument(
+        "--checkpoint",
+        help="run, checkpoint or export directory, or the authors' released checkpoint file",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="with the authors' checkpoint: a local directory of its tokenizer",
+    )
     parser.add_argument(
         "--data", default=None, help="shard directory (default: the run's) or KIND:PATH"
     )
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint:
         parser.error("--checkpoint is required")
     try:
-        loaded = load_model(args.checkpoint)
+        loaded = load_model(args.checkpoint, args.tokenizer)
         data = args.data or loaded.data_path
         if not data:
             raise ValueError("--data is needed: the checkpoint does not say where its data is")

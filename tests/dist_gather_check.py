@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from prior_dist.distributed import AllGather
-from prior_dist.losses import global_contrastive_loss
+from prior_dist.losses import LocalGather, global_contrastive_loss, prototype_l1_loss
+from prior_dist.task.task import rows_per_rank
 
 
 def main(out: str) -> None:
@@ -44,10 +45,44 @@ def main(out: str) -> None:
         "loss_error": float((mean_loss - full).abs()),
         "grad_error": max(errors),
         "local_loss": float(local),
+        **_pooled_sentence_mean(rank, world),
     }
     with open(f"{out}.{rank}.json", "w") as fh:
         json.dump(result, fh)
     dist.destroy_process_group()
+
+
+def _pooled_sentence_mean(rank: int, world: int) -> dict:
+    """L_proto with `sentence_loss_mean: pooled` on ragged reports (rank 0 holds 1 and 5
+    sentences, rank 1 holds 4 and 2): averaged over ranks, value and gradients equal the one
+    mean over all 12 sentences of the whole batch."""
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(4, 3).double()
+    x = torch.randn(world * 2, 6, 4, dtype=torch.float64)
+    q = torch.randn(world * 2, 6, 3, dtype=torch.float64)
+    lengths = torch.tensor([1, 5, 4, 2][: world * 2])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+
+    full = prototype_l1_loss(proj(x), q, mask, rows_per_rank(mask, LocalGather()))
+    by_sentence = (proj(x) - q).abs().mean(-1)[mask].mean()  # the slow, obvious formula
+    full_grads = torch.autograd.grad(full, list(proj.parameters()))
+    rows = slice(rank * 2, rank * 2 + 2)
+    local = prototype_l1_loss(
+        proj(x[rows]), q[rows], mask[rows], rows_per_rank(mask[rows], AllGather())
+    )
+    grads = torch.autograd.grad(local, list(proj.parameters()))
+    mean_loss = local.detach().clone()
+    dist.all_reduce(mean_loss)
+    errors = []
+    for g, ref in zip(grads, full_grads):
+        g = g.clone()
+        dist.all_reduce(g)
+        errors.append(float((g / world - ref).abs().max()))
+    return {
+        "pooled_loss_error": float((mean_loss / world - full).abs()),
+        "pooled_slow_error": float((full - by_sentence).abs()),
+        "pooled_grad_error": max(errors),
+    }
 
 
 if __name__ == "__main__":

@@ -30,5 +30,7 @@ def test_two_rank_all_gather_global_loss_equals_full_batch(tmp_path):
     results = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert r["loss_error"] < 1e-12 and r["grad_error"] < 1e-12, r
+        assert r["pooled_loss_error"] < 1e-12 and r["pooled_grad_error"] < 1e-12, r
+        assert r["pooled_slow_error"] < 1e-12, r
     # The two ranks score different rows, so their local losses differ.
     assert results[0]["local_loss"] != results[1]["local_loss"]

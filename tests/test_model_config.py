@@ -223,3 +223,46 @@ def test_model_files_do_not_import_torch_distributed(tmp_path):
     ):
         planted.write_text(line + "\n")
         assert distributed_imports(planted), line
+
+
+def test_reference_preset_sets_the_head_switches_and_a_recipe_can_override_them():
+    from prior_dist.training.recipe import load_recipe
+
+    default, reference = model_config("paper"), model_config("paper", "reference")
+    assert (default.heads.sentence_loss_mean, reference.heads.sentence_loss_mean) == (
+        "per_report",
+        "pooled",
+    )
+    assert default.heads.detach_generation_targets and not reference.heads.detach_generation_targets
+    assert default.heads.image_decoder_conv_bias and not reference.heads.image_decoder_conv_bias
+    recipe, _ = load_recipe(
+        "tiny", ["model.compat_preset=reference", "model.heads.detach_generation_targets=true"]
+    )
+    assert recipe.model.heads.detach_generation_targets  # the user's word wins
+    assert recipe.model.heads.sentence_loss_mean == "pooled"
+    assert recipe.model.compat.token_layout == "reference_view"
+
+
+def test_reference_layout_has_the_authors_exact_parameter_count():
+    """279,429,427: the authors' model, whose image decoder convs before BatchNorm carry no
+    bias (our default keeps them: 2 x (768 + 384 + 192 + 96 + 48) = 2,976 more)."""
+    with torch.device("meta"):
+        reference = build_model(model_config("paper", "reference"))
+        biased = build_model(
+            model_config("paper", "reference").replace(
+                heads=HeadsConfig(
+                    **{
+                        **model_config("paper", "reference").heads.__dict__,
+                        "image_decoder_conv_bias": True,
+                    }
+                )
+            )
+        )
+    assert sum(p.numel() for p in reference.parameters()) == 279_429_427
+    assert sum(p.numel() for p in biased.parameters()) == 279_429_427 + 2_976
+
+    def conv_biases(model):
+        pattern = r"image_decoder\.blocks\.\d\.[14]\.bias"  # the convs BatchNorm follows
+        return [n for n, _ in model.named_parameters() if re.fullmatch(pattern, n)]
+
+    assert conv_biases(reference) == [] and len(conv_biases(biased)) == 10

@@ -19,14 +19,13 @@ from prior_dist.testing import per_sample
 from tests.model_batch import ragged_batch
 
 
-def _tiny(seed=0, **compat):
+def _tiny(seed=0, heads=None, **compat):
     torch.manual_seed(seed)
     cfg = model_config("tiny")
     if compat:
         cfg = cfg.replace(compat=cfg.compat.__class__(**compat))
-    return build_model(
-        cfg.replace(heads=cfg.heads.__class__(**{**cfg.heads.__dict__, "feature_dropout": 0.0}))
-    )
+    changes = {**cfg.heads.__dict__, "feature_dropout": 0.0, **(heads or {})}
+    return build_model(cfg.replace(heads=cfg.heads.__class__(**changes)))
 
 
 def test_sentence_means_and_report_pool_equal_per_sample():
@@ -65,9 +64,14 @@ def test_report_pool_ignores_padding_values():
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-@pytest.mark.parametrize("matching", ["correct", "reference"])
-def test_task_equals_per_sample_heads(stage, matching):
-    model = _tiny(matching=matching)
+@pytest.mark.parametrize(
+    "matching, mean",
+    [("correct", "per_report"), ("reference", "per_report"), ("correct", "pooled")],
+)
+def test_task_equals_per_sample_heads(stage, matching, mean):
+    """Ragged reports (3, 1, 12, 2 sentences): L_proto and L_kl per report or pooled over the
+    batch's sentences, against one-sample-at-a-time formulas."""
+    model = _tiny(matching=matching, heads={"sentence_loss_mean": mean})
     batch = ragged_batch(model.cfg, sentence_counts=(3, 1, 12, 2))
     plan = stage_plan(stage, sentence_cap=4)
     task = PriorTask(model)
@@ -96,10 +100,27 @@ def test_task_equals_per_sample_heads(stage, matching):
         sentence_cap=plan.max_sentences,
         noise_sentences=noise["sentences"],
         noise_generated=noise["generated"],
+        pooled=mean == "pooled",
     )
     assert set(ours) - {"total", "rec_image"} == set(theirs) - ({"proto"} if stage == 1 else set())
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    if mean == "pooled" and stage > 1:
+        # The two means differ on ragged reports: the switch is not a no-op.
+        other = per_sample.heads_losses(
+            model,
+            img.patch_tokens,
+            img.global_embedding,
+            txt.token_embeddings,
+            batch["sentence_index"],
+            generated=generated,
+            use_prototypes=plan.use_prototypes,
+            sentence_cap=plan.max_sentences,
+            noise_sentences=noise["sentences"],
+            noise_generated=noise["generated"],
+        )
+        gap = float((other["proto"] - ours["proto"]).detach().abs())
+        assert gap > 1e-4 * float(ours["proto"].detach())
 
 
 def test_one_sentence_report_gives_zero_intra_report_loss():

@@ -168,6 +168,13 @@ class HeadsConfig:
     # Stop-gradient on the targets of L_spg (SPB prototypes) and L_kl (sentence embeddings):
     # the spec does not say; without it the demo collapsed in stage 3 (docs/model.md).
     detach_generation_targets: bool = True
+    # How L_proto and L_kl average over sentences: `per_report` (each report's mean, then the
+    # mean over reports: a 3-sentence report weighs as much as an 18-sentence one) or `pooled`
+    # (one mean over every sentence of the global batch, as the reference code does).
+    sentence_loss_mean: Literal["per_report", "pooled"] = "per_report"
+    # Biases on the image decoder's convolutions that BatchNorm follows: they do nothing there
+    # (BN subtracts the mean); the reference has none, so its checkpoints load strictly without.
+    image_decoder_conv_bias: bool = True
 
     def __post_init__(self) -> None:
         owner = "heads"
@@ -186,6 +193,7 @@ class HeadsConfig:
         )
         _probability(owner, "decoder_dropout", self.decoder_dropout)
         _choice(owner, "prototype_init", self.prototype_init, ("normal", "sentences"))
+        _choice(owner, "sentence_loss_mean", self.sentence_loss_mean, ("per_report", "pooled"))
         _probability(owner, "feature_dropout", self.feature_dropout)
         object.__setattr__(self, "image_decoder_widths", tuple(self.image_decoder_widths))
         if len(self.image_decoder_widths) != 5 or min(self.image_decoder_widths) < 1:
@@ -379,4 +387,17 @@ def model_config(name: str, compat: str | CompatConfig = "default") -> ModelConf
         return config.replace(compat=compat)
     if compat not in ("default", "reference"):
         raise ValueError(f"compat must be 'default' or 'reference', got {compat!r}")
-    return config.replace(compat=REFERENCE_COMPAT) if compat == "reference" else config
+    if compat == "default":
+        return config
+    return config.replace(compat=REFERENCE_COMPAT, heads=reference_heads(config.heads))
+
+
+def reference_heads(heads: HeadsConfig) -> HeadsConfig:
+    """The head switches the reference preset changes besides `compat`: the pooled sentence
+    mean, gradients into the generation targets, no conv biases before BatchNorm."""
+    return dataclasses.replace(
+        heads,
+        sentence_loss_mean="pooled",
+        detach_generation_targets=False,
+        image_decoder_conv_bias=False,
+    )

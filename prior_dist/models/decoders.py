@@ -13,19 +13,20 @@ from prior_dist.models.norms import layer_norm
 
 class ImageDecoder(nn.Module):
     """`[B, 2D, h, w]` -> `[B, 1, 32h, 32w]`: five (2x nearest upsample, 2 x conv3x3-BN-ReLU)
-    blocks without skip connections, then a 3x3 conv to one channel."""
+    blocks without skip connections, then a 3x3 conv to one channel. `conv_bias=False` drops
+    the biases of the convs BatchNorm follows (they do nothing there; the reference has none)."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...]):
+    def __init__(self, in_channels: int, widths: tuple[int, ...], conv_bias: bool = True):
         super().__init__()
         blocks, previous = [], in_channels
         for width in widths:
             blocks.append(
                 nn.Sequential(
                     nn.Upsample(scale_factor=2, mode="nearest"),
-                    nn.Conv2d(previous, width, 3, padding=1),
+                    nn.Conv2d(previous, width, 3, padding=1, bias=conv_bias),
                     nn.BatchNorm2d(width),
                     nn.ReLU(inplace=True),
-                    nn.Conv2d(width, width, 3, padding=1),
+                    nn.Conv2d(width, width, 3, padding=1, bias=conv_bias),
                     nn.BatchNorm2d(width),
                     nn.ReLU(inplace=True),
                 )

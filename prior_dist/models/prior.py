@@ -36,7 +36,9 @@ class PriorModel(nn.Module):
             heads.num_prototypes, dim, heads.gumbel_tau, eval_gumbel=compat.eval_gumbel
         )
         self.feature_dropout = nn.Dropout2d(heads.feature_dropout)
-        self.image_decoder = ImageDecoder(2 * dim, heads.image_decoder_widths)
+        self.image_decoder = ImageDecoder(
+            2 * dim, heads.image_decoder_widths, heads.image_decoder_conv_bias
+        )
         self.sentence_decoder = SentencePrototypeDecoder(
             dim,
             heads.num_queries,

@@ -228,7 +228,14 @@ def resnet_from_torchvision(state: State) -> State:
     allowed) for our 1-channel backbone: `fc` dropped, an RGB conv1 summed over colour."""
     if "state_dict" in state:
         state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # The authors' released image encoder (`prior_resnet50.pt`): their ResNet wrapper keeps
+    # torchvision's module as `encoder` beside its attention pool (not part of a backbone).
+    for prefix in ("image_encoder.encoder.", "encoder."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            break
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     conv1 = state.get("conv1.weight")
     if conv1 is not None and conv1.shape[1] == 3:
         state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
@@ -268,3 +275,173 @@ def join_from_export(image: State, hf_bert: State, heads: State, cfg: ModelConfi
         bert = {k: v for k, v in bert.items() if not k.startswith("pooler.")}
     state.update({f"{_BERT_PREFIX}{k}": v for k, v in bert.items()})
     return state
+
+
+# --- PriorModel (reference layout) <-> the authors' released `Prior` module ---------------------
+
+# Their module prefix -> ours, for the parts whose inner names agree (checked against their
+# code: torchvision ResNet `encoder`, CLIP-style attention pools, plain Linear layers).
+_REFERENCE_PREFIXES = {
+    "image_encoder.encoder.": "image.backbone.",
+    "image_encoder.atten_pool.": "image.attention_pool.",
+    "global_image_projection.": "image.global_proj.",
+    "local_image_projection.": "image.local_proj.",
+    "local_text_projection.": "text.token_proj.",
+    "global_text_projection.": "text.global_proj.",
+    "global_text_attention.": "report_pool.",
+    "predictor.": "predictor.net.",
+}
+# Their LocalCrossAttention: the `1` projections act on image patches, the `2` on sentences.
+_REFERENCE_LOCAL = {
+    "query1": "image_query",
+    "key1": "image_key",
+    "value1": "image_value",
+    "query2": "text_query",
+    "key2": "text_key",
+    "value2": "text_value",
+}
+# Their image decoder block: Conv2dReLU = Sequential(conv, BatchNorm, ReLU), twice.
+_REFERENCE_DECODER_BLOCK = {"conv1.0": "1", "conv1.1": "2", "conv2.0": "4", "conv2.1": "5"}
+# Their sentence decoder (a Hugging Face BertModel with cross-attention) -> ours.
+_DECODER_LAYER = {
+    "attention.output.dense": "self_out",
+    "attention.output.LayerNorm": "self_norm",
+    "crossattention.self.query": "cross_q",
+    "crossattention.output.dense": "cross_out",
+    "crossattention.output.LayerNorm": "cross_norm",
+    "intermediate.dense": "ffn_in",
+    "output.dense": "ffn_out",
+    "output.LayerNorm": "ffn_norm",
+}
+_DECODER_TOP = {
+    "embeddings.word_embeddings": "word_embeddings",
+    "embeddings.position_embeddings": "position_embeddings",
+    "embeddings.token_type_embeddings": "token_type_embeddings",
+    "embeddings.LayerNorm": "embed_norm",
+}
+_REFERENCE_SCALARS = {
+    "logit_scale": "logit_scales.global_log_scale",
+    "local_logit_scale": "logit_scales.local_log_scale",
+    "sentence_bank.embed.weight": "prototype_bank.prototypes",
+}
+_REFERENCE_IGNORED = ("text_encoder.encoder.embeddings.position_ids",)
+
+
+def prior_from_reference(theirs: State) -> State:
+    """The authors' `Prior` state dict (their Lightning checkpoint's `state_dict`) in our
+    reference-layout names; fused q/k/v where ours are fused. Keys we do not know are
+    returned by name in a ValueError, never dropped."""
+    out, fused, unknown = {}, {}, []
+    bert = {}
+    for key, value in theirs.items():
+        if key in _REFERENCE_IGNORED or key.endswith(".position_ids"):
+            continue
+        if key in _REFERENCE_SCALARS:
+            out[_REFERENCE_SCALARS[key]] = value.reshape(-1) if value.dim() == 0 else value
+        elif key == "prototype_queries":
+            out["sentence_decoder.queries"] = value.reshape(value.shape[-2], value.shape[-1])
+        elif key.startswith("text_encoder.encoder."):
+            bert[key.removeprefix("text_encoder.encoder.")] = value
+        elif key.startswith("sentence_decoder."):
+            if not _decoder_key(key.removeprefix("sentence_decoder."), value, out, fused):
+                unknown.append(key)
+        elif not _plain_key(key, value, out):
+            unknown.append(key)
+    if unknown:
+        more = " ..." if len(unknown) > 5 else ""
+        raise ValueError(f"authors' checkpoint: unexpected key(s) {unknown[:5]}{more}")
+    out.update({f"text.bert.{k}": v for k, v in bert_from_hf(bert).items()})
+    for (index, name, leaf), parts in fused.items():
+        order = ("query", "key", "value") if name == "self_qkv" else ("key", "value")
+        if set(parts) != set(order):
+            raise ValueError(f"authors' checkpoint: decoder layer {index} lacks part of {name}")
+        out[f"sentence_decoder.layers.{index}.{name}.{leaf}"] = torch.cat([parts[p] for p in order])
+    return out
+
+
+def _plain_key(key: str, value: torch.Tensor, out: State) -> bool:
+    """Prefix-renamed parts, the local cross-attention and the image decoder."""
+    for theirs, ours in _REFERENCE_PREFIXES.items():
+        if key.startswith(theirs):
+            out[ours + key.removeprefix(theirs)] = value
+            return True
+    parts = key.split(".")
+    if parts[0] == "local_cross_attention" and len(parts) == 3 and parts[1] in _REFERENCE_LOCAL:
+        out[f"local_alignment.{_REFERENCE_LOCAL[parts[1]]}.{parts[2]}"] = value
+        return True
+    if key.startswith("image_decoder.output_head.0."):
+        out["image_decoder.head." + parts[-1]] = value
+        return True
+    if parts[:2] == ["image_decoder", "blocks"] and len(parts) == 6:
+        inner = ".".join(parts[3:5])
+        if inner in _REFERENCE_DECODER_BLOCK:
+            out[f"image_decoder.blocks.{parts[2]}.{_REFERENCE_DECODER_BLOCK[inner]}.{parts[5]}"] = (
+                value
+            )
+            return True
+    return False
+
+
+def _decoder_key(key: str, value: torch.Tensor, out: State, fused: dict) -> bool:
+    stem, _, leaf = key.rpartition(".")
+    if stem in _DECODER_TOP:
+        out[f"sentence_decoder.{_DECODER_TOP[stem]}.{leaf}"] = value
+        return True
+    parts = stem.split(".")
+    if len(parts) < 4 or parts[:2] != ["encoder", "layer"]:
+        return False
+    index, inner = parts[2], ".".join(parts[3:])
+    if inner in _DECODER_LAYER:
+        out[f"sentence_decoder.layers.{index}.{_DECODER_LAYER[inner]}.{leaf}"] = value
+        return True
+    for block, name in (("attention.self.", "self_qkv"), ("crossattention.self.", "cross_kv")):
+        part = inner.removeprefix(block)
+        if inner.startswith(block) and part in ("query", "key", "value"):
+            fused.setdefault((index, name, leaf), {})[part] = value
+            return True
+    return False
+
+
+def prior_to_reference(ours: State) -> State:
+    """Our reference-layout `PriorModel` state dict in the authors' `Prior` names (the inverse
+    of `prior_from_reference`)."""
+    reverse_prefix = {o: t for t, o in _REFERENCE_PREFIXES.items()}
+    reverse_scalar = {o: t for t, o in _REFERENCE_SCALARS.items()}
+    reverse_local = {o: t for t, o in _REFERENCE_LOCAL.items()}
+    reverse_block = {o: t for t, o in _REFERENCE_DECODER_BLOCK.items()}
+    reverse_top = {o: t for t, o in _DECODER_TOP.items()}
+    reverse_layer = {o: t for t, o in _DECODER_LAYER.items()}
+    out, bert = {}, {}
+    for key, value in ours.items():
+        parts = key.split(".")
+        if key in reverse_scalar:
+            out[reverse_scalar[key]] = value.reshape(()) if "log_scale" in key else value
+        elif key == "sentence_decoder.queries":
+            out["prototype_queries"] = value.unsqueeze(0)
+        elif key.startswith("text.bert."):
+            bert[key.removeprefix("text.bert.")] = value
+        elif parts[0] == "local_alignment":
+            out[f"local_cross_attention.{reverse_local[parts[1]]}.{parts[2]}"] = value
+        elif key.startswith("image_decoder.head."):
+            out["image_decoder.output_head.0." + parts[-1]] = value
+        elif key.startswith("image_decoder.blocks."):
+            out[f"image_decoder.blocks.{parts[2]}.{reverse_block[parts[3]]}.{parts[4]}"] = value
+        elif key.startswith("sentence_decoder."):
+            stem, leaf = ".".join(parts[1:-1]), parts[-1]
+            if stem in reverse_top:
+                out[f"sentence_decoder.{reverse_top[stem]}.{leaf}"] = value
+                continue
+            index, name = parts[2], parts[3]
+            where = f"sentence_decoder.encoder.layer.{index}"
+            if name in ("self_qkv", "cross_kv"):
+                block = "attention.self" if name == "self_qkv" else "crossattention.self"
+                names = ("query", "key", "value") if name == "self_qkv" else ("key", "value")
+                for part, chunk in zip(names, value.chunk(len(names))):
+                    out[f"{where}.{block}.{part}.{leaf}"] = chunk.contiguous()
+            else:
+                out[f"{where}.{reverse_layer[name]}.{leaf}"] = value
+        else:
+            prefix = next(p for p in reverse_prefix if key.startswith(p))
+            out[reverse_prefix[prefix] + key.removeprefix(prefix)] = value
+    out.update({f"text_encoder.encoder.{k}": v for k, v in bert_to_hf(bert).items()})
+    return out

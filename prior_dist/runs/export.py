@@ -56,7 +56,7 @@ def export_model(loaded, out_dir: str | Path) -> Path:
     loaded.tokenizer.save_pretrained(str(out / TEXT_DIR))
 
     info = dict(loaded.info)
-    shards = Path(info.get("shards", ""))
+    shards = Path(info["shards"]) if info.get("shards") else None
     card = {
         "format": "prior_dist-export",
         "version": 1,
@@ -66,7 +66,7 @@ def export_model(loaded, out_dir: str | Path) -> Path:
         "training_steps": info.get("step"),
         "data": {
             "path": info.get("data_path"),
-            "manifest_sha256": _sha256(shards / "manifest.json"),
+            "manifest_sha256": _sha256(shards / "manifest.json") if shards else None,
         },
         "recipe": info.get("recipe"),
         "evaluation": info.get("eval"),

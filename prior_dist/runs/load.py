@@ -15,9 +15,13 @@ from prior_dist.data.config import DataConfig
 from prior_dist.data.provision import first_local_source
 from prior_dist.data.tokenize import build_wordpiece, load_tokenizer
 from prior_dist.models import build_model
-from prior_dist.models.config import ModelConfig
+from prior_dist.models.config import ModelConfig, model_config
 from prior_dist.models.prior import PriorModel
-from prior_dist.models.state_dict import join_from_export, load_hf_weights
+from prior_dist.models.state_dict import (
+    join_from_export,
+    load_hf_weights,
+    prior_from_reference,
+)
 from prior_dist.runs.checkpoints import damaged_files
 from prior_dist.runs.layout import (
     CARD_FILE,
@@ -171,9 +175,98 @@ def load_export(export_dir: str | Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, str(export_dir), card)
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """A run directory or an export directory, told apart by what it holds."""
+def load_reference(
+    path: str | Path, tokenizer: str | None, base: ModelConfig | None = None
+) -> LoadedModel:
+    """The authors' released PRIOR checkpoint (their Lightning `.ckpt`, whose `state_dict`
+    holds their `Prior` module, or that state dict saved alone) as our `paper` model in the
+    reference layout (`--compat reference`), loaded strictly. Read with a weights-only load:
+    a file that needs more is refused and nothing in it runs. `tokenizer`: a local directory
+    of the tokenizer it was trained with (Bio_ClinicalBERT's), which the file does not hold.
+    `base`: another model size in the reference layout (tests use `tiny`)."""
     path = Path(path)
+    raw = safe_torch_load(path)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"{path}: not a state dict or a Lightning checkpoint with `state_dict`")
+    try:
+        ours = prior_from_reference(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    cfg = base or model_config("paper", "reference")
+    vocab = ours.get("text.bert.word_embeddings.weight")
+    if vocab is not None:
+        cfg = cfg.for_vocabulary(vocab.shape[0])
+    cfg = cfg.replace(
+        text=replace(cfg.text, pretrained=None), image=replace(cfg.image, pretrained=None)
+    )
+    model = build_model(cfg)
+    _load_strictly(model, ours, path)
+    model.eval()
+    if tokenizer is None:
+        raise ValueError(
+            f"{path}: the authors' checkpoint holds no tokenizer; pass --tokenizer DIR (a local "
+            "copy of emilyalsentzer/Bio_ClinicalBERT's tokenizer, which it was trained with)"
+        )
+    info = {"checkpoint": str(path), "source": "authors' PRIOR checkpoint", "compat": "reference"}
+    return LoadedModel(model, load_tokenizer(tokenizer), str(path), info)
+
+
+def _load_strictly(model, state: dict, path: Path) -> None:
+    """Every parameter present with its shape, nothing extra: else a ValueError naming keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} here"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = [
+        f"{label}: {names[:5]}{' ...' if len(names) > 5 else ''}"
+        for label, names in (("missing", missing), ("unexpected", extra), ("mis-shaped", shapes))
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"{path}: does not fit the reference-layout paper model; " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def initial_weights(model, path: str | Path) -> str:
+    """Load `model.init_from` into `model`, strictly: a run or checkpoint directory, an export
+    directory, or the authors' released checkpoint file. Returns a one-line report."""
+    path = Path(path)
+    if path.is_file():
+        raw = safe_torch_load(path)
+        state = raw.get("state_dict", raw) if isinstance(raw, dict) else {}
+        try:
+            state = prior_from_reference(state)
+        except ValueError as err:
+            raise ValueError(f"model.init_from {path}: {err}") from None
+        kind = "the authors' checkpoint"
+    elif (
+        (path / CARD_FILE).is_file()
+        or (path / RESOLVED_CONFIG).is_file()
+        or (path / MARKER).is_file()
+    ):
+        state = load_model(path).model.state_dict()
+        kind = "an export" if (path / CARD_FILE).is_file() else "a run checkpoint"
+    else:
+        raise FileNotFoundError(
+            f"model.init_from {path}: not a run, checkpoint or export directory, nor a file"
+        )
+    _load_strictly(model, state, path)
+    return f"model.init_from {path} ({kind}): all {len(state)} tensors loaded, strict"
+
+
+def load_model(path: str | Path, tokenizer: str | None = None) -> LoadedModel:
+    """A run directory, an export directory, or (a file) the authors' released checkpoint, told
+    apart by what it holds."""
+    path = Path(path)
+    if path.is_file():
+        return load_reference(path, tokenizer)
     if (path / CARD_FILE).is_file():
         return load_export(path)
     if (path / RESOLVED_CONFIG).is_file():

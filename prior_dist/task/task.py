@@ -100,7 +100,9 @@ class PriorTask(nn.Module):
         if plan.use_prototypes or plan.runs("proto"):
             prototypes = model.prototype_bank(sentences, _noise(noise, "sentences", sentences))
             if plan.runs("proto"):
-                losses["proto"] = prototype_l1_loss(sentences, prototypes, mask)
+                losses["proto"] = prototype_l1_loss(
+                    sentences, prototypes, mask, self._rows_per_rank(mask)
+                )
             if plan.use_prototypes:
                 aligned = prototypes
         report = model.report_embedding(aligned, mask)
@@ -131,6 +133,12 @@ class PriorTask(nn.Module):
         total = sum(plan.weights[name] * value for name, value in losses.items())
         return {**losses, "total": total}
 
+    def _rows_per_rank(self, mask_BS: torch.Tensor) -> torch.Tensor | None:
+        """`rows_per_rank` for `heads.sentence_loss_mean: pooled`; None for `per_report`."""
+        if self.model.cfg.heads.sentence_loss_mean != "pooled":
+            return None
+        return rows_per_rank(mask_BS, self.gather)
+
     def _generation_losses(self, generated, sentences, aligned, mask, report, plan, noise):
         model = self.model
         num_queries = generated.shape[1]
@@ -149,7 +157,10 @@ class PriorTask(nn.Module):
         if plan.runs("kl"):
             bank = model.prototype_bank
             out["kl"] = prototype_kl_loss(
-                bank(real, logits_only=True), bank(matched, logits_only=True), target_mask
+                bank(real, logits_only=True),
+                bank(matched, logits_only=True),
+                target_mask,
+                self._rows_per_rank(target_mask),
             )
         if plan.runs("gpa"):
             prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
@@ -158,6 +169,13 @@ class PriorTask(nn.Module):
                 generated_report, report, model.global_scale, self.gather
             )
         return out
+
+
+def rows_per_rank(mask_BS: torch.Tensor, gather) -> torch.Tensor:
+    """The global batch's valid rows (every rank's count, gathered) over the number of ranks:
+    the divisor that makes the pooled sentence mean rank-independent. No gradient."""
+    count = mask_BS.detach().float().sum().reshape(1, 1)
+    return gather(count).sum() / gather.world_size
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

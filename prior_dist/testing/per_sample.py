@@ -100,8 +100,11 @@ def heads_losses(
     sentence_cap=None,
     noise_sentences=None,
     noise_generated=None,
+    pooled=False,
 ) -> dict[str, torch.Tensor]:
-    """Every loss after the encoders, one sample at a time (decoder outputs are inputs here)."""
+    """Every loss after the encoders, one sample at a time (decoder outputs are inputs here).
+    `pooled`: L_proto and L_kl are one mean over every sentence of the batch instead of each
+    report's mean, then the mean over reports."""
     batch = patches.shape[0]
     bank, pool = model.prototype_bank, model.report_pool
     out = {k: [] for k in ("proto", "local_image", "local_text", "spg", "kl")}
@@ -113,7 +116,7 @@ def heads_losses(
         if use_prototypes:
             noise = None if noise_sentences is None else noise_sentences[b, :n]
             aligned = prototypes(bank, sentences, noise)
-            out["proto"].append((sentences - aligned).abs().mean())
+            out["proto"].append((sentences - aligned).abs().mean(-1))
         reports.append(attention_pool(pool, aligned))
         c_t, c_i = local_alignment(model.local_alignment, patches[b], aligned)
         out["local_image"].append(simsiam(model.predictor, patches[b], c_i))
@@ -126,10 +129,17 @@ def heads_losses(
             out["spg"].append((matched - targets).abs().mean())
             p = F.log_softmax(sentences[:k] @ bank.prototypes.t(), dim=-1)
             r = F.log_softmax(matched[:k] @ bank.prototypes.t(), dim=-1)
-            out["kl"].append((p.exp() * (p - r)).sum(-1).mean())
+            out["kl"].append((p.exp() * (p - r)).sum(-1))
             noise = None if noise_generated is None else noise_generated[b, :k]
             generated_reports.append(attention_pool(pool, prototypes(bank, matched[:k], noise)))
-    losses = {k: torch.stack(v).mean() for k, v in out.items() if v}
+    per_sentence = {"proto", "kl"}  # one value per sentence, not per report
+    losses = {
+        k: torch.cat(v).mean()
+        if k in per_sentence and pooled
+        else torch.stack([x.mean() for x in v] if k in per_sentence else v).mean()
+        for k, v in out.items()
+        if v
+    }
     report = torch.stack(reports)
     losses["global"] = global_infonce(image_global, report, model.global_scale)
     if generated is not None:

@@ -213,6 +213,9 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # DeepSpeed keys (dotted) and the values this recipe needs; a JSON that disagrees is refused.
     deepspeed_expect: dict[str, Any] = field(default_factory=dict)
+    # `model.init_from`: start from these weights (a run or checkpoint directory, an export, or
+    # the authors' released checkpoint file), loaded strictly before training.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.train.activation_checkpointing:
@@ -287,12 +290,15 @@ def recipe_from_dict(raw: dict) -> Recipe:
         )
     model_raw = dict(raw.get("model") or {})
     base = model_config(model_raw.pop("name", "paper"), model_raw.pop("compat_preset", "default"))
+    init_from = model_raw.pop("init_from", None)
+    if init_from is not None and not isinstance(init_from, str):
+        raise ValueError(f"model.init_from must be a path or null, got {init_from!r}")
     merged = base.to_dict()
     for section, values in model_raw.items():
         if section not in merged:
             raise ValueError(
                 f"model: unknown section {section!r}; allowed: name, "
-                f"compat_preset, {', '.join(merged)}"
+                f"compat_preset, init_from, {', '.join(merged)}"
             )
         merged[section].update(_fields(type(getattr(base, section)), values, f"model.{section}"))
     parts = {
@@ -305,6 +311,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
         name=str(raw.get("name", "custom")),
         model=ModelConfig.from_dict(merged),
         deepspeed_expect=dict(expect),
+        init_from=init_from,
         **parts,
     )
 

@@ -33,6 +33,7 @@ from prior_dist.evaluation.zero_shot import zero_shot
 from prior_dist.runs import LoadedModel
 from prior_dist.runs import checkpoints as ckpt
 from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG, RUN_TOKENIZER
+from prior_dist.runs.load import initial_weights
 from prior_dist.task import LOSS_NAMES, stage_plan
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
 from prior_dist.training.metrics import MetricsLogger, memory_mb
@@ -146,6 +147,8 @@ class Trainer:
         recipe, ds = self.recipe, self.ds
         self.model_cfg = recipe.model.for_vocabulary(len(self.tokenizer))
         task = build_task(self.model_cfg, recipe.train.sync_batchnorm, self.device.type, self.world)
+        if recipe.init_from:  # before the engine: ZeRO partitions what it is given
+            self.log(initial_weights(task.model, recipe.init_from))
         self.engine = build_engine(task, recipe, ds, self.device.type)
         self.loader = training_loader(
             recipe.data,
