@@ -1,10 +1,10 @@
 # prior_dist for GPU clusters, on a CUDA PyTorch base image whose torch matches the pin.
-#   docker build -t prior_dist .            (EXTRAS=test to skip building flash-attn)
+#   docker build -t prior_dist .            (EXTRAS=viz,test to skip building flash-attn)
 #   docker run --gpus all --ipc=host -v $PWD/shards:/app/shards -v $PWD/runs:/app/runs prior_dist \
 #     deepspeed launch/pretrain.py --config configs/zero2.json
 ARG BASE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-devel
 FROM ${BASE}
-ARG EXTRAS=gpu,test
+ARG EXTRAS=gpu,viz,test
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 \
     TOKENIZERS_PARALLELISM=false MAX_JOBS=8
 RUN apt-get update && apt-get install -y --no-install-recommends git numactl \

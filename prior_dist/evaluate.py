@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from prior_dist.data.labels import CHEXPERT_COMPETITION
 from prior_dist.evaluation.datasets import write_split_file
 from prior_dist.evaluation.dense import dense_task
 from prior_dist.evaluation.inputs import DataOptions, random_init_like
@@ -49,7 +50,8 @@ def run_task(task: str, loaded, data: str, args) -> dict:
     if task == "retrieval":
         if ":" in data and not Path(data).exists():
             raise ValueError(f"retrieval needs reports; {data} has none (use pretraining shards)")
-        return retrieval(loaded, data, args.split)
+        classes = args.classes.split(",") if args.classes else CHEXPERT_COMPETITION
+        return retrieval(loaded, data, args.split, classes)
     fractions = tuple(float(f) for f in args.fractions.split(","))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if task == "linear-probe":
@@ -72,6 +74,43 @@ def run_task(task: str, loaded, data: str, args) -> dict:
     )
 
 
+def _pm(summary: dict, key: str) -> str:
+    """`mean ± sample std over seeds`, or the mean alone for one seed."""
+    std = summary.get(f"{key}_std")
+    mean = f"{summary[f'{key}_mean']:.3f}"
+    return mean if std is None else f"{mean} ± {std:.3f}"
+
+
+def _table(result: dict, prefix: str = "") -> list[str]:
+    """Every number of a result, one `name value` line each (per-seed lists and matrices are
+    in the JSON file)."""
+    lines = []
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines += _table(value, name + ".")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        else:
+            lines.append(
+                f"    {name:<44} {value:.4f}"
+                if isinstance(value, float)
+                else f"    {name:<44} {value}"
+            )
+    return lines
+
+
+def default_out(checkpoint: str, task: str) -> Path:
+    """Where results go without --out: `eval/TASK.json` in the run directory (also for one of
+    its checkpoint directories), the export directory, or beside a checkpoint file."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return path.parent / "eval" / f"{task}.json"
+    if (path / "complete.json").is_file():
+        path = path.parent.parent
+    return path / "eval" / f"{task}.json"
+
+
 def _headline(task: str, result: dict) -> str:
     if task == "zero-shot":
         p, g = result["paper_score"], result["global_only"]
@@ -88,19 +127,18 @@ def _headline(task: str, result: dict) -> str:
         )
     if task == "segmentation":
         return ", ".join(
-            f"{k}: Dice {v['mean_dice_mean']:.3f} ± {v['mean_dice_std']:.3f} IoU "
-            f"{v['mean_iou_mean']:.3f}"
+            f"{k}: Dice {_pm(v, 'mean_dice')} IoU {v['mean_iou_mean']:.3f}"
             for k, v in result.items()
             if isinstance(v, dict) and "mean_dice_mean" in v
         )
     if task == "detection":
         return ", ".join(
-            f"{k}: mAP@0.5 {v['map_50_mean']:.3f} ± {v['map_50_std']:.3f} mAP {v['map_mean']:.3f}"
+            f"{k}: mAP@0.5 {_pm(v, 'map_50')} mAP {v['map_mean']:.3f}"
             for k, v in result.items()
             if isinstance(v, dict) and "map_mean" in v
         )
     return ", ".join(
-        f"{k}: AUC {v['macro_auc_mean']:.3f} ± {v['macro_auc_std']:.3f}"
+        f"{k}: AUC {_pm(v, 'macro_auc')}"
         + (f" acc {v['accuracy_mean']:.3f}" if "accuracy_mean" in v else "")
         for k, v in result.items()
         if isinstance(v, dict) and v.get("macro_auc_mean") is not None
@@ -167,7 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--detector", default="retinanet", choices=("retinanet", "faster_rcnn"))
     parser.add_argument("--no-baseline", action="store_true", help="skip the random-init encoder")
-    parser.add_argument("--out", default=None, help="results.json")
+    parser.add_argument(
+        "--out", default=None, help="results JSON (default: RUN_DIR/eval/TASK.json)"
+    )
     return parser
 
 
@@ -200,8 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("pretrained", "random_init"):
         if name in result:
             print(f"  {name:<12} {_headline(args.task, result[name])}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+            print("\n".join(_table(result[name])))
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.task)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+    except OSError as err:
+        print(f"evaluate: error: could not write {out}: {err} (pass --out)", file=sys.stderr)
+        return 2
+    print(f"evaluate: results in {out}")
     return 0
 
 

@@ -32,8 +32,13 @@ LOSS_TERMS = ("loss", *LOSS_NAMES)
 
 
 def _pyplot():
-    # matplotlib is heavy and only pictures need it; the Agg backend must be chosen first.
-    import matplotlib
+    # matplotlib is optional (the `viz` extra) and only pictures need it; Agg is chosen first.
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ValueError(
+            f"pictures need matplotlib: pip install 'prior_dist[viz]' ({err})"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no display needed

@@ -32,6 +32,8 @@ def dicom_bytes(
     window: tuple[float, float] | None = None,
     slope: float = 1.0,
     intercept: float = 0.0,
+    voi_function: str | None = None,
+    voi_lut: np.ndarray | None = None,
 ) -> bytes:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -56,6 +58,13 @@ def dicom_bytes(
         ds.WindowCenter, ds.WindowWidth = window
     if slope != 1.0 or intercept != 0.0:
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if voi_function is not None:
+        ds.VOILUTFunction = voi_function
+    if voi_lut is not None:  # one VOI LUT: entry i is the output for input value i
+        item = Dataset()
+        item.LUTDescriptor = [len(voi_lut), 0, bits_stored]
+        item.add_new(0x00283006, "OW", np.asarray(voi_lut, dtype="<u2").tobytes())  # LUTData
+        ds.VOILUTSequence = [item]
     ds.PixelData = array.astype("<u2").tobytes()
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)

@@ -427,3 +427,30 @@ def test_dense_heads_on_each_tower(arch):
         assert all(torch.isfinite(v) for v in losses.values()), (kind, losses)
         out = detector.eval()(list(images))
         assert len(out) == 2 and set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_label_fraction_subsets_are_stratified_per_label():
+    """1% of 1000 multi-label samples where one class has 3 positives: a plain seeded draw of
+    10 misses it for most seeds; the stratified draw never does, and keeps its size."""
+    from prior_dist.evaluation.tensors import label_subset, spread
+
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(1000, 4, generator=g) < torch.tensor([0.3, 0.1, 0.02, 0.0])).float()
+    labels[:, 3] = float("nan")
+    labels[[5, 500, 900], 3] = 1.0  # the rare class: 3 positives
+    labels[7, 0] = -1.0  # uncertain counts as not positive
+    plain_missed, sizes = 0, set()
+    for seed in range(20):
+        plain = label_subset(1000, 0.01, seed)
+        plain_missed += int(not (labels[plain, 3] == 1).any())
+        picked = label_subset(1000, 0.01, seed, labels)
+        sizes.add(len(picked))
+        assert len(set(picked.tolist())) == len(picked)
+        for c in range(4):
+            assert (labels[picked, c] == 1).any(), (seed, c)
+        assert torch.equal(picked, label_subset(1000, 0.01, seed, labels))
+    assert plain_missed >= 10 and sizes == {10}
+    common = label_subset(1000, 0.2, 3, labels)
+    share = float((labels[common, 0] == 1).float().mean())
+    assert abs(share - float((labels[:, 0] == 1).float().mean())) < 0.06
+    assert spread([1.0]) is None and spread([1.0, 3.0]) == pytest.approx(2**0.5)

@@ -288,3 +288,27 @@ def test_evaluate_on_public_layouts(tiny_run, tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "retrieval needs reports" in bad.stderr
+
+
+def test_retrieval_uses_the_given_classes_and_refuses_labels_no_sample_has(tiny_run):
+    from prior_dist.evaluation.retrieval import retrieval
+    from prior_dist.runs.load import load_run
+
+    loaded = load_run(tiny_run)
+    result = retrieval(loaded, loaded.data_path, "test", ["Edema", "Pleural Effusion"])
+    precision = result["image_to_text"]["precision@10"]
+    assert 0 < precision <= 1, result  # was 0.000 for every model: unlabelled classes never matched
+    try:
+        retrieval(loaded, loaded.data_path, "test", ["No Such Finding"])
+    except ValueError as err:
+        assert "No Such Finding" in str(err) and "--classes" in str(err)
+    else:
+        raise AssertionError("retrieval over labels no sample has was not refused")
+
+
+def test_results_are_written_beside_the_run_by_default_with_the_full_table(tiny_run):
+    proc = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tiny_run))
+    out = tiny_run / "eval" / "retrieval.json"
+    assert f"results in {out}" in proc.stdout
+    assert json.loads(out.read_text())["pretrained"]["pairs"] > 0
+    assert "image_to_text.recall@10" in proc.stdout and "text_to_image.median_rank" in proc.stdout

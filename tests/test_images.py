@@ -57,6 +57,33 @@ def test_dicom_window_applied():
     assert via_decoder[0, 0] < via_decoder[0, 7]
 
 
+def test_dicom_sigmoid_window_differs_from_linear():
+    """VOILUTFunction SIGMOID: a pixel one width above the centre is not saturated (it is with
+    LINEAR), and the centre maps to mid-grey."""
+    array = np.array([[1000, 2000, 3000]] * 4, dtype=np.uint16)
+    window = (2000, 1000)
+    linear = images.dicom_to_uint8(dicom_bytes(array, window=window))
+    sigmoid = images.dicom_to_uint8(dicom_bytes(array, window=window, voi_function="SIGMOID"))
+    assert list(linear[0]) == [0, 128, 255]
+    assert sigmoid[0, 1] == 128 and 0 < sigmoid[0, 0] < 10 and 245 < sigmoid[0, 2] < 255
+
+
+def test_dicom_modality_rescale_comes_before_the_window():
+    """The window is in rescaled units (PS3.3 C.11): stored 1000 with slope 2, intercept -1024
+    is 976, the window's centre."""
+    array = np.array([[900, 1000, 1100]] * 4, dtype=np.uint16)
+    out = images.dicom_to_uint8(dicom_bytes(array, window=(976, 200), slope=2.0, intercept=-1024.0))
+    assert list(out[0]) == [0, 128, 255]
+
+
+def test_dicom_voi_lut_sequence_is_applied():
+    """A VOI LUT that inverts the 12-bit range inverts the picture."""
+    array = gradient(16, 16, 4095).astype(np.uint16)
+    plain = images.dicom_to_uint8(dicom_bytes(array))
+    inverted = images.dicom_to_uint8(dicom_bytes(array, voi_lut=4095 - np.arange(4096)))
+    assert np.abs(inverted.astype(int) - (255 - plain.astype(int))).max() <= 1
+
+
 @pytest.mark.parametrize(
     "data,what",
     [

@@ -69,6 +69,19 @@ GOOD = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
             "heads.local_attention_impl must be one of",
         ),
         (GOOD, ["--recipe", "nope"], "no such recipe"),
+        # Once split into ('E', 'd', 'e', 'm', 'a') and a raw TypeError.
+        (GOOD, ["--recipe", "tiny", "--set", "eval.classes=Edema"], "eval.classes must be a list"),
+        (GOOD, ["--recipe", "tiny", "--set", "optim.betas=0.9"], "optim.betas must be a list"),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "optim.betas=[0.9, 0.9, 0.9]"],
+            "optim.betas must have 2 items",
+        ),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "model.image.layers=[2, two]"],
+            "model.image.layers[1] must be int",
+        ),
         (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
     ],
 )
@@ -141,3 +154,29 @@ def test_stale_phantom_shards_are_refused(tmp_path):
         json.dumps({"source": dict(source, num=num, generator=GENERATOR_VERSION)})
     )
     assert ensure_phantom_shards(recipe.data, seed, log=lambda _: None) == tmp_path
+
+
+def test_the_end_of_a_run_prints_a_summary_and_the_next_commands(tmp_path):
+    from prior_dist.training.cli import run_summary
+
+    run = tmp_path / "my run"
+    zero = {"paper_score": {"accuracy": 0.4}, "images": 50, "chance": 0.2}
+    text = run_summary({"step": 9, "skipped": {"corrupt_sample": 2}, "zero_shot": zero}, run)
+    assert "done at step 9; skipped: corrupt_sample 2" in text
+    assert "zero-shot accuracy 0.400 over 50 images (chance 0.200)" in text
+    assert f"python -m prior_dist.export --checkpoint '{run}' --out '{run}'/export" in text
+    assert "{" not in text  # no raw dict
+    stopped = run_summary({"step": 4, "stopped_by_signal": True}, run)
+    assert "stopped at step 4 by a signal" in stopped and "--resume auto" in stopped
+
+
+def test_print_config_shows_every_field_resolved(capsys):
+    import yaml
+
+    code = main(
+        ["--recipe", "tiny", "--set", "eval.classes=[Edema, Atelectasis]", "--print-config"]
+    )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0 and printed["eval"]["classes"] == ["Edema", "Atelectasis"]
+    assert printed["model"]["heads"]["sentence_loss_mean"] == "per_report"
+    assert {"data", "optim", "train", "checkpoint", "logging", "eval", "model"} <= set(printed)

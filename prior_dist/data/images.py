@@ -61,15 +61,14 @@ def dicom_to_uint8(data: bytes) -> np.ndarray:
         stored = stored.mean(axis=-1)
     elif stored.ndim != 2:
         raise ImageDecodeError(f"DICOM has {stored.ndim} pixel dimensions; expected one 2-D frame")
+    # PS3.3 C.11: the modality LUT (rescale or LUT sequence) first, then the VOI transform
+    # (LUT sequence, or a LINEAR / LINEAR_EXACT / SIGMOID window) on its output.
     values = apply_modality_lut(stored, ds).astype(np.float64)
-    if "VOILUTSequence" in ds:
-        values = apply_voi_lut(stored, ds).astype(np.float64)
-        lo, hi = float(values.min()), float(values.max())
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center = float(np.atleast_1d(ds.WindowCenter)[0])
-        width = max(float(np.atleast_1d(ds.WindowWidth)[0]), 1.0)
-        # DICOM PS3.3 C.11.2.1.2 linear window.
-        lo, hi = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        try:
+            values, (lo, hi) = _voi(values, ds, apply_voi_lut)
+        except Exception as exc:  # pydicom raises many types for malformed VOI attributes
+            raise ImageDecodeError(f"DICOM VOI LUT/window unusable: {exc}") from exc
     else:
         bits = int(ds.get("BitsStored", 8 * stored.dtype.itemsize))
         slope = float(ds.get("RescaleSlope", 1.0))
@@ -83,6 +82,21 @@ def dicom_to_uint8(data: bytes) -> np.ndarray:
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         pixels = 255 - pixels
     return pixels
+
+
+def _voi(values: np.ndarray, ds, apply_voi_lut) -> tuple[np.ndarray, tuple[float, float]]:
+    """pydicom's VOI transform of modality-LUT output, and its output range: a VOI LUT's is
+    0 .. 2^bits - 1 (LUT Descriptor); a window's is where it sends the extremes of any input
+    (LINEAR, LINEAR_EXACT and SIGMOID alike)."""
+    if "VOILUTSequence" in ds:
+        out = apply_voi_lut(np.rint(values).astype(np.int64), ds, prefer_lut=True)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return out.astype(np.float64), (0.0, float(2**bits - 1))
+    with np.errstate(over="ignore"):  # SIGMOID at the extremes: exp overflows to its limit
+        out = apply_voi_lut(values, ds, prefer_lut=False)
+        ends = apply_voi_lut(np.array([-1e15, 1e15]), ds, prefer_lut=False)
+    lo, hi = sorted(float(v) for v in ends)
+    return out.astype(np.float64), (lo, hi)
 
 
 def decode_grayscale(

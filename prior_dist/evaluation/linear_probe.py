@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from prior_dist.data.labels import PROBE_CLASSES
 from prior_dist.evaluation.inputs import DataOptions, image_batches, open_split
 from prior_dist.evaluation.metrics import macro_auc
-from prior_dist.evaluation.tensors import label_subset
+from prior_dist.evaluation.tensors import label_subset, spread
 from prior_dist.runs import LoadedModel
 
 
@@ -96,7 +96,7 @@ def linear_probe(
     for fraction in fractions:
         aucs, accuracies = [], []
         for seed in seeds:
-            pick = label_subset(len(train_x), fraction, seed)
+            pick = label_subset(len(train_x), fraction, seed, train_y)
             head = fit_logistic(train_x[pick], train_y[pick], seed, exclusive)
             with torch.no_grad():
                 scores = head(test_x)
@@ -107,12 +107,12 @@ def linear_probe(
         out[f"{fraction:g}"] = {
             "labels_used": len(pick),
             "macro_auc_mean": statistics.mean(valid) if valid else None,
-            "macro_auc_std": statistics.pstdev(valid) if valid else None,
+            "macro_auc_std": spread(valid),
             "per_seed": aucs,
         }
         if exclusive:
             out[f"{fraction:g}"].update(
                 accuracy_mean=statistics.mean(accuracies),
-                accuracy_std=statistics.pstdev(accuracies),
+                accuracy_std=spread(accuracies),
             )
     return out

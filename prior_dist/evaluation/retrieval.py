@@ -38,7 +38,18 @@ def embeddings(loaded: LoadedModel, data: str, split: str, labels, batch_size: i
 def retrieval(
     loaded: LoadedModel, data: str, split: str, classes=CHEXPERT_COMPETITION, batch_size: int = 64
 ) -> dict:
+    """Recall@K both ways; Precision@K: the share of the top K whose findings over `classes`
+    equal the query's (a class a report does not mention counts as absent). Refused when no
+    sample of the split carries a label among `classes` (Precision@K would read 0 for any
+    model)."""
+    classes = list(classes)
     images, reports, _, labels = embeddings(loaded, data, split, classes, batch_size)
+    if len(labels) and bool(torch.isnan(labels).all()):
+        raise ValueError(
+            f"retrieval on {data} ({split}): none of its {len(labels)} samples carries a label "
+            f"among {classes}; pass --classes with labels the shards have"
+        )
+    labels = torch.nan_to_num(labels, nan=0.0)
     similarity = images @ reports.t()
     return {
         "pairs": len(images),

@@ -137,18 +137,50 @@ def materialize(
     return out
 
 
-def label_subset(num_train: int, fraction: float, seed: int, minimum: int = 2) -> torch.Tensor:
-    """The training indices one (fraction, seed) run uses: a seeded draw, at least `minimum`."""
+def label_subset(
+    num_train: int,
+    fraction: float,
+    seed: int,
+    labels: torch.Tensor | None = None,
+    minimum: int = 2,
+) -> torch.Tensor:
+    """The training indices one (fraction, seed) run uses, at least `minimum` of them.
+
+    With `labels [N, C]` (1 positive; 0, -1 or NaN not), the draw is stratified per label, the
+    rarest first (iterative stratification for multi-label sets): each class with positives gets
+    round(fraction x its positives) of them, at least one, while the budget lasts; the rest is a
+    seeded draw. Without labels it is a seeded draw (so a 1% subset can miss a class)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction {fraction} must be in (0, 1]")
     count = min(num_train, max(minimum, round(fraction * num_train)))
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_train, generator=g)[:count]
+    order = torch.randperm(num_train, generator=g)
+    if labels is None:
+        return order[:count]
+    positive = torch.nan_to_num(labels.float(), nan=0.0)[order] == 1  # rows in `order`
+    chosen = torch.zeros(num_train, dtype=torch.bool)  # by position in `order`
+    for c in sorted(range(positive.shape[1]), key=lambda c: int(positive[:, c].sum())):
+        total = int(positive[:, c].sum())
+        if total == 0:
+            continue
+        want = max(1, round(fraction * total)) - int((positive[:, c] & chosen).sum())
+        free = (positive[:, c] & ~chosen).nonzero().flatten()
+        take = free[: max(0, min(want, count - int(chosen.sum())))]
+        chosen[take] = True
+    rest = (~chosen).nonzero().flatten()[: count - int(chosen.sum())]
+    chosen[rest] = True
+    return order[chosen.nonzero().flatten()]
+
+
+def spread(values: list[float]) -> float | None:
+    """The sample standard deviation over seeds (None with fewer than two)."""
+    return statistics.stdev(values) if len(values) >= 2 else None
 
 
 def fraction_grid(num_train: int, fractions, seeds, run, keys) -> dict:
     """`run(indices, seed) -> metrics dict` for every (fraction, seed); per fraction the
-    labels used, every seed's metrics, and mean and standard deviation of each of `keys`."""
+    labels used, every seed's metrics, and the mean and sample standard deviation of each of
+    `keys`."""
     out = {}
     for fraction in fractions:
         runs = []
@@ -159,7 +191,7 @@ def fraction_grid(num_train: int, fractions, seeds, run, keys) -> dict:
         for key in keys:
             values = [r[key] for r in runs]
             summary[f"{key}_mean"] = statistics.mean(values)
-            summary[f"{key}_std"] = statistics.pstdev(values)
+            summary[f"{key}_std"] = spread(values)
         out[f"{fraction:g}"] = summary
     return out
 

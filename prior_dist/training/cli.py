@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from prior_dist.distributed.env import adopt_slurm_environment
 from prior_dist.runs.checkpoints import CheckpointWriteError
@@ -54,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto (latest complete checkpoint in the run dir) | none | PATH",
     )
     parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved recipe (every field --set can change) as YAML and exit",
+    )
+    parser.add_argument(
         "--audit-samples",
         action="store_true",
         help="write RUN_DIR/samples/rank{R}.jsonl: the sample keys of every step",
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.data:
             overrides.insert(0, f"data.path={args.data}")
         recipe, raw = load_recipe(args.recipe, overrides)
+        if args.print_config:
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            return 0
         ds = read_deepspeed_config(args.config)
         # Refused here, before any process group starts.
         check_against_recipe(ds, recipe, "cuda" if torch.cuda.is_available() else "cpu")
@@ -92,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = trainer.run()
         if getattr(trainer, "rank", 0) == 0:
-            summary = {k: v for k, v in result.items() if k != "zero_shot"}
-            if "zero_shot" in result:  # the whole result is in RUN_DIR/eval.json
-                summary["zero_shot_accuracy"] = result["zero_shot"]["paper_score"]["accuracy"]
-            print(f"[prior_dist] done: {summary} (run directory {run_dir})", flush=True)
+            print(run_summary(result, run_dir), flush=True)
     except ValueError as err:
         print(f"pretrain: rank {rank}: error: {err}", file=sys.stderr, flush=True)
         code = EXIT_CONFIG
@@ -119,6 +126,36 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized() and code == 0:
             dist.destroy_process_group()
     return code
+
+
+def run_summary(result: dict, run_dir: Path) -> str:
+    """What the run did, in a few lines, and the commands that take it further."""
+    run = shlex.quote(str(run_dir))
+    if result.get("stopped_by_signal"):
+        return (
+            f"[prior_dist] stopped at step {result['step']} by a signal; checkpoint saved. "
+            f"Resume with the same command (--resume auto). Run directory: {run_dir}"
+        )
+    skipped = result.get("skipped") or {}
+    lines = [
+        f"[prior_dist] done at step {result['step']}; skipped: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "nothing")
+    ]
+    if "zero_shot" in result:  # the whole result is in RUN_DIR/eval.json
+        zero = result["zero_shot"]
+        lines.append(
+            f"[prior_dist] zero-shot accuracy {zero['paper_score']['accuracy']:.3f} over "
+            f"{zero['images']} images (chance {zero['chance']:.3f}); details in "
+            f"{run_dir / 'eval.json'}"
+        )
+    lines += [
+        f"[prior_dist] run directory {run_dir}; next:",
+        f"  python -m prior_dist.evaluate linear-probe --checkpoint {run}",
+        f"  python -m prior_dist.evaluate retrieval --checkpoint {run}",
+        f"  python -m prior_dist.export --checkpoint {run} --out {run}/export",
+        f"  python -m prior_dist.visualize curves --run {run} --out {run}/figures",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

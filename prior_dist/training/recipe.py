@@ -246,9 +246,12 @@ def _coerce(name: str, annotation: str, value, where: str):
         if "None" in parts:
             return None
         raise ValueError(f"{where}.{name} must not be null")
+    sequence = _SEQUENCE.match(parts[0])
+    if sequence and len(parts) == 1:
+        return _coerce_sequence(name, sequence, value, where)
     kinds = [_SCALARS[p] for p in parts if p in _SCALARS]
     if not kinds or len(kinds) + ("None" in parts) != len(parts):
-        return value  # containers and literals: checked by the dataclass itself
+        return value  # mappings, nested sections and literals: checked by the dataclass
     if "float" in parts and isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
     allowed = tuple(t for kind in kinds for t in kind)
@@ -258,6 +261,25 @@ def _coerce(name: str, annotation: str, value, where: str):
         names = " or ".join(parts)
         raise ValueError(f"{where}.{name} must be {names}, got {value!r}")
     return float(value) if parts[0] == "float" and not isinstance(value, bool) else value
+
+
+_SEQUENCE = re.compile(r"^(tuple|list)\[(int|float|str)(?:, (int|float|str))?(, \.\.\.)?\]$")
+
+
+def _coerce_sequence(name: str, match: re.Match, value, where: str) -> tuple | list:
+    """`tuple[float, float]`, `tuple[str, ...]` and the like: a YAML list of the right length
+    whose items have the right type (a bare string is refused, not split into characters)."""
+    kind, first, second, open_ended = match.groups()
+    example = "[a, b]" if first == "str" else "[1, 2]"
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"{where}.{name} must be a list, got {value!r} (on the command line: --set "
+            f"'{where}.{name}={example}')"
+        )
+    if not open_ended and len(value) != (2 if second else 1):
+        raise ValueError(f"{where}.{name} must have {2 if second else 1} items, got {value!r}")
+    items = [_coerce(f"{name}[{i}]", first, v, where) for i, v in enumerate(value)]
+    return tuple(items) if kind == "tuple" else items
 
 
 def _fields(kind, values, where: str) -> dict:
