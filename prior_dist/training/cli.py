@@ -16,7 +16,7 @@ import yaml
 from prior_dist.distributed.env import adopt_slurm_environment
 from prior_dist.runs.checkpoints import CheckpointWriteError
 from prior_dist.training.ds_config import check_against_recipe, read_deepspeed_config
-from prior_dist.training.recipe import REPO, load_recipe
+from prior_dist.training.recipe import CONFIG_DIR, load_recipe
 from prior_dist.training.trainer import NonFiniteLossError, Trainer
 
 EXIT_CONFIG, EXIT_COLLECTIVE, EXIT_NONFINITE, EXIT_SAVE = 2, 3, 4, 5
@@ -30,12 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--config",
-        default=str(REPO / "configs" / "zero2.json"),
-        help="DeepSpeed JSON: micro-batch, accumulation, precision, ZeRO stage",
+        default=str(CONFIG_DIR / "zero2.json"),
+        help="DeepSpeed JSON: micro-batch, accumulation, precision, ZeRO stage; a path, or the "
+        "name of a shipped one (zero0 .. zero3, zero2_bf16, zero2_offload, paper_fp16)",
     )
     parser.add_argument("--recipe", default="demo", help="demo | paper | tiny | PATH.yaml")
     parser.add_argument("--data", default=None, help="shard directory (sets data.path)")
-    parser.add_argument("--run-dir", default=None, help="default: runs/<recipe>")
+    parser.add_argument(
+        "--run-dir", default=None, help="default: runs/<recipe> in the working directory"
+    )
     parser.add_argument(
         "--max-steps",
         type=int,
@@ -90,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
-        ds = read_deepspeed_config(args.config)
+        ds = read_deepspeed_config(shipped_config(args.config))
         # Refused here, before any process group starts.
         check_against_recipe(ds, recipe, "cuda" if torch.cuda.is_available() else "cpu")
     except ValueError as err:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    run_dir = Path(args.run_dir or REPO / "runs" / recipe.name)
+    run_dir = Path(args.run_dir or Path("runs") / recipe.name)  # from the working directory
     trainer = Trainer(recipe, ds, run_dir, args.resume, args.max_steps, args.audit_samples, raw)
     code = 0
     try:
@@ -126,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized() and code == 0:
             dist.destroy_process_group()
     return code
+
+
+def shipped_config(value: str) -> str:
+    """`--config`: a path as given, or the name of a DeepSpeed config shipped with the package."""
+    shipped = CONFIG_DIR / f"{value.removesuffix('.json')}.json"
+    if not Path(value).exists() and "/" not in value and shipped.is_file():
+        return str(shipped)
+    return value
 
 
 def run_summary(result: dict, run_dir: Path) -> str:

@@ -1,7 +1,8 @@
 """Run recipes: typed, validated sections composed into `Recipe`, loaded from YAML.
 
-Named recipes live in `configs/recipes/{paper,demo,tiny}.yaml`; `--set section.field=value`
-overrides any field (values parsed as YAML, list items by index: `train.stages.0.epochs=2`).
+Named recipes live in `prior_dist/configs/recipes/{paper,demo,tiny}.yaml`; `--set
+section.field=value` overrides any field (values parsed as YAML, list items by index:
+`train.stages.0.epochs=2`).
 Micro-batch, accumulation, precision and ZeRO stage belong to the DeepSpeed JSON, never here.
 """
 
@@ -21,8 +22,9 @@ from prior_dist.data.labels import CHEXPERT_COMPETITION
 from prior_dist.models.config import ModelConfig, model_config
 from prior_dist.task.curriculum import LOSS_NAMES
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPE_DIR = REPO / "configs" / "recipes"
+# Shipped inside the package (a wheel has them too); `configs/` in a checkout links here.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+RECIPE_DIR = CONFIG_DIR / "recipes"
 
 
 def _require(ok: bool, message: str) -> None:
