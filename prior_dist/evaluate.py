@@ -25,7 +25,12 @@ import torch
 from prior_dist.data.labels import CHEXPERT_COMPETITION
 from prior_dist.evaluation.datasets import write_split_file
 from prior_dist.evaluation.dense import dense_task
-from prior_dist.evaluation.inputs import DataOptions, random_init_like
+from prior_dist.evaluation.inputs import (
+    DataOptions,
+    inference_precision,
+    random_init_like,
+    resolve_device,
+)
 from prior_dist.evaluation.linear_probe import linear_probe
 from prior_dist.evaluation.retrieval import retrieval
 from prior_dist.evaluation.zero_shot import DEFAULT_PROMPT, zero_shot
@@ -177,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with the authors' checkpoint: a local directory of its tokenizer",
     )
     parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present) | cpu | cuda | cuda:N; on CUDA under bf16/fp16 autocast",
+    )
+    parser.add_argument(
         "--data", default=None, help="shard directory (default: the run's) or KIND:PATH"
     )
     parser.add_argument("--split-file", default=None, help="JSON {split: [keys]} (KIND:PATH)")
@@ -220,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint:
         parser.error("--checkpoint is required")
     try:
+        device = resolve_device(args.device)
         loaded = load_model(args.checkpoint, args.tokenizer)
+        loaded.model.to(device)
         data = args.data or loaded.data_path
         if not data:
             raise ValueError("--data is needed: the checkpoint does not say where its data is")
@@ -229,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": loaded.source,
             "data": data,
             "split": args.split,
-            "pretrained": run_task(args.task, loaded, data, args),
+            "device": str(device),
         }
-        if not args.no_baseline:
-            result["random_init"] = run_task(args.task, random_init_like(loaded), data, args)
+        with inference_precision(device):
+            result["pretrained"] = run_task(args.task, loaded, data, args)
+            if not args.no_baseline:
+                result["random_init"] = run_task(args.task, random_init_like(loaded), data, args)
     except (FileNotFoundError, ValueError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from prior_dist.models.config import model_config
 from prior_dist.models.prior import PriorModel, build_model
 from prior_dist.task import PriorTask, stage_plan
+from prior_dist.training.recipe import load_recipe
 
 # Components in the order of the spec's parameter budget; the first matching prefix wins.
 COMPONENTS = (
@@ -92,6 +93,20 @@ def forward_flops(
     return {"image tower": image, "text tower": text, "heads": total - image - text, "total": total}
 
 
+def _described(args) -> tuple:
+    """The model config to describe, and its label: a recipe's (its WordPiece vocabulary at
+    `data.vocab_size`, which a small corpus may not fill) or a named model's."""
+    if args.recipe is None:
+        if args.overrides:
+            raise ValueError("--set needs --recipe")
+        return model_config(args.model, args.compat), f"model {args.model}, compat {args.compat}"
+    recipe, _ = load_recipe(args.recipe, args.overrides)
+    cfg = recipe.model
+    if recipe.data.tokenizer == "auto":
+        cfg = cfg.for_vocabulary(recipe.data.vocab_size)
+    return cfg, f"recipe {recipe.name} (vocabulary {cfg.text.vocab_size})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m prior_dist.info",
@@ -106,12 +121,21 @@ def main(argv: list[str] | None = None) -> int:
         help="reference: every reference quirk on, unused reference parameters "
         "built (frozen) so counts compare with the original",
     )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="describe the model this recipe trains (demo | paper | tiny | PATH.yaml) instead "
+        "of a named model; with --set overrides",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE"
+    )
     parser.add_argument("--tokens", type=int, default=128, help="report length for FLOPs")
     parser.add_argument("--sentences", type=int, default=8, help="sentences per report for FLOPs")
     parser.add_argument("--no-flops", action="store_true", help="parameters only")
     args = parser.parse_args(argv)
     try:
-        cfg = model_config(args.model, args.compat)
+        cfg, label = _described(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -119,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg)
     table = parameter_table(model)
     print(
-        f"model {args.model}, compat {args.compat}: image {cfg.image.arch} "
+        f"{label}: image {cfg.image.arch} "
         f"{cfg.image.image_size}px grid {cfg.image.grid}, embed {cfg.heads.embed_dim}"
     )
     print(f"{'component':<30}{'trainable':>14}{'frozen':>12}")

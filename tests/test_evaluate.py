@@ -312,3 +312,39 @@ def test_results_are_written_beside_the_run_by_default_with_the_full_table(tiny_
     assert f"results in {out}" in proc.stdout
     assert json.loads(out.read_text())["pretrained"]["pairs"] > 0
     assert "image_to_text.recall@10" in proc.stdout and "text_to_image.median_rank" in proc.stdout
+
+
+def test_device_choice_is_checked_and_recorded(tiny_run, tmp_path):
+    from prior_dist.evaluation.inputs import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="this machine has 0 CUDA device"):
+            resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    out = tmp_path / "zs.json"
+    run_cli(
+        "prior_dist.evaluate",
+        "zero-shot",
+        "--checkpoint",
+        str(tiny_run),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-baseline",
+    )
+    assert json.loads(out.read_text())["device"] == "cpu"
+    bad = run_cli(
+        "prior_dist.evaluate",
+        "zero-shot",
+        "--checkpoint",
+        str(tiny_run),
+        "--device",
+        "cuda:7",
+        check=False,
+    )
+    if not torch.cuda.is_available():
+        assert bad.returncode == 2 and "cuda:7" in bad.stderr

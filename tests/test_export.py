@@ -1,9 +1,15 @@
 """Export round trips: torchvision, transformers and our own loader give the same embeddings."""
 
+import pytest
+import timm.models.resnet as timm_resnet
 import torch
 from torch import nn
+from torchvision.models import resnet50
 
 from prior_dist.models import build_model, model_config
+from prior_dist.models.config import ImageTowerConfig
+from prior_dist.models.resnet import ResNetBackbone
+from prior_dist.models.state_dict import resnet_constructors
 from prior_dist.runs import LoadedModel, export_model, load_export, load_model
 from tests.conftest import run_cli
 from tests.model_batch import ragged_batch
@@ -107,3 +113,32 @@ def test_vit_export_loads_strictly_into_timm_and_round_trips(tmp_path, tokenizer
     assert torch.equal(back.global_embedding, ours.global_embedding)
     assert torch.equal(back.patch_tokens, ours.patch_tokens)
     assert "timm VisionTransformer" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "paper"])
+def test_the_model_card_constructors_build_modules_that_load_the_image_encoder(name):
+    """Every constructor the card names loads the exported ResNet strictly and computes the
+    same features: timm and torchvision at width 64 (paper), ours for the narrow towers."""
+    cfg = model_config(name).image
+    torch.manual_seed(0)
+    ours = ResNetBackbone(cfg).eval()
+    exported = {k: v.clone() for k, v in ours.state_dict().items()}
+    constructors = resnet_constructors(cfg)
+    image = torch.randn(1, 1, 64, 64)
+    rebuilt = ResNetBackbone(ImageTowerConfig(**model_config(name).to_dict()["image"])).eval()
+    rebuilt.load_state_dict(exported, strict=True)
+    assert "ResNetBackbone" in constructors["prior_dist"]
+    assert ("timm_resnet" in constructors) == ("torchvision" in constructors) == (name == "paper")
+    if name != "paper":
+        return
+    args = dict(constructors["timm_resnet"])
+    args["block"] = getattr(timm_resnet, args["block"])
+    theirs = timm_resnet.ResNet(**args).eval()
+    theirs.load_state_dict(exported, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.forward_features(image), ours.feature_pyramid(image)[32])
+    assert constructors["torchvision"].startswith("m = torchvision.models.resnet50();")
+    stock = resnet50()  # what the card's torchvision line says, built here
+    stock.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    stock.fc = nn.Identity()
+    stock.load_state_dict(exported, strict=True)

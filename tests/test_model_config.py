@@ -266,3 +266,19 @@ def test_reference_layout_has_the_authors_exact_parameter_count():
         return [n for n, _ in model.named_parameters() if re.fullmatch(pattern, n)]
 
     assert conv_biases(reference) == [] and len(conv_biases(biased)) == 10
+
+
+def test_info_describes_what_a_recipe_trains():
+    """`info --model demo` is the named model (16-wide image tower); the demo recipe trains a
+    32-wide one with a 4096-word vocabulary: `info --recipe demo` counts that one."""
+    from prior_dist.training.recipe import load_recipe
+
+    out = run_cli("prior_dist.info", "--recipe", "demo", "--no-flops").stdout
+    recipe, _ = load_recipe("demo")
+    with torch.device("meta"):
+        model = build_model(recipe.model.for_vocabulary(4096))
+    expected = sum(p.numel() for p in model.parameters()) / 1e6
+    total = float(re.search(r"^total\s+([\d.]+)M\s+([\d.]+)M", out, re.M).group(1))
+    assert total == pytest.approx(expected, abs=0.006) and "recipe demo" in out
+    named = run_cli("prior_dist.info", "--model", "demo", "--no-flops").stdout
+    assert float(re.search(r"^total\s+([\d.]+)M", named, re.M).group(1)) < total

@@ -92,8 +92,11 @@ def build_detector(
     raise ValueError(f"detector {detector!r}: choose faster_rcnn or retinanet")
 
 
-def _targets(data: TensorSet, batch: torch.Tensor) -> list[dict]:
-    return [{"boxes": data.boxes[i], "labels": data.box_labels[i] + 1} for i in batch.tolist()]
+def _targets(data: TensorSet, batch: torch.Tensor, device: torch.device) -> list[dict]:
+    return [
+        {"boxes": data.boxes[i].to(device), "labels": (data.box_labels[i] + 1).to(device)}
+        for i in batch.tolist()
+    ]
 
 
 def train_detector(
@@ -110,14 +113,15 @@ def train_detector(
     finetune: bool = False,
 ) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_detector(tower, image_size, num_classes, detector, finetune)
+    device = next(tower.parameters()).device  # the fine-tune runs where the tower is
+    model = build_detector(tower, image_size, num_classes, detector, finetune).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     model.train()
     for batch in batches(indices, min(batch_size, len(indices)), steps, seed):
-        images = list(normalise(train.images[batch]))
-        losses = model(images, _targets(train, batch))
+        images = list(normalise(train.images[batch]).to(device))
+        losses = model(images, _targets(train, batch, device))
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,9 +134,11 @@ def train_detector(
 @torch.no_grad()
 def predict_boxes(model: nn.Module, data: TensorSet, batch_size: int = 16) -> list[dict]:
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(data), batch_size):
-        for p in model(list(data.normalised(slice(start, start + batch_size)))):
+        for p in model(list(data.normalised(slice(start, start + batch_size)).to(device))):
+            p = {k: v.cpu() for k, v in p.items()}
             out.append({"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"] - 1})
     return out
 

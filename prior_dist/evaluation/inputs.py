@@ -3,6 +3,7 @@ random-init baseline."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,36 @@ def image_batches(loaded, dataset, batch_size: int = 64):
 
 
 def random_init_like(loaded):
-    """The same configuration with random weights (the baseline every task reports)."""
+    """The same configuration with random weights (the baseline every task reports), on the
+    same device."""
     torch.manual_seed(0)
-    model = build_model(loaded.model.cfg).eval()
+    device = next(loaded.model.parameters()).device
+    model = build_model(loaded.model.cfg).to(device).eval()
     return LoadedModel(model, loaded.tokenizer, "random-init", {})
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`--device`: `auto` (the first CUDA device when there is one, else the CPU), `cpu`,
+    `cuda` or `cuda:N`; a CUDA device this machine does not have is refused by name."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N ({err})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def inference_precision(device: torch.device):
+    """The autocast context for evaluation: bf16 on a CUDA device that has it, fp16 on an
+    older one, none (fp32) on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)

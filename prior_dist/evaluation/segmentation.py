@@ -162,8 +162,9 @@ def dice_iou(pred_NMHW: torch.Tensor, target_NMHW: torch.Tensor, classes) -> dic
 @torch.no_grad()
 def predict_masks(model: SegmentationModel, data: TensorSet, batch_size: int = 32):
     model.eval()
+    device = next(model.parameters()).device
     parts = [
-        model(data.normalised(slice(i, i + batch_size))) > 0
+        (model(data.normalised(slice(i, i + batch_size)).to(device)) > 0).cpu()
         for i in range(0, len(data), batch_size)
     ]
     return torch.cat(parts)
@@ -182,7 +183,9 @@ def train_segmentation(
     finetune: bool = False,
 ) -> SegmentationModel:
     torch.manual_seed(seed)
+    device = next(tower.parameters()).device  # the fine-tune runs where the tower is
     model = SegmentationModel(copy.deepcopy(tower), image_size, len(classes), finetune)
+    model.to(device)
     decoder_params = [p for n, p in model.named_parameters() if not n.startswith("pyramid.tower")]
     groups = [{"params": decoder_params, "lr": lr}]
     if finetune:
@@ -193,8 +196,8 @@ def train_segmentation(
     )
     model.train()
     for batch in batches(indices, min(batch_size, len(indices)), steps, seed):
-        images = normalise(train.images[batch])
-        loss = segmentation_loss(model(images), train.masks[batch])
+        images = normalise(train.images[batch]).to(device)
+        loss = segmentation_loss(model(images), train.masks[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

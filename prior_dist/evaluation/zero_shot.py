@@ -110,8 +110,8 @@ def zero_shot(
             continue
         images = images[single].to(device)
         global_part, local_part = zero_shot_parts(model, images, per_prompt)
-        combined.append(global_part + local_weight * local_part)
-        global_only.append(global_part)
+        combined.append((global_part + local_weight * local_part).float().cpu())
+        global_only.append(global_part.float().cpu())
         targets.append(labels[single].argmax(1))
     if not targets:
         raise ValueError(f"{data} [{split}]: no image with exactly one of {list(classes)}")

@@ -222,6 +222,44 @@ def timm_arguments(image_cfg: ImageTowerConfig) -> dict:
 
 # --- ResNet backbone <-> torchvision -----------------------------------------------------------
 
+_TORCHVISION_RESNETS = {
+    ("bottleneck", (3, 4, 6, 3)): "resnet50",
+    ("bottleneck", (3, 4, 23, 3)): "resnet101",
+    ("basic", (2, 2, 2, 2)): "resnet18",
+    ("basic", (3, 4, 6, 3)): "resnet34",
+}
+
+
+def resnet_constructors(image_cfg: ImageTowerConfig) -> dict:
+    """How to build a module that loads the exported ResNet image encoder with `strict=True`.
+
+    At width 64: timm's `ResNet(**timm_resnet)` for any depth (`block` named by its class in
+    `timm.models.resnet`), and the torchvision call for a stock depth. Other widths (the demo's
+    16, tiny's 4) have no stock constructor, as both libraries fix the stem at 64 channels;
+    `prior_dist` builds them from the card's image config."""
+    ours = (
+        "prior_dist.models.resnet.ResNetBackbone(prior_dist.models.config.ImageTowerConfig("
+        '**model_card["model_config"]["image"]))'
+    )
+    if image_cfg.width != 64:
+        return {"prior_dist": ours, "note": "no torchvision or timm constructor for this width"}
+    out = {
+        "prior_dist": ours,
+        "timm_resnet": {
+            "block": "Bottleneck" if image_cfg.block == "bottleneck" else "BasicBlock",
+            "layers": list(image_cfg.layers),
+            "in_chans": 1,
+            "num_classes": 0,
+        },
+    }
+    name = _TORCHVISION_RESNETS.get((image_cfg.block, tuple(image_cfg.layers)))
+    if name:
+        out["torchvision"] = (
+            f"m = torchvision.models.{name}(); m.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, "
+            "bias=False); m.fc = torch.nn.Identity()"
+        )
+    return out
+
 
 def resnet_from_torchvision(state: State) -> State:
     """A torchvision `ResNet` state dict (a `state_dict` wrapper and DataParallel's `module.`

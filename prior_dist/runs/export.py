@@ -3,7 +3,9 @@
 DIR holds:
 - `image_encoder.safetensors`: the ResNet backbone in torchvision's layout (1-channel conv1, no
   `fc`): `m = torchvision.models.resnet50(); m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False);
-  m.fc = nn.Identity(); m.load_state_dict(load_file(...), strict=True)` for the paper model;
+  m.fc = nn.Identity(); m.load_state_dict(load_file(...), strict=True)` for the paper model; the
+  model card's `image_encoder_constructors` gives the call for every shape (timm's `ResNet` at
+  width 64, `prior_dist`'s `ResNetBackbone` for narrower towers such as the demo's);
   a ViT tower in timm's `VisionTransformer` layout (`timm.create_model("vit_base_patch16_224",
   in_chans=1, num_classes=0)` for ViT-B/16 at 224 px; the model card gives the arguments);
 - `text_encoder/`: a Hugging Face BERT directory (`AutoModel.from_pretrained`,
@@ -24,7 +26,12 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from prior_dist.data.transforms import MIMIC_MEAN, MIMIC_STD
-from prior_dist.models.state_dict import hf_bert_config, split_for_export, timm_arguments
+from prior_dist.models.state_dict import (
+    hf_bert_config,
+    resnet_constructors,
+    split_for_export,
+    timm_arguments,
+)
 from prior_dist.runs.layout import CARD_FILE, HEADS_FILE, IMAGE_FILE, TEXT_DIR
 
 
@@ -79,6 +86,8 @@ def export_model(loaded, out_dir: str | Path) -> Path:
     }
     if cfg.image.arch == "vit":
         card["timm_vision_transformer"] = timm_arguments(cfg.image)
+    else:
+        card["image_encoder_constructors"] = resnet_constructors(cfg.image)
     tmp = out / (CARD_FILE + ".tmp")
     tmp.write_text(json.dumps(card, indent=2))
     os.replace(tmp, out / CARD_FILE)
@@ -106,7 +115,9 @@ def _card_markdown(card: dict) -> str:
             "timm VisionTransformer layout: `VisionTransformer(**model_card.json"
             '["timm_vision_transformer"])`'
             if cfg["image"]["arch"] == "vit"
-            else "torchvision ResNet layout, conv1 with one input channel, no fc"
+            else "torchvision ResNet layout, conv1 with one input channel, no fc; "
+            '`model_card.json["image_encoder_constructors"]` names the torchvision, timm or '
+            "prior_dist call that builds a module loading it strictly"
         )
         + "), `text_encoder/` (Hugging Face BERT + tokenizer), `heads.safetensors` "
         "(the rest of the model), `model_card.json`.",
