@@ -381,3 +381,45 @@ def test_workers_ignore_sigterm_from_others_but_not_from_their_rank(phantom_dir,
     assert "workers kept" in proc.stdout, proc.stderr[-3000:]
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "exited unexpectedly" not in proc.stderr
+
+
+SIGNAL_STORM = """
+import os, signal, subprocess, sys
+from prior_dist.data.loader import PriorLoader
+from prior_dist.data.tokenize import load_tokenizer
+from prior_dist.data.transforms import TransformConfig
+
+shards = sys.argv[1]
+signal.signal(signal.SIGTERM, lambda *_: None)  # the main process rides the storm out
+loader = PriorLoader(
+    shards, load_tokenizer(shards + "/wordpiece"), 4, num_workers=2,
+    transform=TransformConfig(image_size=32),
+)
+group = os.getpgid(0)
+killer = subprocess.Popen(
+    ["sh", "-c", f"trap '' TERM; while :; do kill -TERM -{group} 2>/dev/null; sleep 0.001; done"],
+    start_new_session=True,
+)
+try:
+    for _ in range(12):  # every new iterator forks two workers into the storm
+        batches = iter(loader)
+        next(batches)
+        del batches
+finally:
+    killer.kill()
+print("no worker died", flush=True)
+"""
+
+
+def test_workers_forked_during_a_group_sigterm_storm_survive(phantom_dir, tokenizer):
+    """Group SIGTERMs every millisecond while loaders fork their workers: a worker hit between
+    its fork and its signal set-up would die ('exited unexpectedly'); none may."""
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_STORM, str(phantom_dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        start_new_session=True,  # its own process group: the storm reaches nothing else
+    )
+    assert "no worker died" in proc.stdout, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ and the number of workers. Resampled mode draws every epoch's samples with repla
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -141,6 +142,22 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     threading.Thread(
         target=_end_on_sigterm_from, args=(parent,), name="sigterm-from-parent", daemon=True
     ).start()
+
+
+@contextlib.contextmanager
+def _stop_signals_held(num_workers: int):
+    """SIGTERM and SIGINT blocked in this thread while DataLoader workers are forked: a worker
+    inherits the mask, so a group signal that lands between its fork and `_ignore_stop_signals`
+    waits (the worker's thread then takes it) instead of killing it. One that reaches the main
+    process meanwhile is delivered when the mask is restored."""
+    if num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _end_on_sigterm_from(parent: int) -> None:
@@ -288,7 +305,9 @@ class PriorLoader:
                 collate_fn=_identity,
                 **self._loader_kwargs(),
             )
-            for batch in loader:
+            with _stop_signals_held(self.num_workers):
+                batches = iter(loader)  # forks the workers
+            for batch in batches:
                 self._count_skips(batch["skipped"])
                 self.step += 1
                 yield batch
@@ -309,7 +328,8 @@ class PriorLoader:
         )
         labels = len(self.transform.label_names) if self.transform.label_names else None
         pending, errors = [], []
-        items = iter(loader)
+        with _stop_signals_held(self.num_workers):
+            items = iter(loader)  # forks the workers
         while self.step < self.plan.num_steps:
             taken = 0
             for item in items:
