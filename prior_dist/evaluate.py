@@ -16,13 +16,13 @@ public layout (chexpert, chexpert5x200, rsna, siim, covidx: see
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from prior_dist.data.labels import CHEXPERT_COMPETITION
+from prior_dist.data.shards import atomic_write_json
 from prior_dist.evaluation.datasets import write_split_file
 from prior_dist.evaluation.dense import dense_task
 from prior_dist.evaluation.inputs import (
@@ -35,6 +35,7 @@ from prior_dist.evaluation.linear_probe import linear_probe
 from prior_dist.evaluation.retrieval import retrieval
 from prior_dist.evaluation.zero_shot import DEFAULT_PROMPT, zero_shot
 from prior_dist.runs import load_model
+from prior_dist.runs.layout import MARKER
 
 TASKS = {"zero-shot", "retrieval", "linear-probe", "segmentation", "detection"}
 
@@ -111,7 +112,7 @@ def default_out(checkpoint: str, task: str) -> Path:
     path = Path(checkpoint)
     if path.is_file():
         return path.parent / "eval" / f"{task}.json"
-    if (path / "complete.json").is_file():
+    if (path / MARKER).is_file():  # a checkpoint directory: its run's eval/
         path = path.parent.parent
     return path / "eval" / f"{task}.json"
 
@@ -258,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.task)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        atomic_write_json(out, result)
     except OSError as err:
         print(f"evaluate: error: could not write {out}: {err} (pass --out)", file=sys.stderr)
         return 2

@@ -181,18 +181,19 @@ class ShardReader:
 
     def __init__(self, limit: int = 64):
         self.limit = limit
-        self.handles: dict[str, int] = {}
+        self.handles: dict[str, tuple[int, int]] = {}  # path -> (fd, size at open)
 
     def read(self, path: str, offset: int, size: int) -> bytes:
-        fd = self.handles.get(path)
-        if fd is None:
+        if path not in self.handles:
             if len(self.handles) >= self.limit:
-                os.close(self.handles.pop(next(iter(self.handles))))
-            fd = self.handles[path] = os.open(path, os.O_RDONLY)
-        if offset + size > os.fstat(fd).st_size:  # also keeps a huge `size` from being read
+                os.close(self.handles.pop(next(iter(self.handles)))[0])
+            fd = os.open(path, os.O_RDONLY)
+            self.handles[path] = fd, os.fstat(fd).st_size
+        fd, file_size = self.handles[path]
+        if offset + size > file_size:  # also keeps a huge `size` from being read
             raise CorruptSample(
                 f"{path}: truncated (wanted {size} bytes at offset {offset}, the file has "
-                f"{os.fstat(fd).st_size})"
+                f"{file_size})"
             )
         data = os.pread(fd, size, offset)
         if len(data) != size:
@@ -210,7 +211,7 @@ class ShardReader:
         }
 
     def __del__(self) -> None:
-        for fd in self.handles.values():
+        for fd, _ in self.handles.values():
             try:
                 os.close(fd)
             except OSError:

@@ -11,6 +11,7 @@ the ranks; a group signal reaches the ranks directly.)
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import psutil
@@ -53,13 +54,11 @@ def watch_runner(on_gone: Callable[[str], None], interval_s: float = 1.0) -> boo
     if found is None:
         return False
     launch, runner = found
-    stop = threading.Event()
 
     def watch() -> None:
-        while not stop.wait(interval_s):
-            if runner_gone(launch, runner):
-                on_gone(f"the deepspeed launcher (pid {runner.pid}) exited")
-                return
+        while not runner_gone(launch, runner):
+            time.sleep(interval_s)
+        on_gone(f"the deepspeed launcher (pid {runner.pid}) exited")
 
     threading.Thread(target=watch, name="prior-dist-launcher-watch", daemon=True).start()
     return True

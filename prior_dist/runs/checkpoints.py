@@ -13,7 +13,6 @@ whose files no longer match their records (truncated, overwritten, scrambled) is
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prior_dist.data.shards import sha256_file
 from prior_dist.runs.layout import (
     DAMAGED_PREFIX,
     MARKER,
@@ -76,9 +76,7 @@ def remove_partial(run_dir: Path) -> list[str]:
 
 
 def _digest(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return {"bytes": size, "sha256": hashlib.file_digest(handle, "sha256").hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def file_records(directory: Path, rank: int = 0, world: int = 1) -> dict:
@@ -132,6 +130,18 @@ def _problems(directory: Path) -> list[str]:
     return _all_ranks(mine, lambda parts: sorted(p for part in parts for p in part))
 
 
+def newest_intact(run_dir: Path, problems_of=damaged_files) -> tuple[Path | None, list]:
+    """The newest complete checkpoint whose files pass `problems_of` (None when none does), and
+    `(path, problems)` for each damaged one newer than it, newest first."""
+    damaged = []
+    for path in reversed(complete_checkpoints(run_dir)):
+        problems = problems_of(path)
+        if not problems:
+            return path, damaged
+        damaged.append((path, problems))
+    return None, damaged
+
+
 def choose_checkpoint(run_dir: Path, resume: str, log=print) -> Path | None:
     """The checkpoint to resume from, its files checked against `complete.json` (every rank
     checks a share and all agree). `auto`: the newest intact one; damaged newer ones are set
@@ -143,14 +153,11 @@ def choose_checkpoint(run_dir: Path, resume: str, log=print) -> Path | None:
         if problems:
             raise ValueError(f"--resume {resume}: damaged checkpoint: " + "; ".join(problems))
         return path
-    damaged = []
-    for path in reversed(complete_checkpoints(run_dir)):
-        problems = _problems(path)
-        if not problems:
-            for bad, why in damaged:
-                _set_aside(bad, why, path, log)
-            return path
-        damaged.append((path, problems))
+    path, damaged = newest_intact(run_dir, _problems)
+    if path is not None:
+        for bad, why in damaged:
+            _set_aside(bad, why, path, log)
+        return path
     if damaged:
         found = "; ".join(f"{p.name}: {', '.join(why)}" for p, why in damaged)
         raise ValueError(

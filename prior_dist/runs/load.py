@@ -22,7 +22,7 @@ from prior_dist.models.state_dict import (
     load_hf_weights,
     prior_from_reference,
 )
-from prior_dist.runs.checkpoints import damaged_files
+from prior_dist.runs.checkpoints import damaged_files, newest_intact
 from prior_dist.runs.layout import (
     CARD_FILE,
     EVAL_RESULT,
@@ -33,7 +33,6 @@ from prior_dist.runs.layout import (
     RESOLVED_CONFIG,
     RUN_TOKENIZER,
     TEXT_DIR,
-    complete_checkpoints,
 )
 from prior_dist.runs.safe_load import check_torch_files, safe_torch_load
 
@@ -112,17 +111,14 @@ def _intact_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
         if problems:
             raise ValueError(f"checkpoint {checkpoint} is damaged: " + "; ".join(problems))
         return Path(checkpoint)
-    found = complete_checkpoints(run_dir)
-    if not found:
+    path, damaged = newest_intact(run_dir)
+    for bad, problems in damaged:
+        warnings.warn(f"checkpoint {bad} is damaged ({'; '.join(problems)}); skipped", stacklevel=3)
+    if path is None and damaged:
+        raise ValueError(f"{run_dir}: every complete checkpoint is damaged")
+    if path is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
-    for path in reversed(found):
-        problems = damaged_files(path)
-        if not problems:
-            return path
-        warnings.warn(
-            f"checkpoint {path} is damaged ({'; '.join(problems)}); skipped", stacklevel=3
-        )
-    raise ValueError(f"{run_dir}: every complete checkpoint is damaged")
+    return path
 
 
 def _locate_data(data: DataConfig, run_dir: Path) -> DataConfig:
@@ -185,14 +181,7 @@ def load_reference(
     of the tokenizer it was trained with (Bio_ClinicalBERT's), which the file does not hold.
     `base`: another model size in the reference layout (tests use `tiny`)."""
     path = Path(path)
-    raw = safe_torch_load(path)
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise ValueError(f"{path}: not a state dict or a Lightning checkpoint with `state_dict`")
-    try:
-        ours = prior_from_reference(state)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    ours = _reference_state(path)
     cfg = base or model_config("paper", "reference")
     vocab = ours.get("text.bert.word_embeddings.weight")
     if vocab is not None:
@@ -212,6 +201,19 @@ def load_reference(
     return LoadedModel(model, load_tokenizer(tokenizer), str(path), info)
 
 
+def _reference_state(path: Path) -> dict:
+    """The authors' file (a Lightning checkpoint or its `state_dict` alone), read weights-only,
+    in our reference-layout names; a ValueError naming the file otherwise."""
+    raw = safe_torch_load(path)
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"{path}: not a state dict or a Lightning checkpoint with `state_dict`")
+    try:
+        return prior_from_reference(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def _load_strictly(model, state: dict, path: Path) -> None:
     """Every parameter present with its shape, nothing extra: else a ValueError naming keys."""
     expected = model.state_dict()
@@ -229,7 +231,7 @@ def _load_strictly(model, state: dict, path: Path) -> None:
     ]
     if problems:
         raise ValueError(
-            f"{path}: does not fit the reference-layout paper model; " + "; ".join(problems)
+            f"{path}: does not fit the model it is loaded into; " + "; ".join(problems)
         )
     model.load_state_dict(state, strict=True)
 
@@ -239,12 +241,7 @@ def initial_weights(model, path: str | Path) -> str:
     directory, or the authors' released checkpoint file. Returns a one-line report."""
     path = Path(path)
     if path.is_file():
-        raw = safe_torch_load(path)
-        state = raw.get("state_dict", raw) if isinstance(raw, dict) else {}
-        try:
-            state = prior_from_reference(state)
-        except ValueError as err:
-            raise ValueError(f"model.init_from {path}: {err}") from None
+        state = _reference_state(path)
         kind = "the authors' checkpoint"
     elif (
         (path / CARD_FILE).is_file()

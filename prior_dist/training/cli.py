@@ -15,6 +15,7 @@ import yaml
 
 from prior_dist.distributed.env import adopt_slurm_environment
 from prior_dist.runs.checkpoints import CheckpointWriteError
+from prior_dist.runs.layout import EVAL_RESULT
 from prior_dist.training.ds_config import check_against_recipe, read_deepspeed_config
 from prior_dist.training.recipe import CONFIG_DIR, load_recipe
 from prior_dist.training.trainer import NonFiniteLossError, Trainer
@@ -157,7 +158,7 @@ def run_summary(result: dict, run_dir: Path) -> str:
         lines.append(
             f"[prior_dist] zero-shot accuracy {zero['paper_score']['accuracy']:.3f} over "
             f"{zero['images']} images (chance {zero['chance']:.3f}); details in "
-            f"{run_dir / 'eval.json'}"
+            f"{run_dir / EVAL_RESULT}"
         )
     lines += [
         f"[prior_dist] run directory {run_dir}; next:",
