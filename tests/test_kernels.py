@@ -155,8 +155,12 @@ def test_model_losses_equal_with_triton_local_attention():
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    DEVICE == "cuda", reason="on a GPU the suite runs the benchmark itself, compiled for CUDA"
+)
 def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
-    """bench/kernels.py (the GPU suite's benchmark) runs end to end on tiny shapes."""
+    """bench/kernels.py (the GPU suite's benchmark) runs end to end on tiny shapes, through
+    the interpreter (whose numpy use broke on the GPU machine's Triton 3.6, 2026-12-04)."""
     import json
     import os
     import subprocess

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from prior_dist.runs.checkpoints import file_records
 from tests.pretrain_runs import (
@@ -98,6 +99,23 @@ def test_bf16_smoke(reference, tiny_shards):
     )
     lines = metrics(run)
     assert len(lines) == 2 and all(abs(line["loss"]) < 1e4 for line in lines)
+    # Evaluation and export read the optimizer's fp32 master weights, not the module's bf16
+    # copies (which the checkpoint's module file holds under bf16).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from prior_dist.runs.load import load_run
+    from prior_dist.runs.safe_load import safe_torch_load
+
+    checkpoint = sorted((run / "checkpoints").glob("step*"))[-1]
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), checkpoint.name)
+    module = safe_torch_load(checkpoint / "mp_rank_00_model_states.pt")["module"]
+    loaded = load_run(run).model.state_dict()
+    assert module["model.prototype_bank.prototypes"].dtype == torch.bfloat16
+    differ = 0
+    for name, value in loaded.items():
+        assert torch.equal(value, masters[f"model.{name}"]), name
+        differ += not torch.equal(value, module[f"model.{name}"].to(value.dtype))
+    assert differ > 0  # trained weights the bf16 copies round (masters start as those copies)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from prior_dist.training.cli import main
+from prior_dist.training.cli import main, runtime_failure
+from prior_dist.training.ds_config import engine_config, read_deepspeed_config
 from prior_dist.training.recipe import load_recipe
 from prior_dist.training.schedule import learning_rate, plan_stages
 from tests.conftest import REPO
@@ -83,19 +84,46 @@ GOOD = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
             "model.image.layers[1] must be int",
         ),
         (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
+        (GOOD, ["--recipe", "tiny", "--set", "optim.impl=apex"], "optim.impl must be one of"),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "optim.impl=deepspeed_fused"],
+            "optim.impl=deepspeed_fused needs a CUDA device",
+        ),
     ],
 )
 def test_refused_with_a_message(tmp_path, capsys, config, args, message):
     """`launch/pretrain.py`'s main, in this process (the refusals come before any process group
     or import of DeepSpeed's engine); the script itself: test_the_script_refuses_bad_json."""
-    if "fp16" in str(config) and torch.cuda.is_available():
-        pytest.skip("fp16 is allowed on CUDA")
+    if ("fp16" in str(config) or "deepspeed_fused" in str(args)) and torch.cuda.is_available():
+        pytest.skip("allowed on CUDA")
     path = _write(tmp_path, config)
     code = main(["--config", str(path), "--run-dir", str(tmp_path / "run"), *args])
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     assert message in stderr, stderr
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "impl, device, expected",
+    [
+        ("auto", "cpu", {"torch_adam": True}),
+        ("auto", "cuda", {"torch_adam": True, "fused": True}),
+        ("torch_fused", "cpu", {"torch_adam": True, "fused": True}),
+        ("torch", "cuda", {"torch_adam": True}),
+        ("deepspeed_fused", "cuda", {}),
+    ],
+)
+def test_optim_impl_chooses_the_adamw(impl, device, expected):
+    """What DeepSpeed is handed: torch_adam makes it build torch.optim.AdamW with the other
+    params (fused=True: torch's single-kernel AdamW); neither key: DeepSpeed's FusedAdam."""
+    recipe, _ = load_recipe("tiny", [f"optim.impl={impl}"])
+    path = REPO / "configs/zero2.json"
+    config = engine_config(read_deepspeed_config(path), recipe, device)
+    params = config["optimizer"]["params"]
+    assert config["optimizer"]["type"] == "AdamW"
+    assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == expected
 
 
 def test_the_script_refuses_bad_json(tmp_path):
@@ -180,3 +208,23 @@ def test_print_config_shows_every_field_resolved(capsys):
     assert code == 0 and printed["eval"]["classes"] == ["Edema", "Atelectasis"]
     assert printed["model"]["heads"]["sentence_loss_mean"] == "per_report"
     assert {"data", "optim", "train", "checkpoint", "logging", "eval", "model"} <= set(printed)
+
+
+@pytest.mark.parametrize(
+    "error, peer",
+    [
+        (
+            RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+            ),
+            True,
+        ),
+        (torch.distributed.DistBackendError("NCCL communicator was aborted"), True),
+        (RuntimeError("Expected running_mean to have type BFloat16 but got Float"), False),
+    ],
+)
+def test_a_runtime_error_blames_a_peer_only_when_a_collective_failed(error, peer):
+    """Seen on the GPU: a dtype error in this rank's own backward was reported as a dead peer."""
+    text = runtime_failure(error)
+    assert ("a peer rank has probably died" in text) is peer, text
+    assert str(error) in text

@@ -1,9 +1,16 @@
-"""Batch norm synchronised across ranks, on any backend.
+"""Batch norm synchronised across ranks, on any backend, and under bf16/fp16 weights.
 
 torch's SyncBatchNorm takes CUDA tensors only; `GlooSyncBatchNorm` all-reduces the batch
 statistics (two passes: mean, then the centred second moment) through autograd-aware
 collectives, so it runs on gloo and gives the statistics of the global batch. On CUDA the
-converter uses torch's own.
+converter uses torch's own kernels.
+
+Mixed precision: DeepSpeed casts parameters to bf16/fp16 and leaves buffers in fp32, so a norm
+holds half-precision weight and bias beside fp32 running statistics. CUDA's batch norm refuses
+that mix in the backward pass ("Expected running_mean to have type BFloat16 but got Float",
+seen on an H200); it accepts half-precision input with fp32 weight and statistics, the layout
+autocast uses. The CUDA norms here hand the kernel their weight and bias in the statistics'
+dtype (fp32): the statistics stay exact, and gradients flow back to the half-precision weights.
 """
 
 from __future__ import annotations
@@ -54,21 +61,56 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
         return out.to(x.dtype)
 
 
-def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
-    """Every BatchNorm2d synchronised: torch's SyncBatchNorm on CUDA, ours elsewhere."""
+class _AffineInStatsDtype:
+    """Mixin for torch's norms: weight and bias are handed to the kernel in the running
+    statistics' dtype when they differ (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, stats = self.weight, self.running_mean
+        if weight is None or stats is None or weight.dtype == stats.dtype:
+            return super().forward(x)
+        # The parent's forward run directly (no module hooks fire twice, as ZeRO-3's would
+        # under a functional_call) with the upcast tensors in the parameters' places.
+        held = self._parameters["weight"], self._parameters["bias"]
+        self._parameters["weight"] = held[0].to(stats.dtype)
+        self._parameters["bias"] = held[1].to(stats.dtype)
+        try:
+            return super().forward(x)
+        finally:
+            self._parameters["weight"], self._parameters["bias"] = held
+
+
+class FloatStatsBatchNorm(_AffineInStatsDtype, nn.BatchNorm2d):
+    """`nn.BatchNorm2d` whose half-precision weights meet fp32 statistics in fp32."""
+
+
+class FloatStatsSyncBatchNorm(_AffineInStatsDtype, nn.SyncBatchNorm):
+    """torch's `SyncBatchNorm` (CUDA) whose half-precision weights meet fp32 statistics in fp32."""
+
+
+def convert_batchnorm(module: nn.Module, device_type: str, sync: bool) -> nn.Module:
+    """Every `BatchNorm2d` below `module` replaced, state kept: synchronised over the ranks
+    when `sync` (torch's kernels on CUDA, `GlooSyncBatchNorm` elsewhere), and on CUDA safe under
+    bf16/fp16 weights. A CPU norm without sync is left as it is (it accepts the mix)."""
     if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        kind = FloatStatsSyncBatchNorm if sync else FloatStatsBatchNorm
+    elif sync:
+        kind = GlooSyncBatchNorm
+    else:
+        return module
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            replacement = GlooSyncBatchNorm(
+            replacement = kind(
                 child.num_features,
                 child.eps,
                 child.momentum,
                 child.affine,
                 child.track_running_stats,
             )
+            held = next(iter(child.state_dict().values()), None)  # stays where the model is
+            replacement.to(None if held is None else held.device)
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement)
         else:
-            convert_sync_batchnorm(child, device_type)
+            convert_batchnorm(child, device_type, sync)
     return module

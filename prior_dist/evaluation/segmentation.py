@@ -47,12 +47,13 @@ class Pyramid(nn.Module):
         self.tower, self.frozen = tower, frozen
         for p in tower.parameters():
             p.requires_grad_(not frozen)
+        device = next(tower.parameters()).device  # the probe runs where the tower is
         with torch.no_grad():
             was = tower.training
             have = {
                 s: m.shape[1]
                 for s, m in tower.eval()
-                .feature_pyramid(torch.zeros(1, 1, image_size, image_size))
+                .feature_pyramid(torch.zeros(1, 1, image_size, image_size, device=device))
                 .items()
             }
             tower.train(was)

@@ -81,9 +81,11 @@ def choose_tiling(sq: int, sk: int, d: int, device_type: str) -> Tiling:
 
 def _precision(dtype: torch.dtype) -> dict:
     """tl.dot settings: fp32 inputs multiply in full precision (no TF32) so fp32 results match
-    the reference; bf16 operands are widened exactly under the interpreter (see `_dot`)."""
+    the reference; half-precision operands multiply natively (the precision setting only
+    governs fp32 operands; Triton 3.6 on CUDA refuses any value but tf32, tf32x3, ieee, bf16x3
+    and bf16x6); bf16 operands are widened exactly under the interpreter (see `_dot`)."""
     return {
-        "PRECISION": "ieee" if dtype == torch.float32 else "default",
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "UPCAST": interpreter_on() and dtype == torch.bfloat16,
     }
 

@@ -26,8 +26,6 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     Triton interpreter mis-computes tl.dot on bf16 operands, so it is used there only."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if PRECISION == "default":  # half-precision operands: Triton's own default
-        return tl.dot(a, b)
     return tl.dot(a, b, input_precision=PRECISION)
 
 

@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from prior_dist.data.config import DataConfig
@@ -51,21 +52,25 @@ class LoadedModel:
 
 
 def _checkpoint_state(checkpoint: Path) -> dict:
-    """The full module state of a DeepSpeed checkpoint (ZeRO-3 partitions are merged)."""
+    """The full fp32 module state of a DeepSpeed checkpoint: ZeRO-3 partitions merged, and under
+    bf16/fp16 with ZeRO 1-3 the optimizer's fp32 master weights rather than the module's
+    half-precision copies (which lose all but 8 or 11 bits of each trained weight)."""
     states = checkpoint / MODEL_STATES
     if not states.is_file():
         raise FileNotFoundError(f"{checkpoint}: no {MODEL_STATES}")
     marker = json.loads((checkpoint / MARKER).read_text())
-    if marker.get("zero_stage", 0) == 3:
-        # deepspeed is heavy and needed only for ZeRO-3 partitions.
+    state = None if marker.get("zero_stage", 0) == 3 else safe_torch_load(states)["module"]
+    half = state is not None and any(
+        v.is_floating_point() and v.dtype != torch.float32 for v in state.values()
+    )
+    if state is None or (half and marker.get("zero_stage", 0) > 0):
+        # deepspeed is heavy and needed only for the merge from the optimizer's partitions.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         check_torch_files(checkpoint)  # DeepSpeed's merge unpickles everything: look first
         state = get_fp32_state_dict_from_zero_checkpoint(
             str(checkpoint.parent), tag=checkpoint.name
         )
-    else:
-        state = safe_torch_load(states)["module"]
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 

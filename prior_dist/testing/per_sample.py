@@ -59,7 +59,7 @@ def intra_report(
     context_SD: torch.Tensor, sentences_SD: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     logits = scale * F.normalize(context_SD, dim=-1) @ F.normalize(sentences_SD, dim=-1).t()
-    labels = torch.arange(logits.shape[0])
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
@@ -67,7 +67,7 @@ def global_infonce(
     image_ND: torch.Tensor, text_ND: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     logits = scale * F.normalize(image_ND, dim=-1) @ F.normalize(text_ND, dim=-1).t()
-    labels = torch.arange(logits.shape[0])
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
@@ -85,7 +85,7 @@ def match(generated_QD: torch.Tensor, targets_QD: torch.Tensor, mode: str) -> to
     order = [0] * len(cols)
     for output, target in zip(rows, cols):
         order[target] = output
-    index = torch.tensor(order) if mode == "correct" else torch.as_tensor(cols)
+    index = torch.as_tensor(order if mode == "correct" else cols, device=generated_QD.device)
     return generated_QD[index]
 
 

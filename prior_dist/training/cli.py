@@ -78,6 +78,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_PEER_SIGNS = (
+    "gloo",
+    "nccl",
+    "connection",
+    "closed by peer",
+    "timed out",
+    "timeout",
+    "broken pipe",
+)
+
+
+def runtime_failure(err: RuntimeError) -> str:
+    """What a RuntimeError means for the user: a collective's failure (gloo/NCCL, a connection
+    reset, a timeout: a peer has probably died) or an error in this rank's own computation."""
+    text = str(err)
+    if isinstance(err, dist.DistError) or any(s in text.lower() for s in _PEER_SIGNS):
+        return (
+            "a collective operation failed; a peer rank has probably died (see the launcher's "
+            f"report of which one): {text}"
+        )
+    return f"the training step failed here (a bug or an unsupported setting, not a peer): {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -117,13 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: {err}", file=sys.stderr, flush=True)
         code = EXIT_SAVE
     except RuntimeError as err:
-        # gloo/NCCL errors when a peer dies (connection reset, collective timeout).
-        print(
-            f"pretrain: rank {rank}: a collective or runtime operation failed; a peer rank "
-            f"has probably died (see the launcher's report of which one): {err}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"pretrain: rank {rank}: {runtime_failure(err)}", file=sys.stderr, flush=True)
         traceback.print_exc()
         code = EXIT_COLLECTIVE
     finally:

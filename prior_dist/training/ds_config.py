@@ -103,6 +103,11 @@ def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str
         raise ValueError(f"{ds.path}: fp16 needs a CUDA device; on a CPU use fp32 or bf16")
     if ds.offload_optimizer and ds.zero_stage == 0:
         raise ValueError(f"{ds.path}: offload_optimizer needs zero_optimization.stage >= 1")
+    if recipe.optim.impl == "deepspeed_fused" and device_type != "cuda":
+        raise ValueError(
+            "optim.impl=deepspeed_fused needs a CUDA device (DeepSpeed's FusedAdam is a CUDA "
+            "op); on a CPU use auto, torch or torch_fused"
+        )
 
 
 def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> dict:
@@ -114,8 +119,13 @@ def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> di
         "eps": recipe.optim.eps,
         "weight_decay": recipe.optim.weight_decay,
     }
-    if device_type != "cuda" and not ds.offload_optimizer:
-        params["torch_adam"] = True  # no fused CUDA op to build on a CPU
+    impl = recipe.optim.impl
+    if impl == "auto":
+        impl = "torch_fused" if device_type == "cuda" else "torch"
+    if impl != "deepspeed_fused" and not ds.offload_optimizer:
+        params["torch_adam"] = True  # torch.optim.AdamW: nothing to compile
+        if impl == "torch_fused":
+            params["fused"] = True
     config["optimizer"] = {"type": "AdamW", "params": params}
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)

@@ -10,7 +10,7 @@ import hashlib
 import torch
 
 from prior_dist.distributed import AllGather
-from prior_dist.distributed.sync_bn import convert_sync_batchnorm
+from prior_dist.distributed.sync_bn import convert_batchnorm
 from prior_dist.losses import LocalGather
 from prior_dist.models import build_model
 from prior_dist.models.config import ModelConfig
@@ -31,9 +31,7 @@ def build_task(
 ) -> PriorTask:
     """The model with batch statistics over the global batch (when asked) and the gather its
     global losses use."""
-    model = build_model(cfg)
-    if sync_batchnorm:
-        convert_sync_batchnorm(model, device_type)
+    model = convert_batchnorm(build_model(cfg), device_type, sync_batchnorm)
     gather = AllGather() if world_size > 1 else LocalGather()
     return PriorTask(model, gather)
 

@@ -82,14 +82,25 @@ class StageConfig:
         )
 
 
+ADAMW_IMPLS = ("auto", "torch", "torch_fused", "deepspeed_fused")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 1e-6
+    # AdamW implementation. auto: torch's fused AdamW on CUDA (nothing to compile), torch's
+    # multi-tensor AdamW on a CPU; torch | torch_fused | deepspeed_fused (DeepSpeed's FusedAdam,
+    # compiled with nvcc at the first run).
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
+        _require(
+            self.impl in ADAMW_IMPLS,
+            f"optim.impl must be one of {list(ADAMW_IMPLS)}, got {self.impl!r}",
+        )
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"optim.betas must be two numbers in [0, 1), got {self.betas}",

@@ -97,7 +97,9 @@ class StepRunner:
         self.batches = self._forever()
         self.bad_streak = 0
         self.skipped: Counter = Counter()
-        self.flops_per_micro: float | None = None
+        # FLOPs of one micro-batch's forward + backward, counted once per curriculum stage (the
+        # stages run different losses), on CUDA only: the MFU of each step's record.
+        self.flops_per_micro: dict[int, float] = {}
         self.start_bank = False  # set at the start of stage 2 (heads.prototype_init)
         self.step = 0  # the optimizer step being run, 1-based
         self.micro = 0  # forward passes so far in this step
@@ -113,11 +115,12 @@ class StepRunner:
         self.batches.close()
 
     def forward(self, data: dict, plan: StagePlan, noise: dict | None) -> dict:
-        """The task's losses for one micro-batch (FLOPs counted once on CUDA, for MFU)."""
-        if self.flops_per_micro is None and self.device.type == "cuda":
+        """The task's losses for one micro-batch (FLOPs counted once per stage on CUDA, for MFU;
+        the backward pass is taken as twice the forward)."""
+        if plan.stage not in self.flops_per_micro and self.device.type == "cuda":
             with FlopCounterMode(display=False) as counter:
                 out = self.engine(data, plan, noise)
-            self.flops_per_micro = 3 * counter.get_total_flops()
+            self.flops_per_micro[plan.stage] = 3 * counter.get_total_flops()
             return out
         return self.engine(data, plan, noise)
 

@@ -321,7 +321,7 @@ class Trainer:
             "step_time_s": step_time,
             "memory_mb": memory_mb(self.device),
         }
-        flops = self.runner.flops_per_micro
+        flops = self.runner.flops_per_micro.get(span.stage)
         if flops is not None:
             record["mfu"] = flops * gas / step_time / peak_flops(self.device)
         return record
