@@ -5,7 +5,8 @@
 #   1. the Triton kernel tests compiled for CUDA (fp32/bf16/fp16, forward and backward against
 #      the float64 reference), the flash-attn / CUDA model tests and the mixed-precision norms;
 #   2. the paper recipe on 2000 phantom studies stored at 256 px (224 px crops), micro-batch 98, random BERT
-#      init, stages of 10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait;
+#      init, stages of 10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait,
+#      and a torch.profiler window over two stage-3 steps (RUN_DIR/profile: ops.txt, trace.json);
 #   3. evaluate zero-shot, linear-probe and segmentation with --device cuda on the bf16 run;
 #   4. bench/heads.py --device cuda and bench/kernels.py (Triton vs eager vs torch.compile).
 # Usage: bash bench/gpu_suite.sh
@@ -103,7 +104,7 @@ for precision in "${PRECISIONS[@]}"; do
     --set model.text.pretrained=null --set data.tokenizer=auto --set data.vocab_size=28996 \
     --set data.path="$WORK/phantom256" --set data.workers="$WORKERS" \
     --set logging.progress=false --set eval.zero_shot=false --set "train.stages=$STAGES" \
-    "${MICRO[@]}"
+    --set "logging.profile_steps=[$((MAX_STEPS - 2)), $((MAX_STEPS - 1))]" "${MICRO[@]}"
   if [ "$precision" = "${PRECISIONS[0]}" ] && [ "$last_rc" = 0 ]; then  # evaluation, first run
     for task in zero-shot linear-probe segmentation; do
       step "eval_$task" 90 $PY -m prior_dist.evaluate "$task" --checkpoint "$WORK/paper_$precision" \

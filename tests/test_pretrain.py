@@ -96,9 +96,14 @@ def test_bf16_smoke(reference, tiny_shards):
         tiny_shards,
         "--max-steps",
         "2",
+        "--set",
+        "logging.profile_steps=[2, 3]",  # a window the run ends inside: still written
     )
     lines = metrics(run)
     assert len(lines) == 2 and all(abs(line["loss"]) < 1e4 for line in lines)
+    ops = (run / "profile" / "ops.txt").read_text()
+    assert "steps 2..2, sorted by self_cpu_time_total" in ops and "aten::" in ops
+    assert json.loads((run / "profile" / "trace.json").read_text())["traceEvents"]
     # Evaluation and export read the optimizer's fp32 master weights, not the module's bf16
     # copies (which the checkpoint's module file holds under bf16).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -174,8 +174,18 @@ class CheckpointConfig:
 class LoggingConfig:
     progress: bool = True
     tensorboard: bool = False
+    # [first, last]: optimizer steps (1-based, inclusive) profiled on rank 0 with
+    # torch.profiler into RUN_DIR/profile/ (ops.txt, trace.json); null: off.
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.profile_steps is not None:
+            steps = tuple(self.profile_steps)
+            _require(
+                len(steps) == 2 and 1 <= steps[0] <= steps[1],
+                f"logging.profile_steps must be [first, last] with 1 <= first <= last, "
+                f"got {list(steps)}",
+            )
         if self.tensorboard:
             try:
                 # TensorBoard is optional: checked here so a recipe asking for it fails early.
@@ -260,7 +270,7 @@ def _coerce(name: str, annotation: str, value, where: str):
             return None
         raise ValueError(f"{where}.{name} must not be null")
     sequence = _SEQUENCE.match(parts[0])
-    if sequence and len(parts) == 1:
+    if sequence and parts[1:] in ([], ["None"]):
         return _coerce_sequence(name, sequence, value, where)
     kinds = [_SCALARS[p] for p in parts if p in _SCALARS]
     if not kinds or len(kinds) + ("None" in parts) != len(parts):

@@ -45,6 +45,7 @@ from prior_dist.training.parallelize import (
     reset_optimizer_state,
     set_learning_rate,
 )
+from prior_dist.training.profile import StepProfiler
 from prior_dist.training.recipe import Recipe
 from prior_dist.training.schedule import StageSpan, learning_rate, plan_stages
 from prior_dist.training.step import NonFiniteLossError, StepOutcome, StepRunner, agree, peak_flops
@@ -106,6 +107,9 @@ class Trainer:
             self.recipe.logging.tensorboard,
             self.audit_samples,
             self.total_steps if self.recipe.logging.progress else None,
+        )
+        self.profiler = StepProfiler(
+            self.recipe.logging.profile_steps, self.run_dir, self.device, self.rank, self.log
         )
         ds = self.ds
         self.log(
@@ -252,10 +256,12 @@ class Trainer:
             plan = stage_plan(span.stage, sentence_cap=train.sentence_cap, weights=weights)
             lr = learning_rate(span, self.step)
             set_learning_rate(self.engine, lr)
+            self.profiler.before(self.step + 1)
             start = time.perf_counter()
             outcome = self.runner.run(self.step + 1, plan, lr, span.stage)
             self.step += 1
             record = self._record(span, lr, outcome, time.perf_counter() - start)
+            self.profiler.after(self.step)
             every = self.recipe.eval.every_steps
             if every and self.step % every == 0:
                 record.update(self.periodic_eval())
@@ -265,12 +271,14 @@ class Trainer:
             if saved:
                 last_saved_step = self.step
             if stop:
+                self.profiler.finish(self.step)
                 self.log(
                     f"stopping at step {self.step} after a signal; checkpoint saved, resume "
                     "with --resume auto"
                 )
                 (self.run_dir / PREEMPTED).write_text(str(self.step))
                 return {"step": self.step, "stopped_by_signal": True}
+        self.profiler.finish(self.step)
         if last_saved_step != self.step:
             self.save()
         (self.run_dir / PREEMPTED).unlink(missing_ok=True)
