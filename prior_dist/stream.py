@@ -13,6 +13,7 @@ import time
 
 from prior_dist.data.index import parse_sources
 from prior_dist.data.loader import PriorLoader
+from prior_dist.data.progress import bar
 from prior_dist.data.shards import load_manifest
 from prior_dist.data.tokenize import resolve_tokenizer
 from prior_dist.data.transforms import TransformConfig
@@ -66,12 +67,15 @@ def _one_pass(loader: PriorLoader, max_steps: int | None) -> dict:
     """Read (up to `max_steps` batches of) one epoch; throughput and the exactly-once check."""
     start = time.perf_counter()
     keys, batches, tokens = [], 0, 0
-    for batch in loader:
-        keys.extend(batch["key"])
-        tokens += int(batch["attention_mask"].sum())
-        batches += 1
-        if max_steps and batches >= max_steps:
-            break
+    total = min(len(loader), max_steps) if max_steps else len(loader)
+    with bar(total=total, desc="stream", unit="batch") as progress:
+        for batch in loader:
+            keys.extend(batch["key"])
+            tokens += int(batch["attention_mask"].sum())
+            batches += 1
+            progress.update()
+            if max_steps and batches >= max_steps:
+                break
     elapsed = time.perf_counter() - start
     full_epoch = not max_steps or batches == len(loader)
     return {

@@ -258,6 +258,21 @@ def test_stream_cli_reports_exactly_once(phantom_dir):
     )
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["exactly_once"] is True and report["samples"] == len(all_keys(phantom_dir))
+    assert "stream:" not in proc.stderr  # stderr is a pipe here: no bar unless asked
+    batches = report["batches"]
+    forced = run_cli(
+        "prior_dist.stream",
+        str(phantom_dir),
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--max-steps",
+        "3",
+        env={"PRIOR_PROGRESS": "1"},
+    )
+    assert "stream: 100%" in forced.stderr and "3/3" in forced.stderr, forced.stderr
+    assert batches > 3
     proc = run_cli("prior_dist.stream", str(phantom_dir / "nowhere"), check=False)
     assert proc.returncode == 2 and "manifest" in proc.stderr
 

@@ -89,7 +89,7 @@ def test_other_zero_stages_give_the_same_trace(reference, tiny_shards, stage):
 
 def test_bf16_smoke(reference, tiny_shards):
     run = reference["tmp"] / "bf16"
-    launch(
+    proc = launch(
         1,
         ds_config(reference["tmp"], 8, 2, bf16={"enabled": True}),
         run,
@@ -98,9 +98,14 @@ def test_bf16_smoke(reference, tiny_shards):
         "2",
         "--set",
         "logging.profile_steps=[2, 3]",  # a window the run ends inside: still written
+        "--set",
+        "logging.data_wait_warn=0.0",  # any wait at all: the warning's plumbing
+        "--set",
+        "logging.data_wait_window=2",
     )
     lines = metrics(run)
     assert len(lines) == 2 and all(abs(line["loss"]) < 1e4 for line in lines)
+    assert "data wait" in proc.stdout + proc.stderr and "steps 1..2" in proc.stdout + proc.stderr
     ops = (run / "profile" / "ops.txt").read_text()
     assert "steps 2..2, sorted by self_cpu_time_total" in ops and "aten::" in ops
     assert json.loads((run / "profile" / "trace.json").read_text())["traceEvents"]

@@ -143,7 +143,8 @@ def test_mimic_cxr_end_to_end_with_bad_inputs(tmp_path):
     assert set(meta["sections"]) == {"findings", "impression"}
     with tarfile.open(out / "test-000000.tar") as tar:
         assert sorted(tar.getnames()) == ["s50000011.jpg", "s50000011.json"]  # orphan not served
-    assert run_cli("prior_dist.shardify", "verify", str(out)).returncode == 0
+    verified = run_cli("prior_dist.shardify", "verify", str(out), env={"PRIOR_PROGRESS": "1"})
+    assert verified.returncode == 0 and f"verify {out}: 100%" in verified.stderr, verified.stderr
 
 
 def test_mimic_repair_encoding_and_hash_split(tmp_path):

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from prior_dist import __version__
 from prior_dist.data.prepare import PrepareSettings, Skip, prepare_study
+from prior_dist.data.progress import bar
 from prior_dist.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -289,9 +290,9 @@ def verify(out_dir: str | Path) -> list[str]:
     out = Path(out_dir)
     problems: list[str] = []
     manifest = load_manifest(out)
-    for entry in manifest["splits"].values():
-        for shard in entry["shards"]:
-            problems += _verify_shard(out, shard)
+    shards = [shard for entry in manifest["splits"].values() for shard in entry["shards"]]
+    for shard in bar(shards, desc=f"verify {out}", unit="shard"):
+        problems += _verify_shard(out, shard)
     return problems
 
 

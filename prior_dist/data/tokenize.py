@@ -17,20 +17,21 @@ from pathlib import Path
 
 from tokenizers import normalizers, pre_tokenizers
 
+from prior_dist.data.hub import resolve_pretrained
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _CACHE_LIMIT = 500_000  # distinct sentences kept per worker before the cache starts over
 
 
-def load_tokenizer(spec: str, allow_download: bool = False):
-    """A `transformers` fast tokenizer from a local directory or (when allowed) a hub id."""
+def load_tokenizer(spec: str, field: str = "data.tokenizer"):
+    """A `transformers` fast tokenizer from a local directory or a hub id (cached, or downloaded
+    when online: `data.hub.resolve_pretrained`, which the BERT weights use too)."""
     # transformers takes about a second to import: only paths that make a tokenizer pay it, so
     # a bad config or a shardify run is not slowed down.
     from transformers import AutoTokenizer
 
-    local = Path(spec).expanduser()
-    if local.exists():
-        return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
-    return AutoTokenizer.from_pretrained(spec, local_files_only=not allow_download)
+    path = resolve_pretrained(spec, field)
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def _shard_sentences(shard_dir: Path, limit: int) -> list[str]:

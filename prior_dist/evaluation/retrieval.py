@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prior_dist.data.labels import CHEXPERT_COMPETITION
+from prior_dist.data.progress import bar
 from prior_dist.evaluation.inputs import report_loader
 from prior_dist.evaluation.metrics import precision_at_k, retrieval_metrics
 from prior_dist.runs import LoadedModel
@@ -18,7 +19,9 @@ def embeddings(loaded: LoadedModel, data: str, split: str, labels, batch_size: i
     model = loaded.model
     device = next(model.parameters()).device
     images, reports, pooled, all_labels = [], [], [], []
-    for batch in report_loader(loaded, data, split, labels, batch_size):
+    for batch in bar(
+        report_loader(loaded, data, split, labels, batch_size), desc="embed", unit="batch"
+    ):
         img = model.encode_image(batch["image"].to(device))
         txt = model.encode_text(
             batch["input_ids"].to(device),

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from prior_dist.data.images import ImageDecodeError
+from prior_dist.data.progress import bar
 from prior_dist.data.transforms import MIMIC_MEAN, MIMIC_STD
 from prior_dist.evaluation.datasets import DownstreamSet
 
@@ -105,7 +106,8 @@ def resized_chunks(
         num_workers=workers,
         collate_fn=list,
     )
-    for chunk in loader:
+    desc = f"decode {dataset.name} [{dataset.split}]"
+    for chunk in bar(loader, desc=desc, unit="batch", leave=False):
         yield ([c for c in chunk if "error" not in c], [c["error"] for c in chunk if "error" in c])
 
 
@@ -201,7 +203,8 @@ def batches(indices: torch.Tensor, batch_size: int, steps: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     order = indices[torch.randperm(len(indices), generator=g)]
     position = 0
-    for _ in range(steps):
+    desc = f"fine-tune ({len(indices)} labelled, seed {seed})"
+    for _ in bar(range(steps), desc=desc, unit="step", leave=False):
         if position + batch_size > len(order):
             order = indices[torch.randperm(len(indices), generator=g)]
             position = 0

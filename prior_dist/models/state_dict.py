@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from prior_dist.data.hub import resolve_pretrained
 from prior_dist.models.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 
 State = dict[str, torch.Tensor]
@@ -130,28 +130,19 @@ def hf_bert_config(text_cfg: TextTowerConfig):
     )
 
 
-def read_hf_config(path_or_id: str) -> dict:
+def read_hf_config(path_or_id: str, field: str = "model.text.pretrained") -> dict:
     """A Hugging Face `config.json` as a dict, from a local directory or a hub id."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        config = path / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint)")
-        return json.loads(config.read_text())
-    from transformers import AutoConfig  # heavy: only hub ids need it
-
-    return AutoConfig.from_pretrained(path_or_id).to_dict()
+    path = resolve_pretrained(path_or_id, field)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint)")
+    return json.loads(config.read_text())
 
 
-def load_hf_weights(path_or_id: str) -> State:
-    """The raw state dict of a Hugging Face checkpoint: a local directory or a hub id (never
-    unpickled: safetensors, or `torch.load(weights_only=True)`)."""
-    path = Path(path_or_id)
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download  # only hub ids need it
-
-        patterns = ["*.json", "*.safetensors", "*.bin"]
-        path = Path(snapshot_download(path_or_id, allow_patterns=patterns))
+def load_hf_weights(path_or_id: str, field: str = "model.text.pretrained") -> State:
+    """The raw state dict of a Hugging Face checkpoint: a local directory or a hub id (cached,
+    or downloaded when online; never unpickled: safetensors, or `torch.load(weights_only=True)`)."""
+    path = resolve_pretrained(path_or_id, field)
     state = {}
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:

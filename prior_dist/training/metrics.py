@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,3 +110,33 @@ class MetricsLogger:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class DataWaitWatch:
+    """Rank 0's warning that the loader holds training back: over each window of steps, the
+    time spent waiting for batches against the time of the steps."""
+
+    def __init__(
+        self, threshold: float | None, window: int, workers: int, log: Callable[[str], None]
+    ):
+        self.threshold, self.window, self.workers, self.log = threshold, window, workers, log
+        self.wait = self.time = 0.0
+        self.steps: list[int] = []
+
+    def add(self, step: int, wait_s: float, step_s: float) -> None:
+        if self.threshold is None:
+            return
+        self.wait, self.time = self.wait + wait_s, self.time + step_s
+        self.steps.append(step)
+        if len(self.steps) < self.window:
+            return
+        share = self.wait / max(self.time, 1e-9)
+        if share > self.threshold:
+            self.log(
+                f"data wait {100 * share:.0f}% of the step time over steps {self.steps[0]}.."
+                f"{self.steps[-1]} (warning above {100 * self.threshold:.0f}%): the loader is "
+                f"the bottleneck; raise data.workers (now {self.workers}), or store shards at "
+                "the training size (shardify --image-size 224 --resize square)"
+            )
+        self.wait = self.time = 0.0
+        self.steps = []

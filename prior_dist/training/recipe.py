@@ -177,8 +177,16 @@ class LoggingConfig:
     # [first, last]: optimizer steps (1-based, inclusive) profiled on rank 0 with
     # torch.profiler into RUN_DIR/profile/ (ops.txt, trace.json); null: off.
     profile_steps: tuple[int, int] | None = None
+    # Warn (rank 0, at most once per window) when the loader's share of the step time over the
+    # last `data_wait_window` steps exceeds `data_wait_warn` (null: never).
+    data_wait_warn: float | None = 0.10
+    data_wait_window: int = 50
 
     def __post_init__(self) -> None:
+        _require(
+            self.data_wait_window >= 1,
+            f"logging.data_wait_window must be >= 1, got {self.data_wait_window}",
+        )
         if self.profile_steps is not None:
             steps = tuple(self.profile_steps)
             _require(

@@ -36,7 +36,7 @@ from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG
 from prior_dist.runs.load import initial_weights
 from prior_dist.task import LOSS_NAMES, stage_plan
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
-from prior_dist.training.metrics import MetricsLogger, memory_mb
+from prior_dist.training.metrics import DataWaitWatch, MetricsLogger, memory_mb
 from prior_dist.training.parallelize import (
     bank_digest,
     build_engine,
@@ -108,8 +108,12 @@ class Trainer:
             self.audit_samples,
             self.total_steps if self.recipe.logging.progress else None,
         )
+        logging = self.recipe.logging
         self.profiler = StepProfiler(
-            self.recipe.logging.profile_steps, self.run_dir, self.device, self.rank, self.log
+            logging.profile_steps, self.run_dir, self.device, self.rank, self.log
+        )
+        self.data_wait = DataWaitWatch(
+            logging.data_wait_warn, logging.data_wait_window, self.recipe.data.workers, self.log
         )
         ds = self.ds
         self.log(
@@ -262,6 +266,7 @@ class Trainer:
             self.step += 1
             record = self._record(span, lr, outcome, time.perf_counter() - start)
             self.profiler.after(self.step)
+            self.data_wait.add(self.step, outcome.wait_s, record["step_time_s"])
             every = self.recipe.eval.every_steps
             if every and self.step % every == 0:
                 record.update(self.periodic_eval())
