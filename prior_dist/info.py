@@ -8,15 +8,21 @@ stage-3 forward, the stage that runs every head.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from prior_dist.data.index import parse_sources
+from prior_dist.data.shards import load_manifest
 from prior_dist.models.config import model_config
 from prior_dist.models.prior import PriorModel, build_model
 from prior_dist.task import PriorTask, stage_plan
+from prior_dist.training.cli import shipped_config
+from prior_dist.training.ds_config import check_against_recipe, engine_config, read_deepspeed_config
 from prior_dist.training.recipe import load_recipe
+from prior_dist.training.schedule import plan_stages
 
 # Components in the order of the spec's parameter budget; the first matching prefix wins.
 COMPONENTS = (
@@ -93,6 +99,41 @@ def forward_flops(
     return {"image tower": image, "text tower": text, "heads": total - image - text, "total": total}
 
 
+def training_lines(recipe, config: str, ranks: int) -> list[str]:
+    """What `--recipe R --config C` trains with on `ranks` ranks: batch, precision, ZeRO, the
+    AdamW, and (when the recipe's shards are here) steps per epoch and each stage's steps."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ds = read_deepspeed_config(shipped_config(config))
+    check_against_recipe(ds, recipe, device)
+    params = engine_config(ds, recipe, device)["optimizer"]["params"]
+    adamw = (
+        "DeepSpeed FusedAdam"
+        if "torch_adam" not in params
+        else ("torch AdamW, fused" if params.get("fused") else "torch AdamW")
+    )
+    global_batch = ds.micro_batch_size * ds.gradient_accumulation_steps * ranks
+    lines = [
+        f"DeepSpeed {ds.path}: micro-batch {ds.micro_batch_size} x accumulation "
+        f"{ds.gradient_accumulation_steps} x {ranks} rank(s) = global batch {global_batch}; "
+        f"{ds.precision}; ZeRO {ds.zero_stage}"
+        + ("; optimizer on the CPU" if ds.offload_optimizer else "")
+        + f"; {adamw} on {device}"
+    ]
+    sources = parse_sources(recipe.data.sources())
+    try:
+        counts = [load_manifest(s.location)["splits"]["train"]["num_samples"] for s in sources]
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        return lines + [f"steps per epoch: unknown here ({err})"]
+    if any(s.remote or s.weight != 1.0 for s in sources):
+        return lines + [f"train samples {counts}; weighted or remote sources: see the run's start"]
+    per_epoch = sum(counts) // global_batch
+    spans = plan_stages(recipe.train.stages, per_epoch)
+    return lines + [
+        f"train split: {sum(counts)} samples -> {per_epoch} steps per epoch (last partial "
+        f"batch dropped); stages end at steps {[s.end for s in spans]}"
+    ]
+
+
 def _described(args) -> tuple:
     """The model config to describe, and its label: a recipe's (its WordPiece vocabulary at
     `data.vocab_size`, which a small corpus may not fill) or a named model's."""
@@ -101,13 +142,17 @@ def _described(args) -> tuple:
             raise ValueError("--set needs --recipe")
         return model_config(args.model, args.compat), f"model {args.model}, compat {args.compat}"
     recipe, _ = load_recipe(args.recipe, args.overrides)
-    cfg = recipe.model
+    # Shapes only: pretrained weights (a hub id the machine may not reach) are not loaded.
+    cfg = recipe.model.replace(
+        image=dataclasses.replace(recipe.model.image, pretrained=None),
+        text=dataclasses.replace(recipe.model.text, pretrained=None),
+    )
     if recipe.data.tokenizer == "auto":
         cfg = cfg.for_vocabulary(recipe.data.vocab_size)
     return cfg, f"recipe {recipe.name} (vocabulary {cfg.text.vocab_size})"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prior_dist.info",
         description=__doc__,
@@ -133,9 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="report length for FLOPs")
     parser.add_argument("--sentences", type=int, default=8, help="sentences per report for FLOPs")
     parser.add_argument("--no-flops", action="store_true", help="parameters only")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="with --recipe: a DeepSpeed config (path or shipped name, e.g. zero2): the batch, "
+        "precision, ZeRO stage, AdamW and steps this recipe would train with",
+    )
+    parser.add_argument("--ranks", type=int, default=1, help="with --config: number of ranks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         cfg, label = _described(args)
+        if args.config is not None:
+            if args.recipe is None:
+                raise ValueError("--config needs --recipe")
+            recipe, _ = load_recipe(args.recipe, args.overrides)
+            training = training_lines(recipe, args.config, args.ranks)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -155,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'total':<30}{trainable / 1e6:>13.2f}M{frozen / 1e6:>11.2f}M"
         f"   (all: {(trainable + frozen) / 1e6:.2f}M)"
     )
+    if args.config is not None:
+        print("\n".join(training))
     if not args.no_flops:
         flops = forward_flops(model, tokens=args.tokens, sentences=args.sentences)
         print(

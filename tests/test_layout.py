@@ -33,6 +33,7 @@ LAZY_OK = (
     "flash_attn",
     "matplotlib",
     "torch.utils.tensorboard",
+    "wandb",
     "pydicom",
     "webdataset",
     "transformers",

@@ -87,7 +87,14 @@ def test_other_zero_stages_give_the_same_trace(reference, tiny_shards, stage):
     assert_traces_close(metrics(run), metrics(reference["two"])[:7], rtol=1e-5)
 
 
-def test_bf16_smoke(reference, tiny_shards):
+def test_bf16_smoke_with_profile_and_reports(reference, tiny_shards, monkeypatch):
+    """A 1-rank bf16 run (the CPU smoke test of bf16) that also exercises the reporting:
+    the profiler window, the data-wait warning, TensorBoard and W&B offline, and the fp32
+    master weights evaluation reads."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run = reference["tmp"] / "bf16"
     proc = launch(
         1,
@@ -102,6 +109,8 @@ def test_bf16_smoke(reference, tiny_shards):
         "logging.data_wait_warn=0.0",  # any wait at all: the warning's plumbing
         "--set",
         "logging.data_wait_window=2",
+        "--set",
+        "logging.report_to=[tensorboard, wandb]",
     )
     lines = metrics(run)
     assert len(lines) == 2 and all(abs(line["loss"]) < 1e4 for line in lines)
@@ -109,6 +118,21 @@ def test_bf16_smoke(reference, tiny_shards):
     ops = (run / "profile" / "ops.txt").read_text()
     assert "steps 2..2, sorted by self_cpu_time_total" in ops and "aten::" in ops
     assert json.loads((run / "profile" / "trace.json").read_text())["traceEvents"]
+    # logging.report_to: the same numbers as metrics.jsonl, the resolved config as the config.
+    losses = [line["loss"] for line in lines]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses, rel=1e-6)
+    assert "config/text_summary" in events.Tags()["tensors"]
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert offline.name.endswith((run / "wandb_run_id").read_text().strip())
+    # The offline log is protobuf records (no Python reader ships with wandb 0.31): the logged
+    # values and the config's keys appear in it as JSON text.
+    (log,) = offline.glob("run-*.wandb")
+    data = log.read_bytes()
+    assert all(json.dumps(loss).encode() in data for loss in losses)
+    assert b"steps_per_epoch" in data and b"local_logit_scale" in data
     # Evaluation and export read the optimizer's fp32 master weights, not the module's bf16
     # copies (which the checkpoint's module file holds under bf16).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -126,6 +150,19 @@ def test_bf16_smoke(reference, tiny_shards):
         assert torch.equal(value, masters[f"model.{name}"]), name
         differ += not torch.equal(value, module[f"model.{name}"].to(value.dtype))
     assert differ > 0  # trained weights the bf16 copies round (masters start as those copies)
+
+
+def test_info_describes_the_training_a_run_did(reference, tiny_shards, capsys):
+    """`info --recipe R --config C --ranks N` agrees with what the 2-rank run resolved."""
+    from prior_dist.info import main as info
+
+    resolved = json.loads((reference["two"] / "config.resolved.json").read_text())
+    args = ["--recipe", "tiny", "--set", f"data.path={tiny_shards}", "--no-flops"]
+    assert info([*args, "--config", resolved["deepspeed_config_path"], "--ranks", "2"]) == 0
+    out = capsys.readouterr().out
+    ends = [s["start"] + s["steps"] for s in resolved["stages"]]
+    assert f"-> {resolved['steps_per_epoch']} steps per epoch" in out, out
+    assert f"stages end at steps {ends}" in out and "x 2 rank(s) = global batch 16" in out, out
 
 
 @pytest.fixture(scope="module")

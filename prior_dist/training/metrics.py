@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,29 +47,79 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+class TensorBoardReport:
+    """Every scalar of each step's record under its name; the resolved config as text."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        # TensorBoard is optional (logging.report_to); the package may be absent.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer.add_text("config", f"<pre>{json.dumps(config, indent=2)}</pre>", 0)
+
+    def log(self, scalars: dict, step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReport:
+    """A Weights & Biases run under RUN_DIR/wandb with the resolved config as its config. Its
+    id is kept in RUN_DIR/wandb_run_id, so a resumed run continues the same W&B run (W&B drops
+    the steps a resume rewrites: they are older than its last step)."""
+
+    def __init__(self, run_dir: Path, config: dict, project: str):
+        # Weights & Biases is optional (logging.report_to) and slow to import.
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=project,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    """Rank 0 writes `metrics.jsonl` (+ TensorBoard); every rank may write its audit file."""
+    """Rank 0 writes `metrics.jsonl` and reports to `logging.report_to`; every rank may write
+    its audit file."""
 
     def __init__(
         self,
         run_dir: Path,
         rank: int,
         resume_step: int,
-        tensorboard: bool,
+        report_to: tuple[str, ...],
         audit: bool,
         progress_total: int | None,
+        wandb_project: str = "prior_dist",
     ):
         self.rank = rank
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl", resume_step) if rank == 0 else None
         self.audit = (
             JsonlWriter(run_dir / "samples" / f"rank{rank}.jsonl", resume_step) if audit else None
         )
-        self.tb = None
-        if tensorboard and rank == 0:
-            # TensorBoard is optional (logging.tensorboard); the package may be absent.
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.reporters: list = []
+        if rank == 0 and set(report_to) - {"jsonl"}:
+            resolved = run_dir / "config.resolved.json"
+            config = json.loads(resolved.read_text()) if resolved.is_file() else {}
+            if "tensorboard" in report_to:
+                self.reporters.append(TensorBoardReport(run_dir, config))
+            if "wandb" in report_to:
+                self.reporters.append(WandbReport(run_dir, config, wandb_project))
         self.bar = None
         if progress_total is not None and rank == 0:
             self.bar = tqdm(
@@ -90,10 +141,13 @@ class MetricsLogger:
         if self.rank != 0:
             return
         self.metrics.write(record)
-        if self.tb is not None:
-            for name, value in record.items():
-                if isinstance(value, (int, float)) and name != "step":
-                    self.tb.add_scalar(name, value, record["step"])
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
+        for reporter in self.reporters:
+            reporter.log(scalars, record["step"])
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(
@@ -106,8 +160,8 @@ class MetricsLogger:
         for writer in (self.metrics, self.audit):
             if writer is not None:
                 writer.close()
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
         if self.bar is not None:
             self.bar.close()
 

@@ -9,6 +9,7 @@ Micro-batch, accumulation, precision and ZeRO stage belong to the DeepSpeed JSON
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -170,10 +171,18 @@ class CheckpointConfig:
         _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
 
+# logging.report_to names -> the module each needs.
+REPORTERS = {"jsonl": "json", "tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     progress: bool = True
-    tensorboard: bool = False
+    # Where rank 0 reports every step's record besides RUN_DIR/metrics.jsonl (always written):
+    # tensorboard (RUN_DIR/tensorboard/), wandb (Weights & Biases; WANDB_MODE=offline keeps
+    # it on disk under RUN_DIR/wandb/), each with the resolved config as the run's config.
+    report_to: tuple[str, ...] = ()
+    wandb_project: str = "prior_dist"
     # [first, last]: optimizer steps (1-based, inclusive) profiled on rank 0 with
     # torch.profiler into RUN_DIR/profile/ (ops.txt, trace.json); null: off.
     profile_steps: tuple[int, int] | None = None
@@ -194,14 +203,22 @@ class LoggingConfig:
                 f"logging.profile_steps must be [first, last] with 1 <= first <= last, "
                 f"got {list(steps)}",
             )
-        if self.tensorboard:
+        unknown = sorted(set(self.report_to) - set(REPORTERS))
+        _require(
+            not unknown,
+            f"logging.report_to: unknown {unknown}; allowed: {list(REPORTERS)} "
+            "(metrics.jsonl is always written)",
+        )
+        for name in self.report_to:
+            if name == "jsonl":
+                continue
             try:
-                # TensorBoard is optional: checked here so a recipe asking for it fails early.
-                import torch.utils.tensorboard  # noqa: F401
+                # Optional packages: checked here so a recipe asking for one fails before start.
+                importlib.import_module(REPORTERS[name])
             except ImportError as err:
                 raise ValueError(
-                    "logging.tensorboard=true needs the tensorboard package "
-                    f"(pip install tensorboard): {err}"
+                    f"logging.report_to: {name} needs the {name} package "
+                    f"(pip install {name}): {err}"
                 ) from err
 
 

@@ -104,9 +104,10 @@ class Trainer:
             self.run_dir,
             self.rank,
             self.step,
-            self.recipe.logging.tensorboard,
+            self.recipe.logging.report_to,
             self.audit_samples,
             self.total_steps if self.recipe.logging.progress else None,
+            self.recipe.logging.wandb_project,
         )
         logging = self.recipe.logging
         self.profiler = StepProfiler(
