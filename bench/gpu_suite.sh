@@ -7,7 +7,8 @@
 #   2. the paper recipe on 2000 phantom studies stored at 256 px (224 px crops), micro-batch 98, random BERT
 #      init, stages of 10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait,
 #      and a torch.profiler window over two stage-3 steps (RUN_DIR/profile: ops.txt, trace.json);
-#   3. evaluate zero-shot, linear-probe and segmentation with --device cuda on the bf16 run;
+#   3. visualize attention, evaluate zero-shot, linear-probe and segmentation with --device cuda
+#      on the bf16 run;
 #   4. bench/heads.py --device cuda and bench/kernels.py (Triton vs eager vs torch.compile).
 # Usage: bash bench/gpu_suite.sh
 #   Results: ${OUT:-bench/results}/suite.log, results.tgz (logs, JSON, metrics) and summary.json.
@@ -106,6 +107,8 @@ for precision in "${PRECISIONS[@]}"; do
     --set logging.progress=false --set eval.zero_shot=false --set "train.stages=$STAGES" \
     --set "logging.profile_steps=[$((MAX_STEPS - 2)), $((MAX_STEPS - 1))]" "${MICRO[@]}"
   if [ "$precision" = "${PRECISIONS[0]}" ] && [ "$last_rc" = 0 ]; then  # evaluation, first run
+    step visualize 60 $PY -m prior_dist.visualize attention --checkpoint \
+      "$WORK/paper_$precision" --device "$DEVICE" --out "$WORK/figures"
     for task in zero-shot linear-probe segmentation; do
       step "eval_$task" 90 $PY -m prior_dist.evaluate "$task" --checkpoint "$WORK/paper_$precision" \
         --device "$DEVICE" --fractions 1 --seeds 0 --steps "$EVAL_STEPS" \

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from prior_dist.data.labels import CHEXPERT_COMPETITION
-from prior_dist.evaluation.inputs import report_loader
+from prior_dist.evaluation.inputs import inference_precision, report_loader, resolve_device
 from prior_dist.evaluation.retrieval import embeddings
 from prior_dist.evaluation.zero_shot import zero_shot
 from prior_dist.runs import load_model
@@ -103,15 +103,19 @@ def attention_maps(loaded, data: str, split: str, index: int, out: Path) -> Path
     plt = _pyplot()
     model = loaded.model
     sample = _sample(loaded, data, split, index)
-    img = model.encode_image(sample["image"])
-    txt = model.encode_text(sample["input_ids"], sample["attention_mask"], sample["sentence_index"])
+    device = next(model.parameters()).device  # the model runs where --device put it
+    inputs = {k: sample[k].to(device) for k in ("image", "input_ids", "attention_mask")}
+    img = model.encode_image(inputs["image"])
+    txt = model.encode_text(
+        inputs["input_ids"], inputs["attention_mask"], sample["sentence_index"].to(device)
+    )
     sentences = model.prototype_bank(txt.sentences)
     local = model.local_alignment(
         img.patch_tokens, sentences, txt.sentence_mask, return_attention=True
     )
     count = int(txt.sentence_mask.sum())
     h, w = img.grid
-    maps = local.sentence_to_patch[0, :count].reshape(count, 1, h, w)
+    maps = local.sentence_to_patch[0, :count].reshape(count, 1, h, w).float().cpu()
     size = sample["image"].shape[-1]
     maps = F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
     image = sample["image"][0, 0].float()
@@ -178,6 +182,14 @@ def nearest_reports(loaded, data: str, split: str, index: int, k: int, out: Path
     return _save(plt, fig, out / f"neighbours_{sample['key'][0]}.png")
 
 
+def _figure(args, loaded, data: str, out: Path) -> Path:
+    if args.kind == "attention":
+        return attention_maps(loaded, data, args.split, args.index, out)
+    if args.kind == "confusion":
+        return confusion_matrix(loaded, data, args.split, out)
+    return nearest_reports(loaded, data, args.split, args.index, args.k, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m prior_dist.visualize",
@@ -192,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--out", default=".")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present) | cpu | cuda | cuda:N; on CUDA under bf16/fp16 autocast",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,14 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.checkpoint:
                 raise ValueError(f"{args.kind} needs --checkpoint")
+            device = resolve_device(args.device)
             loaded = load_model(args.checkpoint)
+            loaded.model.to(device)
             data = args.data or loaded.data_path
-            if args.kind == "attention":
-                path = attention_maps(loaded, data, args.split, args.index, out)
-            elif args.kind == "confusion":
-                path = confusion_matrix(loaded, data, args.split, out)
-            else:
-                path = nearest_reports(loaded, data, args.split, args.index, args.k, out)
+            with inference_precision(device):
+                path = _figure(args, loaded, data, out)
     except (FileNotFoundError, ValueError) as err:
         print(f"visualize: error: {err}", file=sys.stderr)
         return 2

@@ -111,7 +111,11 @@ def test_an_older_run_with_a_relative_path_and_no_tokenizer_still_loads(tiny_run
     assert loaded.tokenizer(words)["input_ids"] == fresh(words)["input_ids"]
 
 
-def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
+def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path, capsys):
+    """Every task; the first through the command line, the rest through `main` in this process
+    (the same code after argument parsing, without a fresh interpreter's imports each time)."""
+    from prior_dist.evaluate import main as evaluate
+
     run = tiny_run
     for task, extra in (
         ("zero-shot", []),
@@ -121,12 +125,15 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
         ("detection", ["--fractions", "0.5", "--seeds", "0", "--steps", "3"]),
     ):
         out = tmp_path / f"{task}.json"
-        proc = run_cli(
-            "prior_dist.evaluate", task, "--checkpoint", str(run), "--out", str(out), *extra
-        )
+        args = [task, "--checkpoint", str(run), "--out", str(out), *extra]
+        if task == "zero-shot":
+            stdout = run_cli("prior_dist.evaluate", *args).stdout
+        else:
+            assert evaluate(args) == 0
+            stdout = capsys.readouterr().out
         result = json.loads(out.read_text())
-        assert "pretrained" in result and "random_init" in result, proc.stdout
-        assert task in proc.stdout
+        assert "pretrained" in result and "random_init" in result, stdout
+        assert task in stdout
     zs = json.loads((tmp_path / "zero-shot.json").read_text())["pretrained"]
     assert 0 <= zs["paper_score"]["accuracy"] <= 1 and zs["images"] > 0
     confusion = torch.tensor(zs["paper_score"]["confusion"])
@@ -143,27 +150,41 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path):
     det = json.loads((tmp_path / "detection.json").read_text())["pretrained"]
     assert det["detector"] == "retinanet" and det["test_boxes"] > 0
     assert 0 <= det["0.5"]["map_50_mean"] <= 1 and det["0.5"]["labels_used"] < det["train_images"]
-    bad = run_cli(
-        "prior_dist.evaluate", "retrieval", "--checkpoint", str(tmp_path / "none"), check=False
-    )
-    assert bad.returncode == 2 and "neither a run directory" in bad.stderr
+    assert evaluate(["retrieval", "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["curves", "attention", "confusion", "neighbours"])
-def test_visualize_writes_pngs(tiny_run, tmp_path, kind):
+def test_visualize_writes_pngs(tiny_run, tmp_path, kind, capsys):
+    """`curves` through the command line, the others through `main` in this process."""
     from PIL import Image
+
+    from prior_dist.visualize import main as visualize
 
     where = (
         ["--run", str(tiny_run)]
         if kind == "curves"
-        else ["--checkpoint", str(tiny_run), "--index", "2"]
+        else ["--checkpoint", str(tiny_run), "--index", "2", "--device", "cpu"]
     )
-    proc = run_cli("prior_dist.visualize", kind, *where, "--out", str(tmp_path))
-    path = proc.stdout.strip().rsplit(" ", 1)[-1]
+    if kind == "curves":
+        stdout = run_cli("prior_dist.visualize", kind, *where, "--out", str(tmp_path)).stdout
+    else:
+        assert visualize([kind, *where, "--out", str(tmp_path)]) == 0
+        stdout = capsys.readouterr().out
+    path = stdout.strip().rsplit(" ", 1)[-1]
     with Image.open(path) as png:
         assert png.format == "PNG" and png.width >= 400 and png.height >= 300
         # Not a blank canvas: the picture has more than a handful of colours.
         assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 20
+
+
+def test_visualize_refuses_a_device_this_machine_lacks(tiny_run, tmp_path, capsys):
+    from prior_dist.visualize import main as visualize
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    args = ["attention", "--checkpoint", str(tiny_run), "--out", str(tmp_path)]
+    assert visualize([*args, "--device", f"cuda:{count}"]) == 2
+    assert f"this machine has {count} CUDA device(s)" in capsys.readouterr().err
 
 
 @pytest.mark.slurm

@@ -88,10 +88,11 @@ def test_curriculum_plans():
         stage_plan(1, weights={1: {"globl": 1}})
 
 
-def test_info_paper_reference_layout_has_the_papers_parameter_count():
-    out = run_cli(
-        "prior_dist.info", "--model", "paper", "--compat", "reference", "--no-flops"
-    ).stdout
+def test_info_paper_reference_layout_has_the_papers_parameter_count(capsys):
+    from prior_dist.info import main as info
+
+    assert info(["--model", "paper", "--compat", "reference", "--no-flops"]) == 0
+    out = capsys.readouterr().out
     rows = {}
     for line in out.splitlines():
         m = re.match(r"(.+?)\s+([\d.]+)M\s+([\d.]+)M", line)
@@ -107,7 +108,8 @@ def test_info_paper_reference_layout_has_the_papers_parameter_count():
     for name, value in expected.items():
         assert rows[name] == pytest.approx(value, abs=0.006), name
     assert rows["total"] == pytest.approx(279.43, abs=0.006)
-    lean = run_cli("prior_dist.info", "--model", "paper", "--no-flops").stdout
+    assert info(["--model", "paper", "--no-flops"]) == 0
+    lean = capsys.readouterr().out
     assert "frozen" in lean and re.search(r"^total\s+255\.98M\s+0\.00M", lean, re.M)
 
 
