@@ -38,6 +38,7 @@ LAZY_OK = (
     "webdataset",
     "transformers",
     "huggingface_hub",
+    "fsspec",
 )
 MAX_FUNCTION_LINES = 60
 

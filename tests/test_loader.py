@@ -438,3 +438,46 @@ def test_workers_forked_during_a_group_sigterm_storm_survive(phantom_dir, tokeni
         start_new_session=True,  # its own process group: the storm reaches nothing else
     )
     assert "no worker died" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_s3_source_streams_exactly_once_from_an_s3_server(phantom_dir, tokenizer, monkeypatch):
+    """Shards, manifest and indices in a bucket of a local S3-compatible server (moto), read
+    through fsspec/s3fs: every sample once over two ranks, as from the local directory."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="cxr")
+        for path in phantom_dir.iterdir():
+            if path.is_file():
+                s3.upload_file(str(path), "cxr", f"phantom/{path.name}")
+        loaders = [
+            PriorLoader(
+                "s3://cxr/phantom", tokenizer, 4, rank=r, world_size=2, seed=7, transform=CFG
+            )
+            for r in range(2)
+        ]
+        assert loaders[0].mode == "stream"
+        per_rank = epoch_batches(loaders)
+        keys = sorted(k for batches in per_rank for b in batches for k in b["key"])
+        assert keys == all_keys(phantom_dir)
+        with pytest.raises(FileNotFoundError, match="s3://cxr/nothing/manifest.json"):
+            PriorLoader("s3://cxr/nothing", tokenizer, 4, transform=CFG)
+    finally:
+        server.stop()

@@ -142,15 +142,44 @@ def shard_complete(out_dir: Path, name: str) -> bool:
     return (out_dir / f"{name}.tar").is_file() and index_path(out_dir, name).is_file()
 
 
+OBJECT_STORES = ("s3://", "gs://")
+
+
+def open_object(url: str):
+    """A readable binary file for an object-store URL (s3://, gs://), through fsspec: s3fs or
+    gcsfs must be installed; credentials and endpoints as those libraries read them (for an
+    S3-compatible server: AWS_ENDPOINT_URL, or FSSPEC_S3_ENDPOINT_URL)."""
+    import fsspec  # only object-store sources need it
+
+    return fsspec.open(url, "rb").open()
+
+
+def _where(location: str | Path, name: str) -> str | Path:
+    """File `name` in a local directory (a Path) or under an object-store prefix (a URL)."""
+    if str(location).startswith(OBJECT_STORES):
+        return f"{str(location).rstrip('/')}/{name}"
+    return Path(location) / name
+
+
+def _read(location: str | Path, name: str) -> tuple[str | Path, bytes]:
+    """(where, bytes) of file `name`; FileNotFoundError when it is not there."""
+    where = _where(location, name)
+    if isinstance(where, str):
+        with open_object(where) as handle:
+            return where, handle.read()
+    return where, where.read_bytes()
+
+
 def load_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no manifest.json (run `python -m prior_dist.shardify` "
-            "first, or `finalize` after an array job)"
-        )
     try:
-        manifest = json.loads(path.read_bytes())
+        path, data = _read(directory, MANIFEST)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{_where(directory, MANIFEST)}: no manifest.json (run `python -m prior_dist.shardify` "
+            "first, or `finalize` after an array job)"
+        ) from None
+    try:
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
@@ -186,10 +215,11 @@ def _count(value) -> bool:
 def load_index(directory: str | Path, name: str) -> dict:
     """A shard's index: {"samples": [{"key": str, "members": {ext: [offset, size]}}]}, checked:
     a malformed one is a ValueError naming the file and the entry."""
-    path = index_path(Path(directory), name)
     try:
-        index = json.loads(path.read_bytes())
+        path, data = _read(directory, f"{name}.idx.json")
+        index = json.loads(data)
     except FileNotFoundError as exc:
+        path = _where(directory, f"{name}.idx.json")
         raise FileNotFoundError(f"{path}: shard index missing") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: shard index is not valid JSON: {exc}") from exc

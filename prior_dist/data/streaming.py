@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from prior_dist.data.index import SplitIndex
+from prior_dist.data.shards import OBJECT_STORES, open_object
 from prior_dist.data.transforms import CorruptSample, SampleTransform, sample_rng
 
 
@@ -67,7 +68,8 @@ class StreamSamples(IterableDataset):
             last = min(end - position, count)
             seen = 0
             try:
-                stream = wds.gopen(shard["url"], "rb")
+                url = shard["url"]
+                stream = open_object(url) if url.startswith(OBJECT_STORES) else wds.gopen(url, "rb")
                 try:
                     with tarfile.open(fileobj=stream, mode="r|") as tar:
                         current, members = None, {}
