@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -481,3 +482,19 @@ def test_s3_source_streams_exactly_once_from_an_s3_server(phantom_dir, tokenizer
             PriorLoader("s3://cxr/nothing", tokenizer, 4, transform=CFG)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pin_memory_is_handed_to_the_dataloader(phantom_dir, tokenizer, workers):
+    """pin_memory (set by the trainer and evaluation for a CUDA consumer) reaches the
+    DataLoader and changes no batch; on CUDA machines the images come back page-locked."""
+    plain = make(phantom_dir, tokenizer, 8, num_workers=workers)
+    pinned = make(phantom_dir, tokenizer, 8, num_workers=workers, pin_memory=True)
+    assert pinned._loader_kwargs()["pin_memory"] is True
+    assert plain._loader_kwargs()["pin_memory"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no accelerator" on a CPU machine
+        a, b = next(iter(plain)), next(iter(pinned))
+    assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    if torch.cuda.is_available():
+        assert b["image"].is_pinned()

@@ -213,6 +213,7 @@ class PriorLoader:
         samples_per_epoch: int | None = None,
         prefetch_factor: int = 2,
         stream_chunk: int = 256,
+        pin_memory: bool = False,
     ):
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -229,6 +230,9 @@ class PriorLoader:
         self.index = SplitIndex(self.sources, split, need_offsets=self.mode != "stream")
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        # Page-locked batches (for a CUDA consumer): the trainer's non_blocking copies to the
+        # device then overlap the step instead of waiting for a pageable copy.
+        self.pin_memory = pin_memory
         self.last_batch = last_batch
         self.pad_token_id = tokenizer.pad_token_id
         total = (
@@ -282,9 +286,10 @@ class PriorLoader:
             int(sample_rng(self.seed, self.epoch, "__dataloader__").integers(2**62))
         )
         if self.num_workers == 0:
-            return {"num_workers": 0, "generator": generator}
+            return {"num_workers": 0, "generator": generator, "pin_memory": self.pin_memory}
         return {
             "generator": generator,
+            "pin_memory": self.pin_memory,
             "num_workers": self.num_workers,
             "prefetch_factor": self.prefetch_factor,
             "persistent_workers": False,

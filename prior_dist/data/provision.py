@@ -113,6 +113,7 @@ def training_loader(
     seed: int,
     rank: int,
     world_size: int,
+    pin_memory: bool = False,
 ) -> PriorLoader:
     # Drop the ragged last batch: every rank must hold the same number of samples for the
     # gathered contrastive loss and for batch statistics to match the global batch.
@@ -128,4 +129,5 @@ def training_loader(
         num_workers=cfg.workers,
         mode=cfg.mode,
         last_batch="drop",
+        pin_memory=pin_memory,
     )

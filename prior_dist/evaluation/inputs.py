@@ -51,6 +51,7 @@ def report_loader(
         shuffle=False,
         label_names=list(labels),
         transform=transform,
+        pin_memory=next(loaded.model.parameters()).is_cuda,
     )
 
 

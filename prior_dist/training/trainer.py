@@ -167,6 +167,7 @@ class Trainer:
             recipe.train.seed,
             self.rank,
             self.world,
+            pin_memory=self.device.type == "cuda",
         )
         self.steps_per_epoch = len(self.loader) // ds.gradient_accumulation_steps
         self.spans = plan_stages(recipe.train.stages, self.steps_per_epoch)
