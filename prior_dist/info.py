@@ -20,7 +20,7 @@ from prior_dist.models.config import model_config
 from prior_dist.models.prior import PriorModel, build_model
 from prior_dist.task import PriorTask, stage_plan
 from prior_dist.training.cli import shipped_config
-from prior_dist.training.ds_config import check_against_recipe, engine_config, read_deepspeed_config
+from prior_dist.training.ds_config import adamw_impl, check_against_recipe, read_deepspeed_config
 from prior_dist.training.recipe import load_recipe
 from prior_dist.training.schedule import plan_stages
 
@@ -105,19 +105,19 @@ def training_lines(recipe, config: str, ranks: int) -> list[str]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ds = read_deepspeed_config(shipped_config(config))
     check_against_recipe(ds, recipe, device)
-    params = engine_config(ds, recipe, device)["optimizer"]["params"]
-    adamw = (
-        "DeepSpeed FusedAdam"
-        if "torch_adam" not in params
-        else ("torch AdamW, fused" if params.get("fused") else "torch AdamW")
-    )
+    adamw = {
+        "torch": "torch AdamW",
+        "torch_fused": "torch AdamW, fused",
+        "deepspeed_fused": "DeepSpeed FusedAdam",
+        "deepspeed_cpu": "DeepSpeed CPU Adam",
+    }[adamw_impl(ds, recipe, device)]
     global_batch = ds.micro_batch_size * ds.gradient_accumulation_steps * ranks
     lines = [
         f"DeepSpeed {ds.path}: micro-batch {ds.micro_batch_size} x accumulation "
         f"{ds.gradient_accumulation_steps} x {ranks} rank(s) = global batch {global_batch}; "
         f"{ds.precision}; ZeRO {ds.zero_stage}"
-        + ("; optimizer on the CPU" if ds.offload_optimizer else "")
-        + f"; {adamw} on {device}"
+        + f"; {adamw}"
+        + ("" if ds.offload_optimizer else f" on {device}")
     ]
     sources = parse_sources(recipe.data.sources())
     try:
@@ -135,12 +135,14 @@ def training_lines(recipe, config: str, ranks: int) -> list[str]:
 
 
 def _described(args) -> tuple:
-    """The model config to describe, and its label: a recipe's (its WordPiece vocabulary at
-    `data.vocab_size`, which a small corpus may not fill) or a named model's."""
+    """The model config to describe, its label, and the recipe (None for a named model): a
+    recipe's model (its WordPiece vocabulary at `data.vocab_size`, which a small corpus may not
+    fill) or a named model's."""
     if args.recipe is None:
         if args.overrides:
             raise ValueError("--set needs --recipe")
-        return model_config(args.model, args.compat), f"model {args.model}, compat {args.compat}"
+        label = f"model {args.model}, compat {args.compat}"
+        return model_config(args.model, args.compat), label, None
     recipe, _ = load_recipe(args.recipe, args.overrides)
     # Shapes only: pretrained weights (a hub id the machine may not reach) are not loaded.
     cfg = recipe.model.replace(
@@ -149,7 +151,7 @@ def _described(args) -> tuple:
     )
     if recipe.data.tokenizer == "auto":
         cfg = cfg.for_vocabulary(recipe.data.vocab_size)
-    return cfg, f"recipe {recipe.name} (vocabulary {cfg.text.vocab_size})"
+    return cfg, f"recipe {recipe.name} (vocabulary {cfg.text.vocab_size})", recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,11 +193,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg, label = _described(args)
+        cfg, label, recipe = _described(args)
         if args.config is not None:
-            if args.recipe is None:
+            if recipe is None:
                 raise ValueError("--config needs --recipe")
-            recipe, _ = load_recipe(args.recipe, args.overrides)
             training = training_lines(recipe, args.config, args.ranks)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

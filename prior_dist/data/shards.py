@@ -133,8 +133,12 @@ def write_shard(out_dir: Path, name: str, samples: Iterable[tuple[str, dict[str,
     }
 
 
+def index_name(name: str) -> str:
+    return f"{name}.idx.json"
+
+
 def index_path(out_dir: Path, name: str) -> Path:
-    return out_dir / f"{name}.idx.json"
+    return out_dir / index_name(name)
 
 
 def shard_complete(out_dir: Path, name: str) -> bool:
@@ -216,10 +220,10 @@ def load_index(directory: str | Path, name: str) -> dict:
     """A shard's index: {"samples": [{"key": str, "members": {ext: [offset, size]}}]}, checked:
     a malformed one is a ValueError naming the file and the entry."""
     try:
-        path, data = _read(directory, f"{name}.idx.json")
+        path, data = _read(directory, index_name(name))
         index = json.loads(data)
     except FileNotFoundError as exc:
-        path = _where(directory, f"{name}.idx.json")
+        path = _where(directory, index_name(name))
         raise FileNotFoundError(f"{path}: shard index missing") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: shard index is not valid JSON: {exc}") from exc

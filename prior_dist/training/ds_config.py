@@ -110,6 +110,17 @@ def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str
         )
 
 
+def adamw_impl(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> str:
+    """The AdamW the engine builds: `optim.impl` with `auto` resolved (torch's fused AdamW on
+    CUDA, torch's multi-tensor one on a CPU); with the optimizer offloaded, DeepSpeed's CPU
+    Adam whatever was asked."""
+    if ds.offload_optimizer:
+        return "deepspeed_cpu"
+    if recipe.optim.impl == "auto":
+        return "torch_fused" if device_type == "cuda" else "torch"
+    return recipe.optim.impl
+
+
 def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> dict:
     """The dict handed to deepspeed.initialize: the user's JSON plus our optimizer section."""
     config = copy.deepcopy(ds.raw)
@@ -119,10 +130,8 @@ def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> di
         "eps": recipe.optim.eps,
         "weight_decay": recipe.optim.weight_decay,
     }
-    impl = recipe.optim.impl
-    if impl == "auto":
-        impl = "torch_fused" if device_type == "cuda" else "torch"
-    if impl != "deepspeed_fused" and not ds.offload_optimizer:
+    impl = adamw_impl(ds, recipe, device_type)
+    if impl in ("torch", "torch_fused"):
         params["torch_adam"] = True  # torch.optim.AdamW: nothing to compile
         if impl == "torch_fused":
             params["fused"] = True

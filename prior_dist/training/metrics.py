@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from prior_dist.runs.layout import RESOLVED_CONFIG
+
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines with `step <= last_step` (a resumed run rewrites the steps after it)."""
@@ -114,7 +116,7 @@ class MetricsLogger:
         )
         self.reporters: list = []
         if rank == 0 and set(report_to) - {"jsonl"}:
-            resolved = run_dir / "config.resolved.json"
+            resolved = run_dir / RESOLVED_CONFIG
             config = json.loads(resolved.read_text()) if resolved.is_file() else {}
             if "tensorboard" in report_to:
                 self.reporters.append(TensorBoardReport(run_dir, config))

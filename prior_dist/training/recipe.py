@@ -171,8 +171,8 @@ class CheckpointConfig:
         _require(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 
 
-# logging.report_to names -> the module each needs.
-REPORTERS = {"jsonl": "json", "tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+# logging.report_to names beside "jsonl" (metrics.jsonl, always written) -> the module each needs.
+REPORTERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
 
 
 @dataclass(frozen=True)
@@ -203,15 +203,13 @@ class LoggingConfig:
                 f"logging.profile_steps must be [first, last] with 1 <= first <= last, "
                 f"got {list(steps)}",
             )
-        unknown = sorted(set(self.report_to) - set(REPORTERS))
+        unknown = sorted(set(self.report_to) - {"jsonl", *REPORTERS})
         _require(
             not unknown,
-            f"logging.report_to: unknown {unknown}; allowed: {list(REPORTERS)} "
+            f"logging.report_to: unknown {unknown}; allowed: {['jsonl', *REPORTERS]} "
             "(metrics.jsonl is always written)",
         )
-        for name in self.report_to:
-            if name == "jsonl":
-                continue
+        for name in set(self.report_to) & set(REPORTERS):
             try:
                 # Optional packages: checked here so a recipe asking for one fails before start.
                 importlib.import_module(REPORTERS[name])

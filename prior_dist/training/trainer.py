@@ -100,16 +100,16 @@ class Trainer:
         self._resume()
         if self.rank == 0:
             self._write_resolved_config()
+        logging = self.recipe.logging
         self.metrics = MetricsLogger(
             self.run_dir,
             self.rank,
             self.step,
-            self.recipe.logging.report_to,
+            logging.report_to,
             self.audit_samples,
-            self.total_steps if self.recipe.logging.progress else None,
-            self.recipe.logging.wandb_project,
+            self.total_steps if logging.progress else None,
+            logging.wandb_project,
         )
-        logging = self.recipe.logging
         self.profiler = StepProfiler(
             logging.profile_steps, self.run_dir, self.device, self.rank, self.log
         )
