@@ -189,7 +189,8 @@ def test_visualize_refuses_a_device_this_machine_lacks(tiny_run, tmp_path, capsy
 
 @pytest.mark.slurm
 def test_evaluate_array_job(tiny_run, tmp_path):
-    """launch/slurm/evaluate.sbatch: one array task per (task, seed)."""
+    """launch/slurm/evaluate.sbatch: one array task per (task, seed), each asking for a GPU
+    (overridden on this GPU-less cluster by the command line, as the script says)."""
     import os
     import shutil
     import subprocess
@@ -199,6 +200,8 @@ def test_evaluate_array_job(tiny_run, tmp_path):
 
     if shutil.which("sbatch") is None:
         pytest.skip("no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)")
+    script = REPO / "launch/slurm/evaluate.sbatch"
+    assert "\n#SBATCH --gpus-per-task=1\n" in script.read_text()
     out = tmp_path / "results"
     env = dict(
         os.environ,
@@ -215,7 +218,8 @@ def test_evaluate_array_job(tiny_run, tmp_path):
             "--wait",
             "--array=0-3",
             "--cpus-per-task=1",
-            str(REPO / "launch/slurm/evaluate.sbatch"),
+            "--gpus-per-task=0",
+            str(script),
             "--no-baseline",
             "--fractions",
             "1",

@@ -42,15 +42,35 @@ def test_shapes_for_every_config(name):
 @pytest.mark.parametrize(
     "bad, field",
     [
-        (lambda: ImageTowerConfig(arch="densenet"), "image.arch"),
+        # Built in code: pydantic's error names the class and the field.
+        (lambda: ImageTowerConfig(arch="densenet"), "ImageTowerConfig\narch"),
         (lambda: ImageTowerConfig(image_size=100), "image.image_size"),
         (lambda: TextTowerConfig(hidden_size=100, num_heads=12), "text.hidden_size"),
-        (lambda: TextTowerConfig(dropout=1.5), "text.dropout"),
-        (lambda: HeadsConfig(local_attention_impl="cuda"), "heads.local_attention_impl"),
-        (lambda: HeadsConfig(image_decoder_widths=(8, 8)), "heads.image_decoder_widths"),
-        (lambda: model_config("tiny").compat.__class__(matching="greedy"), "compat.matching"),
-        (lambda: ModelConfig.from_dict({"heads": {"embed_dims": 3}}), "embed_dims"),
-        (lambda: ModelConfig.from_dict({"optim": {}}), "optim"),
+        (lambda: TextTowerConfig(dropout=1.5), "TextTowerConfig\ndropout"),
+        (lambda: HeadsConfig(local_attention_impl="cuda"), "HeadsConfig\nlocal_attention_impl"),
+        (lambda: HeadsConfig(image_decoder_widths=(8, 8)), "HeadsConfig\nimage_decoder_widths"),
+        (
+            lambda: model_config("tiny").compat.__class__(matching="greedy"),
+            "CompatConfig\nmatching",
+        ),
+        # From a mapping (a recipe, a run directory): the dotted path.
+        (
+            lambda: ModelConfig.from_dict({"heads": {"embed_dims": 3}}),
+            "model.heads.embed_dims: unknown field",
+        ),
+        (lambda: ModelConfig.from_dict({"optim": {}}), "model.optim: unknown field"),
+        (
+            lambda: ModelConfig.from_dict({"text": {"dropout": 1.5}}),
+            "model.text.dropout: input should be less than 1, got 1.5",
+        ),
+        (
+            lambda: ModelConfig.from_dict({"image": {"layers": [1, 1, "1", 1]}}),
+            "model.image.layers.2: input should be a valid integer, got '1'",
+        ),
+        (
+            lambda: ModelConfig.from_dict({"image": {"image_size": 100}}),
+            "multiple of 32 for a ResNet tower (its stride), got 100 (in model.image)",
+        ),
         (lambda: model_config("huge"), "model"),
     ],
 )

@@ -62,29 +62,49 @@ GOOD = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
             "zero_optimization.stage must be 0, 1, 2 or 3",
         ),
         ({**GOOD, "fp16": {"enabled": True}}, ["--recipe", "tiny"], "fp16 needs a CUDA device"),
-        (GOOD, ["--recipe", "tiny", "--set", "train.sed=1"], "unknown field(s) ['sed']"),
-        (GOOD, ["--recipe", "tiny", "--set", "train.seed=abc"], "train.seed must be int"),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "train.sed=1"],
+            "train.sed: unknown field; allowed: ['activation_checkpointing',",
+        ),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "train.seed=abc"],
+            "train.seed: input should be a valid integer, got 'abc'",
+        ),
         (
             GOOD,
             ["--recipe", "tiny", "--set", "model.heads.local_attention_impl=cuda"],
-            "heads.local_attention_impl must be one of",
+            "model.heads.local_attention_impl: input should be 'auto', 'triton' or 'torch'",
         ),
         (GOOD, ["--recipe", "nope"], "no such recipe"),
         # Once split into ('E', 'd', 'e', 'm', 'a') and a raw TypeError.
-        (GOOD, ["--recipe", "tiny", "--set", "eval.classes=Edema"], "eval.classes must be a list"),
-        (GOOD, ["--recipe", "tiny", "--set", "optim.betas=0.9"], "optim.betas must be a list"),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "eval.classes=Edema"],
+            "eval.classes: input should be a valid array, got 'Edema'",
+        ),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "optim.betas=0.9"],
+            "optim.betas: input should be a valid array, got 0.9",
+        ),
         (
             GOOD,
             ["--recipe", "tiny", "--set", "optim.betas=[0.9, 0.9, 0.9]"],
-            "optim.betas must have 2 items",
+            "optim.betas: needs at most 2 items, got [0.9, 0.9, 0.9]",
         ),
         (
             GOOD,
             ["--recipe", "tiny", "--set", "model.image.layers=[2, two]"],
-            "model.image.layers[1] must be int",
+            "model.image.layers.1: input should be a valid integer, got 'two'",
         ),
         (GOOD, ["--recipe", "tiny", "--set", "train.stages.5.steps=1"], "not an index"),
-        (GOOD, ["--recipe", "tiny", "--set", "optim.impl=apex"], "optim.impl must be one of"),
+        (
+            GOOD,
+            ["--recipe", "tiny", "--set", "optim.impl=apex"],
+            "optim.impl: input should be 'auto'",
+        ),
         (
             GOOD,
             ["--recipe", "tiny", "--set", "optim.impl=deepspeed_fused"],
@@ -208,6 +228,82 @@ def test_print_config_shows_every_field_resolved(capsys):
     assert code == 0 and printed["eval"]["classes"] == ["Edema", "Atelectasis"]
     assert printed["model"]["heads"]["sentence_loss_mean"] == "per_report"
     assert {"data", "optim", "train", "checkpoint", "logging", "eval", "model"} <= set(printed)
+
+
+@pytest.mark.parametrize(
+    "assignment, read, expected",
+    [
+        # Nested mappings, optionals, tuples, lists of literals, ints where floats go,
+        # YAML 1.2 exponents.
+        (
+            "train.stages.0.loss_weights={global: 1, proto: 2}",
+            lambda r: r.train.stages[0].loss_weights,
+            {"global": 1.0, "proto": 2.0},
+        ),
+        ("logging.profile_steps=[2, 3]", lambda r: r.logging.profile_steps, (2, 3)),
+        ("logging.profile_steps=null", lambda r: r.logging.profile_steps, None),
+        ("checkpoint.every_steps=null", lambda r: r.checkpoint.every_steps, None),
+        ("checkpoint.every_minutes=5", lambda r: r.checkpoint.every_minutes, 5.0),
+        ("eval.classes=[Edema, Atelectasis]", lambda r: r.eval.classes, ("Edema", "Atelectasis")),
+        ("optim.betas=[0.8, 0.9]", lambda r: r.optim.betas, (0.8, 0.9)),
+        ("train.stages.2.lr=2e-5", lambda r: r.train.stages[2].lr, 2e-5),
+        ("model.image.layers=[2, 2, 2, 2]", lambda r: r.model.image.layers, (2, 2, 2, 2)),
+        ("data.mode=null", lambda r: r.data.mode, None),
+        ("logging.report_to=[jsonl]", lambda r: r.logging.report_to, ("jsonl",)),
+    ],
+)
+def test_set_reaches_typed_fields(assignment, read, expected):
+    recipe, _ = load_recipe("tiny", [assignment])
+    value = read(recipe)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "assignments, message",
+    [
+        (
+            ["train.stages.0.loss_weights={bogus: 1}"],
+            "unknown loss name(s) ['bogus']; allowed: [",
+        ),
+        (
+            ["train.stages.0.loss_weights={global: high}"],
+            "train.stages.0.loss_weights.global: input should be a valid number, got 'high'",
+        ),
+        (["logging.profile_steps=[0, 2]"], "logging.profile_steps.0: input should be greater"),
+        (["logging.profile_steps=[2]"], "logging.profile_steps: needs at least 2 items, got [2]"),
+        (["checkpoint.every_steps=2.5"], "checkpoint.every_steps: input should be a valid integer"),
+        (["train.sync_batchnorm=1"], "train.sync_batchnorm: input should be a valid boolean"),
+        (["data.tokenizer=12"], "data.tokenizer: input should be a valid string, got 12"),
+        (["logging.report_to=[csv]"], "logging.report_to.0: input should be 'jsonl'"),
+        (
+            ["train.stages.0={epochs: 1, steps: 2}"],
+            "exactly one of epochs or steps per stage, got epochs=1.0 steps=2 (in train.stages.0)",
+        ),
+        (["model.image=3"], "model.image must be a mapping of fields, got 3"),
+        (["model.pretrained=x"], "model: unknown section 'pretrained'"),
+        (["bogus.field=1"], "bogus: unknown field; allowed: ['checkpoint', 'data',"),
+        # Every problem at once, each by its path.
+        (
+            ["train.seed=x", "model.heads.embed_dim=-1", "eval.every_steps=0"],
+            "3 problems:\n  model.heads.embed_dim: input should be greater than 0, got -1\n"
+            "  train.seed: input should be a valid integer, got 'x'\n"
+            "  eval.every_steps: input should be greater than 0, got 0",
+        ),
+    ],
+)
+def test_set_refuses_wrong_types_naming_the_path(assignments, message):
+    with pytest.raises(ValueError) as caught:
+        load_recipe("tiny", assignments)
+    assert message in str(caught.value)
+
+
+def test_a_printed_config_is_a_recipe_that_builds_the_same(tmp_path, capsys):
+    """`--print-config > mine.yaml` then `--recipe mine.yaml`: the same recipe."""
+    assert main(["--recipe", "demo", "--set", "optim.betas=[0.8, 0.9]", "--print-config"]) == 0
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
+    again, _ = load_recipe(str(tmp_path / "mine.yaml"))
+    original, _ = load_recipe("demo", ["optim.betas=[0.8, 0.9]"])
+    assert again == original
 
 
 @pytest.mark.parametrize(

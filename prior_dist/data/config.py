@@ -2,51 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
-from prior_dist.data.index import parse_sources
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic.dataclasses import dataclass
+
+from prior_dist.data.index import Mode, parse_sources
 from prior_dist.data.transforms import TransformConfig
+from prior_dist.schema import SECTION, Fraction
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class DataConfig:
     path: str = "shards/demo"
     # Generate phantom shards at `path` on first use when it holds none (demo, tiny recipes).
-    phantom_studies: int | None = None
-    phantom_image_size: int = 128
-    phantom_shard_size: int = 256
+    phantom_studies: Annotated[int, Field(ge=10)] | None = None
+    phantom_image_size: PositiveInt = 128
+    phantom_shard_size: PositiveInt = 256
     # "auto": a WordPiece vocabulary built from the shards (cached under <path>/wordpiece);
     # otherwise a local tokenizer directory or a hub id.
     tokenizer: str = "auto"
-    vocab_size: int = 4096
-    max_tokens: int = 256
-    rotation_degrees: float = 5.0
-    flip_probability: float = 0.0
-    workers: int = 2
-    mode: str | None = None
+    vocab_size: PositiveInt = 4096
+    # [CLS], one token, [SEP] at least.
+    max_tokens: Annotated[int, Field(ge=3)] = 256
+    rotation_degrees: NonNegativeFloat = 5.0
+    flip_probability: Fraction = 0.0
+    workers: NonNegativeInt = 2
+    # null: stream for remote sources, indexed otherwise.
+    mode: Mode | None = None
     eval_split: str = "test"
-
-    def __post_init__(self) -> None:
-        _require(
-            self.phantom_studies is None or self.phantom_studies >= 10,
-            f"data.phantom_studies must be >= 10 or null, got {self.phantom_studies}",
-        )
-        _require(self.workers >= 0, f"data.workers must be >= 0, got {self.workers}")
-        _require(self.max_tokens >= 3, f"data.max_tokens must be >= 3, got {self.max_tokens}")
-        _require(
-            self.mode in (None, "indexed", "stream", "resampled"),
-            f"data.mode must be one of [null, indexed, stream, resampled], got {self.mode!r}",
-        )
-        _require(
-            0 <= self.flip_probability <= 1,
-            f"data.flip_probability must be in [0, 1], got {self.flip_probability}",
-        )
 
     def sources(self) -> list[str]:
         """`path` as a list of loader sources: `DIR`, `DIR:WEIGHT`, comma-separated."""

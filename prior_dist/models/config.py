@@ -8,8 +8,13 @@ named configuration; `compat="reference"` turns on every reference-quirk switch 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import field
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic.dataclasses import dataclass
+
+from prior_dist.schema import SECTION, Probability, build
 
 ImageArch = Literal["resnet", "vit"]
 BlockKind = Literal["bottleneck", "basic"]
@@ -17,60 +22,27 @@ AttentionImpl = Literal["auto", "flash", "sdpa"]
 LocalAttentionImpl = Literal["auto", "triton", "torch"]
 
 
-def _choice(owner: str, name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{owner}.{name} must be one of {list(allowed)}, got {value!r}")
-
-
-def _positive(owner: str, **values) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
-
-
-def _probability(owner: str, name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ImageTowerConfig:
     arch: ImageArch = "resnet"
-    image_size: int = 224
+    image_size: PositiveInt = 224
     # ResNet: torchvision layout; (bottleneck, [3, 4, 6, 3], width 64) is ResNet-50.
     block: BlockKind = "bottleneck"
-    layers: tuple[int, ...] = (3, 4, 6, 3)
-    width: int = 64
-    pool_heads: int = 8
+    layers: Annotated[tuple[PositiveInt, ...], Field(min_length=4, max_length=4)] = (3, 4, 6, 3)
+    width: PositiveInt = 64
+    pool_heads: PositiveInt = 8
     # ViT: patch size, depth, width, heads (ViT-B/16 when arch="vit").
-    patch_size: int = 16
-    vit_depth: int = 12
-    vit_width: int = 768
-    vit_heads: int = 12
-    vit_mlp_ratio: float = 4.0
+    patch_size: PositiveInt = 16
+    vit_depth: PositiveInt = 12
+    vit_width: PositiveInt = 768
+    vit_heads: PositiveInt = 12
+    vit_mlp_ratio: PositiveFloat = 4.0
     attention_impl: AttentionImpl = "auto"
     activation_checkpointing: bool = False
     # A torchvision-layout ImageNet state dict (local file); RGB conv1 is summed to 1 channel.
     pretrained: str | None = None
 
     def __post_init__(self) -> None:
-        owner = "image"
-        _choice(owner, "arch", self.arch, ("resnet", "vit"))
-        _choice(owner, "block", self.block, ("bottleneck", "basic"))
-        _choice(owner, "attention_impl", self.attention_impl, ("auto", "flash", "sdpa"))
-        _positive(
-            owner,
-            image_size=self.image_size,
-            width=self.width,
-            pool_heads=self.pool_heads,
-            patch_size=self.patch_size,
-            vit_depth=self.vit_depth,
-            vit_width=self.vit_width,
-            vit_heads=self.vit_heads,
-        )
-        object.__setattr__(self, "layers", tuple(self.layers))
-        if len(self.layers) != 4 or any(n < 1 for n in self.layers):
-            raise ValueError(f"image.layers must be four positive block counts, got {self.layers}")
         if self.arch == "resnet" and self.image_size % 32:
             raise ValueError(
                 f"image.image_size must be a multiple of 32 for a ResNet tower "
@@ -102,39 +74,26 @@ class ImageTowerConfig:
         return self.image_size // stride, self.image_size // stride
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class TextTowerConfig:
     """BERT-base shapes of Bio_ClinicalBERT by default."""
 
-    vocab_size: int = 28996
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    dropout: float = 0.1
-    pad_token_id: int = 0
+    vocab_size: PositiveInt = 28996
+    hidden_size: PositiveInt = 768
+    num_layers: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    intermediate_size: PositiveInt = 3072
+    max_position_embeddings: PositiveInt = 512
+    type_vocab_size: PositiveInt = 2
+    layer_norm_eps: PositiveFloat = 1e-12
+    dropout: Probability = 0.1
+    pad_token_id: NonNegativeInt = 0
     attention_impl: AttentionImpl = "auto"
     activation_checkpointing: bool = False
     # A Hugging Face BERT checkpoint: a local directory or a hub id.
     pretrained: str | None = None
 
     def __post_init__(self) -> None:
-        owner = "text"
-        _positive(
-            owner,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size,
-        )
-        _choice(owner, "attention_impl", self.attention_impl, ("auto", "flash", "sdpa"))
-        _probability(owner, "dropout", self.dropout)
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"text.hidden_size ({self.hidden_size}) must be divisible by "
@@ -142,29 +101,38 @@ class TextTowerConfig:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class HeadsConfig:
     """Everything after the two encoders: projections, alignment, SPB and the decoders."""
 
-    embed_dim: int = 768
-    report_pool_heads: int = 8
-    logit_scale_init: float = 100.0
-    logit_scale_max: float | None = None  # None: unclamped, as in the reference; CLIP uses 100
+    embed_dim: PositiveInt = 768
+    report_pool_heads: PositiveInt = 8
+    logit_scale_init: PositiveFloat = 100.0
+    logit_scale_max: PositiveFloat | None = (
+        None  # None: unclamped, as in the reference; CLIP uses 100
+    )
     local_attention_impl: LocalAttentionImpl = "auto"
-    num_prototypes: int = 512
-    gumbel_tau: float = 0.9
+    num_prototypes: PositiveInt = 512
+    gumbel_tau: PositiveFloat = 0.9
     # `normal`: W ~ N(0, 1), as in the paper. `sentences`: at the start of stage 2, W is set to
     # the most spread-out sentence embeddings of the first global batch (farthest-point
     # sampling), a standard remedy for codebook collapse (docs/model.md).
     prototype_init: Literal["normal", "sentences"] = "normal"
-    num_queries: int = 16
-    decoder_layers: int = 8
-    decoder_heads: int = 12
-    decoder_intermediate: int = 3072
-    decoder_dropout: float = 0.1
-    decoder_max_positions: int = 512
-    image_decoder_widths: tuple[int, ...] = (768, 384, 192, 96, 48)
-    feature_dropout: float = 0.5  # Dropout2d over the image token map (stage 3)
+    num_queries: PositiveInt = 16
+    decoder_layers: PositiveInt = 8
+    decoder_heads: PositiveInt = 12
+    decoder_intermediate: PositiveInt = 3072
+    decoder_dropout: Probability = 0.1
+    decoder_max_positions: PositiveInt = 512
+    # One width per 2x upsampling from stride 32.
+    image_decoder_widths: Annotated[tuple[PositiveInt, ...], Field(min_length=5, max_length=5)] = (
+        768,
+        384,
+        192,
+        96,
+        48,
+    )
+    feature_dropout: Probability = 0.5  # Dropout2d over the image token map (stage 3)
     # Stop-gradient on the targets of L_spg (SPB prototypes) and L_kl (sentence embeddings):
     # the spec does not say; without it the demo collapsed in stage 3 (docs/model.md).
     detach_generation_targets: bool = True
@@ -177,30 +145,6 @@ class HeadsConfig:
     image_decoder_conv_bias: bool = True
 
     def __post_init__(self) -> None:
-        owner = "heads"
-        _positive(
-            owner,
-            embed_dim=self.embed_dim,
-            report_pool_heads=self.report_pool_heads,
-            num_prototypes=self.num_prototypes,
-            num_queries=self.num_queries,
-            decoder_layers=self.decoder_layers,
-            decoder_heads=self.decoder_heads,
-            decoder_intermediate=self.decoder_intermediate,
-        )
-        _choice(
-            owner, "local_attention_impl", self.local_attention_impl, ("auto", "triton", "torch")
-        )
-        _probability(owner, "decoder_dropout", self.decoder_dropout)
-        _choice(owner, "prototype_init", self.prototype_init, ("normal", "sentences"))
-        _choice(owner, "sentence_loss_mean", self.sentence_loss_mean, ("per_report", "pooled"))
-        _probability(owner, "feature_dropout", self.feature_dropout)
-        object.__setattr__(self, "image_decoder_widths", tuple(self.image_decoder_widths))
-        if len(self.image_decoder_widths) != 5 or min(self.image_decoder_widths) < 1:
-            raise ValueError(
-                "heads.image_decoder_widths must be five positive widths (one per "
-                f"2x upsampling from stride 32), got {self.image_decoder_widths}"
-            )
         if self.embed_dim % self.report_pool_heads:
             raise ValueError(
                 f"heads.embed_dim ({self.embed_dim}) must be divisible by "
@@ -211,10 +155,6 @@ class HeadsConfig:
                 f"heads.embed_dim ({self.embed_dim}) must be divisible by "
                 f"heads.decoder_heads ({self.decoder_heads})"
             )
-        if self.gumbel_tau <= 0:
-            raise ValueError(f"heads.gumbel_tau must be > 0, got {self.gumbel_tau}")
-        if self.logit_scale_init <= 0:
-            raise ValueError(f"heads.logit_scale_init must be > 0, got {self.logit_scale_init}")
         if self.logit_scale_max is not None and self.logit_scale_max < self.logit_scale_init:
             raise ValueError(
                 f"heads.logit_scale_max ({self.logit_scale_max}) must be >= "
@@ -227,7 +167,7 @@ class HeadsConfig:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class CompatConfig:
     """Reference-quirk switches (spec sections 1, 4, 5). Defaults are the correct behaviour."""
 
@@ -240,14 +180,6 @@ class CompatConfig:
     # strictly and parameter counts compare one to one.
     reference_unused_params: bool = False
 
-    def __post_init__(self) -> None:
-        owner = "compat"
-        _choice(owner, "token_layout", self.token_layout, ("spatial", "reference_view"))
-        _choice(owner, "decoder_mask", self.decoder_mask, ("none", "causal"))
-        _choice(owner, "matching", self.matching, ("correct", "reference"))
-        if not isinstance(self.eval_gumbel, bool):
-            raise ValueError(f"compat.eval_gumbel must be true or false, got {self.eval_gumbel!r}")
-
 
 REFERENCE_COMPAT = CompatConfig(
     token_layout="reference_view",
@@ -258,7 +190,7 @@ REFERENCE_COMPAT = CompatConfig(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -286,30 +218,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        parts = {
-            "image": ImageTowerConfig,
-            "text": TextTowerConfig,
-            "heads": HeadsConfig,
-            "compat": CompatConfig,
-        }
-        unknown = set(data) - set(parts)
-        if unknown:
-            raise ValueError(
-                f"model config: unknown section(s) {sorted(unknown)}; allowed: {sorted(parts)}"
-            )
-        built = {}
-        for name, kind in parts.items():
-            values = dict(data.get(name) or {})
-            allowed = {f.name for f in dataclasses.fields(kind)}
-            bad = set(values) - allowed
-            if bad:
-                raise ValueError(
-                    f"model config: unknown field(s) {sorted(bad)} in [{name}]; "
-                    f"allowed: {sorted(allowed)}"
-                )
-            built[name] = kind(**values)
-        return cls(**built)
+    def from_dict(cls, data: dict, where: str = "model") -> ModelConfig:
+        """A model config from a mapping (a recipe's merged `model` section, a run directory's
+        or an export's JSON), validated field by field."""
+        return build(cls, data, where)
 
 
 def _paper() -> ModelConfig:

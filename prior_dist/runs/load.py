@@ -36,6 +36,7 @@ from prior_dist.runs.layout import (
     TEXT_DIR,
 )
 from prior_dist.runs.safe_load import check_torch_files, safe_torch_load
+from prior_dist.schema import build
 
 
 @dataclass
@@ -83,14 +84,16 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
         )
     resolved = json.loads(resolved_path.read_text())
     checkpoint = _intact_checkpoint(run_dir, checkpoint)
-    cfg = ModelConfig.from_dict(resolved["model"])
+    cfg = ModelConfig.from_dict(resolved["model"], f"{resolved_path}: model")
     cfg = cfg.replace(
         text=replace(cfg.text, pretrained=None), image=replace(cfg.image, pretrained=None)
     )
     model = build_model(cfg)
     model.load_state_dict(_checkpoint_state(checkpoint), strict=True)
     model.eval()
-    data = _locate_data(DataConfig(**resolved["recipe"]["data"]), run_dir)
+    data = _locate_data(
+        build(DataConfig, resolved["recipe"]["data"], f"{resolved_path}: recipe.data"), run_dir
+    )
     shards = first_local_source(data)
     tokenizer = _run_tokenizer(run_dir, data, shards)
     marker = json.loads((checkpoint / MARKER).read_text())
@@ -159,7 +162,7 @@ def _run_tokenizer(run_dir: Path, data: DataConfig, shards: Path):
 def load_export(export_dir: str | Path) -> LoadedModel:
     export_dir = Path(export_dir)
     card = json.loads((export_dir / CARD_FILE).read_text())
-    cfg = ModelConfig.from_dict(card["model_config"])
+    cfg = ModelConfig.from_dict(card["model_config"], f"{export_dir / CARD_FILE}: model_config")
     model = build_model(cfg)
     state = join_from_export(
         load_file(str(export_dir / IMAGE_FILE)),
