@@ -1,6 +1,6 @@
 """`python -m prior_dist.shardify`: prepare datasets once into WebDataset tar shards.
 
-Sub-commands: mimic-cxr, manifest, phantom (write shards); finalize (merge array-task parts);
+Sub-commands: mimic-cxr, openi, manifest, phantom (write shards); finalize (merge array-task parts);
 verify (re-read everything against the manifest).
 """
 
@@ -19,6 +19,7 @@ from prior_dist.data.sources import (
     FRONTAL_VIEWS,
     enumerate_manifest,
     enumerate_mimic,
+    enumerate_openi,
     enumerate_phantom,
 )
 
@@ -125,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(mimic, min_sentences=4)
 
+    openi = sub.add_parser(
+        "openi", help="the Indiana University chest X-ray collection (OpenI): NLM XML + PNGs"
+    )
+    openi.add_argument(
+        "--reports", required=True, help="the report XML directory (ecgen-radiology/) or its .tgz"
+    )
+    images = openi.add_mutually_exclusive_group(required=True)
+    images.add_argument("--images", help="the PNG directory (<parentImage id>.png)")
+    images.add_argument(
+        "--render-phantom",
+        action="store_true",
+        help="no images: draw each report's MeSH findings with the phantom renderer "
+        "(synthetic pairs, marked in the manifest and every sample)",
+    )
+    openi.add_argument(
+        "--views",
+        default=None,
+        help="CSV[.gz] of image id (filename|imageid|image|id) -> view (projection|view|"
+        "View Position): keep the frontal ones (default: each report's first figure)",
+    )
+    _add_common(openi, min_sentences=1)
+
     manifest = sub.add_parser("manifest", help="a CSV or JSONL listing images and reports")
     manifest.add_argument("--input", required=True, help="FILE.csv, FILE.csv.gz or FILE.jsonl")
     _add_common(manifest, min_sentences=1)
@@ -149,6 +172,25 @@ def _task_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enumerate(args: argparse.Namespace):
+    """The studies, the enumeration skips and the source record of a writing sub-command."""
+    fractions = (args.val_fraction, args.test_fraction)
+    if args.command == "mimic-cxr":
+        views = tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
+        return enumerate_mimic(
+            args.images, args.reports, args.metadata, args.split, args.labels, views, *fractions
+        )
+    if args.command == "openi":
+        return enumerate_openi(
+            args.reports, args.images, args.views, args.render_phantom, *fractions
+        )
+    if args.command == "manifest":
+        return enumerate_manifest(args.input, *fractions)
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    return enumerate_phantom(args.num, args.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -171,26 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels,
             phantom_seed=getattr(args, "seed", 0) if args.command == "phantom" else 0,
         )
-        if args.command == "mimic-cxr":
-            views = tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
-            records, skipped, source = enumerate_mimic(
-                args.images,
-                args.reports,
-                args.metadata,
-                args.split,
-                args.labels,
-                views,
-                args.val_fraction,
-                args.test_fraction,
-            )
-        elif args.command == "manifest":
-            records, skipped, source = enumerate_manifest(
-                args.input, args.val_fraction, args.test_fraction
-            )
-        else:
-            if args.num < 1:
-                raise ValueError(f"--num must be >= 1, got {args.num}")
-            records, skipped, source = enumerate_phantom(args.num, args.seed)
+        records, skipped, source = _enumerate(args)
         summary = build_shards(
             records,
             skipped,

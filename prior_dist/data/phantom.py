@@ -551,6 +551,13 @@ def _anatomy(rng: np.random.Generator, findings: list[Finding]) -> dict:
     }
 
 
+def render_findings(findings: list[Finding], key: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One frontal image showing `findings` (and its finding mask), its anatomy, exposure and
+    noise drawn from `key`: the image half of a synthetic pair for a real report."""
+    anatomy = _anatomy(_rng(0, "render", key), findings)
+    return _render(_rng(0, "render", key, "draw"), size, findings, anatomy)
+
+
 def make_study(
     index: int, seed: int = 0, size: int = 256, studies_per_subject: int = 2
 ) -> PhantomStudy:

@@ -11,7 +11,7 @@ from typing import Literal
 from PIL import Image
 
 from prior_dist.data import images as imgs
-from prior_dist.data.phantom import make_study
+from prior_dist.data.phantom import Finding, make_study, render_findings
 from prior_dist.data.reports import decode_report_bytes, extract_sections
 from prior_dist.data.sources import StudyRecord
 
@@ -80,6 +80,14 @@ def _encode_mask(mask) -> bytes:
     return buffer.getvalue()
 
 
+def _encode_array(image, settings: PrepareSettings) -> bytes:
+    """A generated uint8 image resized and encoded like a read one."""
+    resized = imgs.resize(
+        Image.fromarray(image, mode="L"), settings.image_size, settings.resize_mode
+    )
+    return imgs.encode(resized, settings.image_format, settings.jpeg_quality)
+
+
 def _encoded_images(
     record: StudyRecord, settings: PrepareSettings, notes: list[str]
 ) -> tuple[list[bytes], list[str]]:
@@ -136,17 +144,13 @@ def prepare_study(
     if len(parsed.sentences) < settings.min_sentences:
         raise Skip("too_few_sentences", f"{record.key}: {len(parsed.sentences)}")
 
-    if phantom is not None:
-        encoded = [
-            imgs.encode(
-                imgs.resize(
-                    Image.fromarray(im, mode="L"), settings.image_size, settings.resize_mode
-                ),
-                settings.image_format,
-                settings.jpeg_quality,
-            )
-            for im in phantom.images
-        ]
+    drawn = None
+    if record.render_findings is not None:
+        findings = [Finding(**f) for f in record.render_findings]
+        drawn = render_findings(findings, record.key, settings.image_size)
+    if phantom is not None or drawn is not None:
+        arrays = phantom.images if phantom is not None else [drawn[0]]
+        encoded = [_encode_array(im, settings) for im in arrays]
         views = ["PA"] * len(encoded)
     else:
         encoded, views = _encoded_images(record, settings, notes)
@@ -173,5 +177,9 @@ def prepare_study(
         meta["boxes"] = phantom.boxes
         meta["findings"] = [f.__dict__ for f in phantom.findings]
         members["mask.png"] = _encode_mask(phantom.mask)
+    if drawn is not None:
+        meta["synthetic_image"] = True
+        meta["findings"] = record.render_findings
+        members["mask.png"] = _encode_mask(drawn[1])
     members["json"] = json.dumps(meta, sort_keys=True).encode()
     return members, notes

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prior_dist.data.labels import chexpert_value
+from prior_dist.data.openi import enumerate_reports, read_views
 from prior_dist.data.phantom import GENERATOR_VERSION, split_for_subject
 from prior_dist.data.shards import SkipCounter, sanitize_key
 from prior_dist.data.tables import SPLITS, patient_split, read_csv_rows
@@ -31,6 +32,9 @@ class StudyRecord:
     report_path: str | None = None
     labels: dict | None = None
     phantom_index: int | None = None
+    # Phantom findings (Finding fields) to draw as this study's image instead of reading one:
+    # the synthetic half of a real-report pair (`shardify openi --render-phantom`).
+    render_findings: list[dict] | None = None
 
 
 def _mimic_studies(rows: list[dict], images_root: str, views: tuple[str, ...]) -> dict:
@@ -325,3 +329,57 @@ def enumerate_phantom(
         SkipCounter(),
         {"kind": "phantom", "num": num, "seed": seed, "generator": GENERATOR_VERSION},
     )
+
+
+def enumerate_openi(
+    reports: str,
+    images_root: str | None,
+    views_file: str | None,
+    render: bool,
+    val_fraction: float,
+    test_fraction: float,
+) -> tuple[list[StudyRecord], SkipCounter, dict]:
+    """Reports of the Indiana University collection with their frontal PNGs, or, with `render`,
+    with images the phantom renderer draws from each report's MeSH findings."""
+    if render == (images_root is not None):
+        raise ValueError(
+            "openi: give --images PNG_DIR (the collection's images) or --render-phantom "
+            "(synthetic images drawn from each report's findings), not both or neither"
+        )
+    if images_root is not None and not Path(images_root).is_dir():
+        raise FileNotFoundError(f"--images {images_root}: directory not found")
+    views = read_views(views_file) if views_file else {}
+    skipped = SkipCounter()
+    fractions = {"validate": val_fraction, "test": test_fraction}
+    studies, read = enumerate_reports(reports, views, fractions, PATIENT_SALT, skipped)
+    if read == 0:
+        raise FileNotFoundError(f"--reports {reports}: no report XML files there")
+    records = [
+        StudyRecord(
+            key=study.key,
+            split=study.split,
+            subject_id=study.key,
+            images=[] if render else [str(Path(images_root, f"{i}.png")) for i in study.images],
+            views=[] if render else ["frontal"] * len(study.images),
+            report_text=study.text,
+            labels=study.labels,
+            render_findings=study.findings if render else None,
+        )
+        for study in studies
+    ]
+    if images_root is not None and records:
+        if not any(Path(p).is_file() for r in records for p in r.images):
+            raise FileNotFoundError(
+                f"--images {images_root}: none of the reports' images is there, e.g. "
+                f"{records[0].images[0]}; give the folder holding the <image id>.png files"
+            )
+    source = {
+        "kind": "openi",
+        "reports": str(reports),
+        "images": images_root,
+        "synthetic_images": render,
+        "views": views_file,
+        "view_rule": "views file" if views_file else "first figure",
+        "reports_read": read,
+    }
+    return records, skipped, source
