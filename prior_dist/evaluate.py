@@ -33,7 +33,7 @@ from prior_dist.evaluation.inputs import (
 )
 from prior_dist.evaluation.linear_probe import linear_probe
 from prior_dist.evaluation.retrieval import retrieval
-from prior_dist.evaluation.zero_shot import DEFAULT_PROMPT, zero_shot
+from prior_dist.evaluation.zero_shot import PROMPT_SETS, PromptOptions, zero_shot
 from prior_dist.runs import load_model
 from prior_dist.runs.layout import MARKER
 
@@ -50,8 +50,11 @@ def run_task(task: str, loaded, data: str, args) -> dict:
             data,
             args.split,
             classes,
-            prompts=tuple(args.prompt or [DEFAULT_PROMPT]),
+            prompts=_prompt_options(args),
+            local_weight=None if args.local_weight == "auto" else float(args.local_weight),
             options=options,
+            multi_label=args.multi_label,
+            select_split=args.select_split,
         )
     if task == "retrieval":
         if ":" in data and not Path(data).exists():
@@ -78,6 +81,16 @@ def run_task(task: str, loaded, data: str, args) -> dict:
         args.detector,
         options,
     )
+
+
+def _prompt_options(args) -> PromptOptions:
+    """`--prompt-set`, `--prompt` (templates replacing the set's), `--form`; `--multi-label`
+    implies the pos-neg form."""
+    form = "pos_neg" if args.multi_label or args.form == "pos-neg" else "classes"
+    named = PromptOptions.named(args.prompt_set, form)
+    if args.prompt:
+        return PromptOptions(tuple(args.prompt), named.phrases, form)
+    return named
 
 
 def _pm(summary: dict, key: str) -> str:
@@ -119,10 +132,17 @@ def default_out(checkpoint: str, task: str) -> Path:
 
 def _headline(task: str, result: dict) -> str:
     if task == "zero-shot":
-        p, g = result["paper_score"], result["global_only"]
+        c, g, loc = result["combined"], result["global_only"], result["local_only"]
+        weight = f"local weight {result['local_weight']:g}"
+        if "accuracy" not in c:
+            return (
+                f"macro AUC {c['macro_auc']:.3f} (global only {g['macro_auc']:.3f}, local only "
+                f"{loc['macro_auc']:.3f}; {weight})"
+            )
         return (
-            f"accuracy {p['accuracy']:.3f} (global only {g['accuracy']:.3f}), macro F1 "
-            f"{p['macro_f1']:.3f}, macro AUC {p['macro_auc']:.3f}"
+            f"accuracy {c['accuracy']:.3f} (global only {g['accuracy']:.3f}, local only "
+            f"{loc['accuracy']:.3f}; {weight}; majority class {result['majority']:.3f}), "
+            f"macro F1 {c['macro_f1']:.3f}, macro AUC {c['macro_auc']:.3f}"
         )
     if task == "retrieval":
         i2t, t2i = result["image_to_text"], result["text_to_image"]
@@ -166,6 +186,39 @@ def _write_splits(args) -> int:
     return 0
 
 
+def _zero_shot_options(parser: argparse.ArgumentParser) -> None:
+    zero = parser.add_argument_group("zero-shot")
+    zero.add_argument(
+        "--prompt-set",
+        default="paper",
+        choices=sorted(PROMPT_SETS),
+        help="paper: '<class> is observed' (the reference); ensemble: several phrasings and "
+        "report words per class, averaged in embedding space",
+    )
+    zero.add_argument(
+        "--prompt", action="append", help="prompt template with {} (repeatable; replaces the set's)"
+    )
+    zero.add_argument(
+        "--form",
+        default="classes",
+        choices=("classes", "pos-neg"),
+        help="classes: softmax over the classes (the paper); pos-neg: per class, '<class>' "
+        "against 'no <class>'",
+    )
+    zero.add_argument(
+        "--local-weight",
+        default="0.5",
+        help="combined = global + W x local (default 0.5, the paper's); auto: the best W on "
+        "--select-split",
+    )
+    zero.add_argument("--select-split", default="validate", help="where --local-weight auto looks")
+    zero.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="per-class AUC over every image with a known label (pos-neg form)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prior_dist.evaluate",
@@ -200,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", default=None, help="comma-separated class subset")
     parser.add_argument("--split", default="test")
     parser.add_argument("--train-split", default="train", help="linear-probe training split")
-    parser.add_argument("--prompt", action="append", help="zero-shot prompt with {} (repeatable)")
+    _zero_shot_options(parser)
     parser.add_argument("--fractions", default="0.01,0.1,1.0")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(

@@ -139,7 +139,7 @@ def confusion_matrix(loaded, data: str, split: str, out: Path) -> Path:
     plt = _pyplot()
     result = zero_shot(loaded, data, split)  # the same numbers as `evaluate zero-shot`
     classes = result["classes"]
-    matrix = torch.tensor(result["paper_score"]["confusion"])
+    matrix = torch.tensor(result["combined"]["confusion"])
     n = len(classes)
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(matrix, cmap="Blues")

@@ -180,7 +180,7 @@ def wait_for_step(run_dir, step, proc, timeout=540):
 def make_tiny_shards(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={path}"])
-    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    ensure_phantom_shards(recipe.data, log=lambda _: None)
     load_training_tokenizer(recipe.data, path)
     return path
 

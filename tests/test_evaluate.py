@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     shards = tmp / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
-    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    ensure_phantom_shards(recipe.data, log=lambda _: None)
     run = tmp / "run"
     # The data path as a user types it: relative to where training starts (the repository).
     relative = os.path.relpath(shards, REPO)
@@ -135,11 +135,11 @@ def test_evaluate_cli_on_a_tiny_run(tiny_run, tmp_path, capsys):
         assert "pretrained" in result and "random_init" in result, stdout
         assert task in stdout
     zs = json.loads((tmp_path / "zero-shot.json").read_text())["pretrained"]
-    assert 0 <= zs["paper_score"]["accuracy"] <= 1 and zs["images"] > 0
-    confusion = torch.tensor(zs["paper_score"]["confusion"])
+    assert 0 <= zs["combined"]["accuracy"] <= 1 and zs["images"] > 0
+    confusion = torch.tensor(zs["combined"]["confusion"])
     assert int(confusion.sum()) == zs["images"]
     assert float(confusion.diagonal().sum()) / zs["images"] == pytest.approx(
-        zs["paper_score"]["accuracy"]
+        zs["combined"]["accuracy"]
     )
     probe = json.loads((tmp_path / "linear-probe.json").read_text())["pretrained"]
     assert probe["1"]["labels_used"] == probe["train_images"]
@@ -373,3 +373,108 @@ def test_device_choice_is_checked_and_recorded(tiny_run, tmp_path):
     )
     if not torch.cuda.is_available():
         assert bad.returncode == 2 and "cuda:7" in bad.stderr
+
+
+def test_prompt_groups_average_each_prompt_in_embedding_space(tiny_run):
+    """A group's embedding is the mean of its prompts' normalised report embeddings and of
+    their sentence embeddings, each prompt encoded on its own here."""
+    from prior_dist.evaluation.zero_shot import encode_prompt_groups
+    from prior_dist.runs.load import load_run
+
+    loaded = load_run(tiny_run)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    texts = ["effusion is observed", "there is effusion", "no effusion"]
+    args = (256, torch.device("cpu"), True)
+    reports, sentences, mask = encode_prompt_groups(model, tokenizer, [texts[:2], texts[2:]], *args)
+    alone = [encode_prompt_groups(model, tokenizer, [[t]], *args) for t in texts]
+    normalised = [torch.nn.functional.normalize(a[0][0], dim=-1) for a in alone]
+    torch.testing.assert_close(reports[0], (normalised[0] + normalised[1]) / 2)
+    torch.testing.assert_close(reports[1], normalised[2])
+    torch.testing.assert_close(sentences[0, 0], (alone[0][1][0, 0] + alone[1][1][0, 0]) / 2)
+    assert mask.all() and reports.shape[0] == 2
+
+
+def test_pos_neg_is_a_softmax_over_each_class_pair():
+    from prior_dist.evaluation.zero_shot import class_probabilities
+
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    got = class_probabilities(logits, "pos_neg")
+    for n, c in itertools.product(range(4), range(3)):
+        pair = torch.tensor([logits[n, c], logits[n, c + 3]]).softmax(0)
+        assert float(got[n, c]) == pytest.approx(float(pair[0]))
+    torch.testing.assert_close(class_probabilities(logits, "classes"), logits.softmax(-1))
+
+
+def test_zero_shot_reports_global_local_and_combined_side_by_side(tiny_run):
+    from prior_dist.evaluation.zero_shot import PromptOptions, zero_shot
+    from prior_dist.runs.load import load_run
+
+    loaded = load_run(tiny_run)
+    result = zero_shot(loaded, loaded.data_path, "test", local_weight=0.5)
+    for part in ("combined", "global_only", "local_only"):
+        assert sum(result[part]["predicted_share"].values()) == pytest.approx(1.0)
+    # The weight sweep on the same images: 0 is the global score, 0.5 the combined one.
+    assert result["sweep"]["0.0"] == pytest.approx(result["global_only"]["accuracy"])
+    assert result["sweep"]["0.5"] == pytest.approx(result["combined"]["accuracy"])
+    rows = torch.tensor(result["combined"]["confusion"]).sum(1)
+    assert result["majority"] == pytest.approx(float(rows.max() / rows.sum()))
+    options = PromptOptions.named("ensemble", "pos_neg")
+    assert options.texts("Pleural Effusion")[:2] == [
+        "pleural effusion is observed",
+        "effusion is observed",
+    ]
+    assert options.groups(["Edema"])[1][0] == "no edema"
+    paired = zero_shot(loaded, loaded.data_path, "test", prompts=options, local_weight=1.0)
+    assert paired["form"] == "pos_neg" and paired["images"] == result["images"]
+
+
+def test_local_weight_auto_is_chosen_on_the_validation_split(tiny_run):
+    from prior_dist.evaluation.inputs import open_split
+    from prior_dist.evaluation.zero_shot import (
+        CHEXPERT_COMPETITION,
+        PromptOptions,
+        choose_local_weight,
+        encode_prompt_groups,
+        score_split,
+        zero_shot,
+    )
+    from prior_dist.runs.load import load_run
+
+    loaded = load_run(tiny_run)
+    result = zero_shot(loaded, loaded.data_path, "test", local_weight=None)
+    chosen = result["local_weight_chosen_on"]
+    assert chosen["split"] == "validate" and result["local_weight"] == float(result["local_weight"])
+    validate = open_split(loaded.data_path, "validate")
+    columns = [validate.classes.index(c) for c in CHEXPERT_COMPETITION]
+    groups = encode_prompt_groups(
+        loaded.model,
+        loaded.tokenizer,
+        PromptOptions().groups(CHEXPERT_COMPETITION),
+        256,
+        torch.device("cpu"),
+        True,
+    )
+    scored = score_split(loaded, validate, columns, groups, "classes", 64)
+    weight, sweep = choose_local_weight(scored, multi_label=False)
+    assert weight == result["local_weight"] and sweep == pytest.approx(chosen["sweep"])
+
+
+def test_multi_label_zero_shot_scores_every_known_label(tiny_run, capsys):
+    from prior_dist.evaluate import main as evaluate
+    from prior_dist.evaluation.zero_shot import PromptOptions, zero_shot
+    from prior_dist.runs.load import load_run
+
+    loaded = load_run(tiny_run)
+    with pytest.raises(ValueError, match="pos_neg"):
+        zero_shot(loaded, loaded.data_path, "test", multi_label=True)
+    options = PromptOptions(form="pos_neg")
+    result = zero_shot(loaded, loaded.data_path, "test", prompts=options, multi_label=True)
+    assert set(result["combined"]["per_class_auc"]) == set(result["classes"])
+    assert result["images"] >= sum(1 for v in result["positives"].values() if v)
+    auc = result["global_only"]["macro_auc"]
+    assert auc != auc or 0 <= auc <= 1
+    out = tiny_run.parent / "multi.json"
+    args = ["zero-shot", "--checkpoint", str(tiny_run), "--multi-label", "--no-baseline"]
+    assert evaluate([*args, "--prompt-set", "ensemble", "--out", str(out)]) == 0
+    assert "macro AUC" in capsys.readouterr().out
+    assert json.loads(out.read_text())["pretrained"]["form"] == "pos_neg"

@@ -22,7 +22,7 @@ def test_export_of_a_run_round_trips(tmp_path, tokenizer):
 
     shards = tmp_path / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={shards}"])
-    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    ensure_phantom_shards(recipe.data, log=lambda _: None)
     run = tmp_path / "run"
     launch(1, ds_config(tmp_path, 8), run, shards, "--max-steps", "2")
     out = tmp_path / "export"

@@ -62,22 +62,27 @@ def test_deidentification_runs_become_one_word_and_only_two_sections_are_kept():
     assert "INDICATION" not in text and "cough" not in text
 
 
+def _only(**found):
+    """Every IU label unmentioned but `found` (names with spaces as underscores)."""
+    return {**dict.fromkeys(IU_LABELS), **{k.replace("_", " "): v for k, v in found.items()}}
+
+
 @pytest.mark.parametrize(
     "major, expected",
     [
-        (["normal"], {**{n: 0.0 for n in IU_LABELS}, "No Finding": 1.0}),
+        (["normal"], {**dict.fromkeys(IU_LABELS, 0.0), "No Finding": 1.0}),
         (
             ["Cardiomegaly/mild", "Opacity/lung/base/left", "Airspace Disease/lung/base"],
-            {"Cardiomegaly": 1.0, "Lung Opacity": 1.0, "No Finding": 0.0},
+            _only(Cardiomegaly=1.0, Lung_Opacity=1.0, No_Finding=0.0),
         ),
         # An unmapped finding is a finding: not normal, nothing positive.
-        (["Calcified Granuloma/lung/upper lobe/left"], {"No Finding": 0.0}),
+        (["Calcified Granuloma/lung/upper lobe/left"], _only(No_Finding=0.0)),
         (
             ["Nodule/lung", "Catheters, Indwelling"],
-            {"Lung Lesion": 1.0, "Support Devices": 1.0, "No Finding": 0.0},
+            _only(Lung_Lesion=1.0, Support_Devices=1.0, No_Finding=0.0),
         ),
-        (["No Indexing"], None),
-        ([], None),
+        (["No Indexing"], _only()),
+        ([], _only()),
     ],
 )
 def test_labels_from_mesh_major_terms(major, expected):
@@ -165,12 +170,9 @@ def test_shardify_openi_keeps_frontal_pngs_and_counts_every_skip(tmp_path, capsy
         "Cardiomegaly.",
         "Small right effusion.",
     ]
-    assert meta["labels"] == {
-        "Atelectasis": 1.0,
-        "Cardiomegaly": 1.0,
-        "Pleural Effusion": 1.0,
-        "No Finding": 0.0,
-    }
+    assert meta["labels"] == _only(
+        Atelectasis=1.0, Cardiomegaly=1.0, Pleural_Effusion=1.0, No_Finding=0.0
+    )
     assert "skipped 1 (non_frontal_only), e.g. CXR8" in capsys.readouterr().err
 
 
@@ -242,7 +244,7 @@ def test_real_iu_reports_from_the_wheel(tmp_path):
     assert len(metas) == 3955 - 104 - 25
     assert all(m["sentences"] and m["synthetic_image"] for m in metas)
     assert not any("XXXX XXXX" in s for m in metas for s in m["sentences"])
-    labels = [m.get("labels") or {} for m in metas]  # none where the report was not indexed
-    positives = {n: sum(found.get(n) == 1.0 for found in labels) for n in IU_LABELS}
+    assert all(sorted(m["labels"]) == sorted(IU_LABELS) for m in metas)
+    positives = {n: sum(m["labels"][n] == 1.0 for m in metas) for n in IU_LABELS}
     assert positives["No Finding"] > 1000 and positives["Cardiomegaly"] > 300
     assert min(positives[n] for n in ("Atelectasis", "Lung Lesion", "Pleural Effusion")) > 100

@@ -187,7 +187,7 @@ def test_stale_phantom_shards_are_refused(tmp_path):
     from prior_dist.training.recipe import load_recipe
 
     recipe, _ = load_recipe("tiny", [f"data.path={tmp_path}"])
-    num, seed = recipe.data.phantom_studies, recipe.train.seed
+    num, seed = recipe.data.phantom_studies, recipe.data.phantom_seed
     for source, problem in (
         ({"kind": "phantom", "num": num, "seed": seed}, "'generator': 1"),
         (
@@ -197,18 +197,18 @@ def test_stale_phantom_shards_are_refused(tmp_path):
     ):
         (tmp_path / "manifest.json").write_text(json.dumps({"source": source}))
         with pytest.raises(ValueError, match=f"phantom shards with .*{problem}.*delete"):
-            ensure_phantom_shards(recipe.data, seed, log=lambda _: None)
+            ensure_phantom_shards(recipe.data, log=lambda _: None)
     (tmp_path / "manifest.json").write_text(
         json.dumps({"source": dict(source, num=num, generator=GENERATOR_VERSION)})
     )
-    assert ensure_phantom_shards(recipe.data, seed, log=lambda _: None) == tmp_path
+    assert ensure_phantom_shards(recipe.data, log=lambda _: None) == tmp_path
 
 
 def test_the_end_of_a_run_prints_a_summary_and_the_next_commands(tmp_path):
     from prior_dist.training.cli import run_summary
 
     run = tmp_path / "my run"
-    zero = {"paper_score": {"accuracy": 0.4}, "images": 50, "chance": 0.2}
+    zero = {"combined": {"accuracy": 0.4}, "images": 50, "chance": 0.2}
     text = run_summary({"step": 9, "skipped": {"corrupt_sample": 2}, "zero_shot": zero}, run)
     assert "done at step 9; skipped: corrupt_sample 2" in text
     assert "zero-shot accuracy 0.400 over 50 images (chance 0.200)" in text

@@ -95,7 +95,7 @@ def demo_shards(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("demo") / "shards"
     recipe, _ = load_recipe("demo", [f"data.path={path}", *DEMO_SMALL])
-    ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+    ensure_phantom_shards(recipe.data, log=lambda _: None)
     return path
 
 

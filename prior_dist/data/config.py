@@ -19,6 +19,8 @@ class DataConfig:
     path: str = "shards/demo"
     # Generate phantom shards at `path` on first use when it holds none (demo, tiny recipes).
     phantom_studies: Annotated[int, Field(ge=10)] | None = None
+    # The phantom generator's seed (the data set), apart from train.seed (the run).
+    phantom_seed: int = 0
     phantom_image_size: PositiveInt = 128
     phantom_shard_size: PositiveInt = 256
     # "auto": a WordPiece vocabulary built from the shards (cached under <path>/wordpiece);

@@ -180,17 +180,18 @@ def _term(major: str) -> tuple[str, list[str]]:
     return head, [q.lower() for q in qualifiers]
 
 
-def labels_from_mesh(major: list[str]) -> dict[str, float] | None:
-    """CheXpert labels from MeSH major terms: a mapped term is positive (1); a report indexed
-    `normal` is negative (0) for every label and positive for No Finding; otherwise a label
-    without a term is unmentioned (left out) and No Finding is 0. None when not indexed."""
+def labels_from_mesh(major: list[str]) -> dict[str, float | None]:
+    """Every CheXpert label of `IU_LABELS` from MeSH major terms: a mapped term is positive (1);
+    a report indexed `normal` is negative (0) for every label and positive for No Finding;
+    otherwise a label without a term is unmentioned (None, as CheXpert's blank) and No Finding
+    is 0. A report not indexed (`No Indexing`, no terms) has every label unmentioned."""
     heads = {_term(m)[0] for m in major}
     if not heads or heads <= {"No Indexing"}:
-        return None
-    found = {MESH_TO_CHEXPERT[h] for h in heads if h in MESH_TO_CHEXPERT}
+        return dict.fromkeys(IU_LABELS)
     if heads == {NORMAL_TERM}:
-        return {**{name: 0.0 for name in IU_LABELS}, "No Finding": 1.0}
-    return {**{name: 1.0 for name in sorted(found)}, "No Finding": 0.0}
+        return {**dict.fromkeys(IU_LABELS, 0.0), "No Finding": 1.0}
+    found = {MESH_TO_CHEXPERT[h] for h in heads if h in MESH_TO_CHEXPERT}
+    return {name: 1.0 if name in found else None for name in IU_LABELS} | {"No Finding": 0.0}
 
 
 def findings_from_mesh(major: list[str]) -> list[dict]:
@@ -274,7 +275,7 @@ class OpenIStudy:
     split: str
     images: list[str]
     text: str
-    labels: dict[str, float] | None
+    labels: dict[str, float | None]
     findings: list[dict]
 
 

@@ -28,9 +28,11 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_phantom_shards(cfg: DataConfig, seed: int, log=print) -> Path:
+def ensure_phantom_shards(cfg: DataConfig, log=print) -> Path:
     """The first local source directory (phantom shards generated there first when asked);
-    every local source must hold a manifest.json."""
+    every local source must hold a manifest.json. The phantom's seed is `data.phantom_seed`,
+    not the training seed: a seed sweep trains on the same data."""
+    seed = cfg.phantom_seed
     sources = parse_sources(cfg.sources())
     local = _local_sources(sources)
     for extra in local[1:]:

@@ -1,14 +1,23 @@
-"""Zero-shot classification (spec section 7): one prompt per class, "<class> is observed".
+"""Zero-shot classification (spec section 7) and its options for real report language.
 
-Score per class = softmax over classes of the global similarities + `local_weight` x softmax of
-the local scores. The local score of a class is the intra-report score of its prompt: the
-cosine between the prompt sentence's image context (sentence-as-query local attention over the
-image's patches) and the prompt sentence itself, at the local logit scale. After stage 1 the
-prompt sentences go through the prototype bank (deterministic at evaluation), as the training
-losses see them.
+The paper's setting (`PromptOptions()`): one prompt per class, "<class> is observed"; score per
+class = softmax over classes of the global similarities + `local_weight` x softmax of the local
+scores. The local score of a prompt is its intra-report score: the cosine between the prompt
+sentence's image context (sentence-as-query local attention over the image's patches) and the
+sentence itself, at the local logit scale. After stage 1 the prompt sentences go through the
+prototype bank (deterministic at evaluation), as the training losses see them.
+
+Options: several phrasings per class averaged in embedding space (CLIP, CheXzero); the
+positive-vs-negative form ("X" against "no X", a softmax over the pair per class, which also
+scores multi-label sets); the local weight chosen on a validation split. Global-only,
+local-only and combined scores are always reported side by side.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,61 +30,188 @@ from prior_dist.evaluation.metrics import macro_auc, macro_f1
 from prior_dist.runs import LoadedModel
 
 DEFAULT_PROMPT = "{} is observed"
+# `--prompt-set`: templates of the positive prompt. `paper` is the reference setting.
+PROMPT_SETS = {
+    "paper": (DEFAULT_PROMPT,),
+    "ensemble": (
+        DEFAULT_PROMPT,
+        "there is {}",
+        "findings consistent with {}",
+        "{} is present",
+        "{}",
+    ),
+}
+# The negative prompts of the positive-vs-negative form.
+NEGATIVE_PROMPTS = ("no {}", "there is no {}", "no evidence of {}")
+# How reports write each class (the `ensemble` set uses these; `paper` the class name as is).
+CLASS_PHRASES = {
+    "Atelectasis": ("atelectasis",),
+    "Cardiomegaly": ("cardiomegaly", "enlarged heart"),
+    "Consolidation": ("consolidation",),
+    "Edema": ("edema", "pulmonary edema"),
+    "Enlarged Cardiomediastinum": ("enlarged cardiomediastinum", "widened mediastinum"),
+    "Fracture": ("fracture",),
+    "Lung Lesion": ("nodule", "mass", "lung lesion"),
+    "Lung Opacity": ("opacity", "airspace opacity"),
+    "No Finding": ("no acute cardiopulmonary abnormality",),
+    "Pleural Effusion": ("pleural effusion", "effusion"),
+    "Pneumonia": ("pneumonia",),
+    "Pneumothorax": ("pneumothorax",),
+    "Support Devices": ("support devices", "tube", "pacemaker"),
+}
+# `local_weight=None`: the weight with the best validation score among these.
+WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How classes become prompts and scores."""
+
+    templates: tuple[str, ...] = (DEFAULT_PROMPT,)
+    # Class names as written (the paper), or as reports write them (`CLASS_PHRASES`).
+    phrases: bool = False
+    form: Literal["classes", "pos_neg"] = "classes"
+    negatives: tuple[str, ...] = NEGATIVE_PROMPTS
+
+    def __post_init__(self) -> None:
+        for template in (*self.templates, *self.negatives):
+            if "{}" not in template:
+                raise ValueError(f"zero-shot prompt {template!r} has no '{{}}' for the class")
+        if self.form not in ("classes", "pos_neg"):
+            raise ValueError(f"zero-shot form must be classes or pos_neg, got {self.form!r}")
+
+    @classmethod
+    def named(cls, name: str, form: str = "classes") -> PromptOptions:
+        if name not in PROMPT_SETS:
+            raise ValueError(f"--prompt-set {name!r}: one of {sorted(PROMPT_SETS)}")
+        return cls(PROMPT_SETS[name], phrases=name != "paper", form=form)
+
+    def texts(self, name: str, negative: bool = False) -> list[str]:
+        """Every prompt of one class (and polarity)."""
+        words = CLASS_PHRASES.get(name, (name.lower(),)) if self.phrases else (name,)
+        return [
+            t.format(w) for t in (self.negatives if negative else self.templates) for w in words
+        ]
+
+    def groups(self, classes) -> list[list[str]]:
+        """The prompt groups scored against each image: one per class, then (pos_neg) one per
+        class's negation."""
+        positive = [self.texts(c) for c in classes]
+        if self.form == "classes":
+            return positive
+        return positive + [self.texts(c, negative=True) for c in classes]
 
 
 @torch.no_grad()
-def class_prompts(
-    model, tokenizer, classes, prompt: str, max_tokens: int, device, use_prototypes: bool
-):
-    """(report embeddings [C, D], prompt sentences [C, 1, D], mask [C, 1])."""
+def encode_prompt_groups(model, tokenizer, groups, max_tokens: int, device, use_prototypes: bool):
+    """Each group's prompts averaged in embedding space: (report embeddings [G, D], sentences
+    [G, 1, D], mask [G, 1]); the global side averages the normalised report embeddings, the
+    local side the (prototype-bank) sentence embeddings."""
+    texts = [t for group in groups for t in group]
     samples = []
-    for name in classes:
-        ids, index = tokenize_sentences(tokenizer, [prompt.format(name)], max_tokens)
+    for text in texts:
+        ids, index = tokenize_sentences(tokenizer, [text], max_tokens)
         samples.append(
             {
-                "key": name,
+                "key": text,
                 "image": torch.zeros(1, 1, 1),
                 "input_ids": ids,
                 "sentence_index": index,
-                "sentences": [prompt.format(name)],
+                "sentences": [text],
                 "flipped": False,
             }
         )
     batch = collate(samples, tokenizer.pad_token_id, 1)
-    text = model.encode_text(
+    encoded = model.encode_text(
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
         batch["sentence_index"].to(device),
     )
-    sentences, mask = text.sentences[:, :1], text.sentence_mask[:, :1]
+    sentences, mask = encoded.sentences[:, :1], encoded.sentence_mask[:, :1]
     if use_prototypes:
         sentences = model.prototype_bank(sentences)
-    return model.report_embedding(sentences, mask), sentences, mask
+    reports = F.normalize(model.report_embedding(sentences, mask).float(), dim=-1)
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
+    count = torch.bincount(owner, minlength=len(groups)).clamp(min=1)[:, None]
+    mean_reports = torch.zeros(len(groups), reports.shape[1], device=device)
+    mean_reports = mean_reports.index_add(0, owner, reports) / count
+    flat = sentences[:, 0].float()
+    mean_sentences = torch.zeros(len(groups), flat.shape[1], device=device)
+    mean_sentences = (mean_sentences.index_add(0, owner, flat) / count)[:, None]
+    group_mask = torch.ones(len(groups), 1, dtype=torch.bool, device=device)
+    return mean_reports, mean_sentences.to(sentences.dtype), group_mask
 
 
 @torch.no_grad()
-def zero_shot_parts(model, images, prompt_sets) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[N, C]` softmax over classes of the global and of the local scores, each summed over
-    the prompt sets (`class_prompts` outputs); the images are encoded once for all of them.
-    The paper's score is `global + 0.5 * local`."""
+def group_logits(model, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global and local logits `[N, G]` of every image against every prompt group."""
+    reports, sentences, mask = prompts
     img = model.encode_image(images)
     image_global = F.normalize(img.global_embedding.float(), dim=-1)
-    global_sum, local_sum = 0.0, 0.0
-    for reports, sentences, mask in prompt_sets:
-        num_images, num_classes = images.shape[0], reports.shape[0]
-        global_logits = model.global_scale * (
-            image_global @ F.normalize(reports.float(), dim=-1).t()
-        )
-        # Every (image, class) pair: the prompt sentence attends over that image's patches.
-        patches = img.patch_tokens.repeat_interleave(num_classes, dim=0)
-        prompt_rows = sentences.repeat(num_images, 1, 1)
-        local = model.local_alignment(patches, prompt_rows, mask.repeat(num_images, 1))
-        local_logits = model.local_scale * F.cosine_similarity(
-            local.text_context[:, 0].float(), prompt_rows[:, 0].float(), dim=-1
-        )
-        global_sum = global_sum + global_logits.softmax(-1)
-        local_sum = local_sum + local_logits.view(num_images, num_classes).softmax(-1)
-    return global_sum, local_sum
+    global_logits = model.global_scale * (image_global @ F.normalize(reports, dim=-1).t())
+    num_images, num_groups = images.shape[0], reports.shape[0]
+    # Every (image, group) pair: the prompt sentence attends over that image's patches.
+    patches = img.patch_tokens.repeat_interleave(num_groups, dim=0)
+    rows = sentences.repeat(num_images, 1, 1)
+    local = model.local_alignment(patches, rows, mask.repeat(num_images, 1))
+    local_logits = model.local_scale * F.cosine_similarity(
+        local.text_context[:, 0].float(), rows[:, 0].float(), dim=-1
+    )
+    return global_logits.float(), local_logits.view(num_images, num_groups).float()
+
+
+def class_probabilities(logits: torch.Tensor, form: str) -> torch.Tensor:
+    """`[N, C]`: a softmax over the classes, or (pos_neg, logits `[N, 2C]` positives first)
+    each class's softmax over its positive and negative prompt."""
+    if form == "classes":
+        return logits.softmax(-1)
+    positive, negative = logits.chunk(2, dim=-1)
+    return torch.stack([positive, negative], -1).softmax(-1)[..., 0]
+
+
+@torch.no_grad()
+def score_split(loaded, dataset, columns, prompts, form: str, batch_size: int) -> dict:
+    """Global and local class probabilities `[N, C]` and labels `[N, C]` (NaN unknown) of
+    every image of `dataset`."""
+    model = loaded.model
+    device = next(model.parameters()).device
+    parts = {"global": [], "local": [], "labels": []}
+    for images, labels in image_batches(loaded, dataset, batch_size):
+        global_logits, local_logits = group_logits(model, images.to(device), prompts)
+        parts["global"].append(class_probabilities(global_logits, form).cpu())
+        parts["local"].append(class_probabilities(local_logits, form).cpu())
+        parts["labels"].append(labels[:, columns])
+    if not parts["labels"]:
+        raise ValueError(f"{dataset.name} [{dataset.split}]: no images")
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _single_label(scored: dict) -> tuple[dict, torch.Tensor]:
+    """The images that carry exactly one of the classes (all known), and their class index."""
+    labels = scored["labels"]
+    single = (labels.nan_to_num(0).sum(1) == 1) & ~labels.isnan().any(1)
+    kept = {k: v[single] for k, v in scored.items()}
+    return kept, kept["labels"].argmax(1)
+
+
+def _selection_metric(scored: dict, weight: float, multi_label: bool) -> float:
+    """What the local weight is chosen by: macro AUC (multi-label) or accuracy."""
+    if multi_label:
+        return macro_auc(scored["global"] + weight * scored["local"], scored["labels"])[0]
+    kept, target = _single_label(scored)
+    combined = kept["global"] + weight * kept["local"]
+    return float((combined.argmax(1) == target).double().mean()) if len(target) else float("nan")
+
+
+def choose_local_weight(scored: dict, multi_label: bool) -> tuple[float, dict[str, float]]:
+    """The weight of `WEIGHT_GRID` with the best score on `scored` (the first of equals), and
+    the score of every weight."""
+    sweep = {str(w): _selection_metric(scored, w, multi_label) for w in WEIGHT_GRID}
+    scores = [sweep[str(w)] for w in WEIGHT_GRID]
+    if all(math.isnan(x) for x in scores):
+        raise ValueError("no image of the selection split can score the local weight")
+    best = max(range(len(scores)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
+    return WEIGHT_GRID[best], sweep
 
 
 @torch.no_grad()
@@ -84,13 +220,20 @@ def zero_shot(
     data: str,
     split: str,
     classes=None,
-    prompts=(DEFAULT_PROMPT,),
-    local_weight: float = 0.5,
+    prompts: PromptOptions | None = None,
+    local_weight: float | None = 0.5,
     options: DataOptions | None = None,
     batch_size: int = 64,
+    multi_label: bool = False,
+    select_split: str = "validate",
 ) -> dict:
-    """Accuracy, macro F1, per-class AUC and the confusion matrix of the paper's score and of
-    the global-only score, over the images of `split` that carry exactly one of `classes`."""
+    """Global-only, local-only and combined (`global + local_weight x local`) scores over
+    `split`: single-label (accuracy, macro F1, per-class AUC and the confusion matrix over the
+    images that carry exactly one of `classes`) or `multi_label` (per-class AUC over every image
+    whose label is known). `local_weight=None` picks it on `select_split`."""
+    prompts = prompts or PromptOptions()
+    if multi_label and prompts.form != "pos_neg":
+        raise ValueError("multi-label zero-shot scores each class alone: use the pos_neg form")
     model = loaded.model
     device = next(model.parameters()).device
     dataset = open_split(data, split, options)
@@ -99,40 +242,66 @@ def zero_shot(
     if missing:
         raise ValueError(f"{data}: classes {missing} not in its labels {list(dataset.classes)}")
     columns = [dataset.classes.index(c) for c in classes]
-    per_prompt = [
-        class_prompts(model, loaded.tokenizer, classes, p, 256, device, True) for p in prompts
-    ]
-    combined, global_only, targets = [], [], []
-    for images, labels in image_batches(loaded, dataset, batch_size):
-        labels = labels[:, columns]
-        single = (labels.nan_to_num(0).sum(1) == 1) & ~labels.isnan().any(1)
-        if not bool(single.any()):
-            continue
-        images = images[single].to(device)
-        global_part, local_part = zero_shot_parts(model, images, per_prompt)
-        combined.append((global_part + local_weight * local_part).float().cpu())
-        global_only.append(global_part.float().cpu())
-        targets.append(labels[single].argmax(1))
-    if not targets:
+    groups = encode_prompt_groups(
+        model, loaded.tokenizer, prompts.groups(classes), 256, device, True
+    )
+    scored = score_split(loaded, dataset, columns, groups, prompts.form, batch_size)
+    result = {"classes": list(classes), "prompts": prompts.groups(classes), "form": prompts.form}
+    if local_weight is None:
+        selection = score_split(
+            loaded,
+            open_split(data, select_split, options),
+            columns,
+            groups,
+            prompts.form,
+            batch_size,
+        )
+        local_weight, sweep = choose_local_weight(selection, multi_label)
+        result["local_weight_chosen_on"] = {"split": select_split, "sweep": sweep}
+    result["local_weight"] = local_weight
+    result["sweep"] = {str(w): _selection_metric(scored, w, multi_label) for w in WEIGHT_GRID}
+    if multi_label:
+        return result | _multi_label_scores(scored, classes, local_weight)
+    kept, target = _single_label(scored)
+    if not len(target):
         raise ValueError(f"{data} [{split}]: no image with exactly one of {list(classes)}")
-    target = torch.cat(targets)
-    return {
+    parts = {
+        "combined": kept["global"] + local_weight * kept["local"],
+        "global_only": kept["global"],
+        "local_only": kept["local"],
+    }
+    counts = torch.bincount(target, minlength=len(classes))
+    return result | {
         "images": len(target),
-        "classes": list(classes),
-        "prompts": list(prompts),
         "chance": 1 / len(classes),
-        "paper_score": classification_scores(torch.cat(combined), target, classes),
-        "global_only": classification_scores(torch.cat(global_only), target, classes),
+        "majority": float(counts.max() / counts.sum()),
+        **{name: classification_scores(s, target, classes) for name, s in parts.items()},
     }
 
 
+def _multi_label_scores(scored: dict, classes, local_weight: float) -> dict:
+    labels = scored["labels"]
+    parts = {
+        "combined": scored["global"] + local_weight * scored["local"],
+        "global_only": scored["global"],
+        "local_only": scored["local"],
+    }
+    out = {"images": len(labels), "positives": dict(zip(classes, (labels == 1).sum(0).tolist()))}
+    for name, scores in parts.items():
+        auc, per_class = macro_auc(scores, labels)
+        out[name] = {"macro_auc": auc, "per_class_auc": dict(zip(classes, per_class))}
+    return out
+
+
 def classification_scores(scores_NC: torch.Tensor, target_N: torch.Tensor, classes) -> dict:
-    """Accuracy, macro F1, macro and per-class AUC, per-class accuracy and the confusion matrix
-    (rows: true class, columns: predicted class) of single-label predictions."""
+    """Accuracy, macro F1, macro and per-class AUC, per-class accuracy, the share of each
+    predicted class and the confusion matrix (rows: true class, columns: predicted class) of
+    single-label predictions."""
     num = len(classes)
     predicted = scores_NC.argmax(1).cpu()
     auc, per_class = macro_auc(scores_NC.cpu(), F.one_hot(target_N, num))
     confusion = torch.bincount(target_N * num + predicted, minlength=num**2).view(num, num)
+    shares = torch.bincount(predicted, minlength=num).double() / len(predicted)
     return {
         "accuracy": float((predicted == target_N).double().mean()),
         "macro_f1": macro_f1(predicted, target_N, num),
@@ -144,5 +313,7 @@ def classification_scores(scores_NC: torch.Tensor, target_N: torch.Tensor, class
             else None
             for i, c in enumerate(classes)
         },
+        # A score that puts most images in one class shows here first.
+        "predicted_share": dict(zip(classes, shares.tolist())),
         "confusion": confusion.tolist(),
     }

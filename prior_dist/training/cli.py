@@ -173,7 +173,7 @@ def run_summary(result: dict, run_dir: Path) -> str:
     if "zero_shot" in result:  # the whole result is in RUN_DIR/eval.json
         zero = result["zero_shot"]
         lines.append(
-            f"[prior_dist] zero-shot accuracy {zero['paper_score']['accuracy']:.3f} over "
+            f"[prior_dist] zero-shot accuracy {zero['combined']['accuracy']:.3f} over "
             f"{zero['images']} images (chance {zero['chance']:.3f}); details in "
             f"{run_dir / EVAL_RESULT}"
         )

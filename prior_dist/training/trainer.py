@@ -29,7 +29,7 @@ from prior_dist.data.provision import (
 from prior_dist.distributed.env import device_for_local_rank, init_process_group
 from prior_dist.distributed.launcher import watch_runner
 from prior_dist.evaluation.retrieval import retrieval
-from prior_dist.evaluation.zero_shot import zero_shot
+from prior_dist.evaluation.zero_shot import PromptOptions, zero_shot
 from prior_dist.runs import LoadedModel
 from prior_dist.runs import checkpoints as ckpt
 from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG, RUN_TOKENIZER
@@ -91,7 +91,7 @@ class Trainer:
     def setup(self) -> None:
         self._start_process()
         torch.manual_seed(self.recipe.train.seed)
-        shards = ensure_phantom_shards(self.recipe.data, self.recipe.train.seed, self.log)
+        shards = ensure_phantom_shards(self.recipe.data, self.log)
         self.tokenizer = load_training_tokenizer(self.recipe.data, shards)
         if self.rank == 0:
             self._keep_tokenizer()
@@ -384,7 +384,7 @@ class Trainer:
             )
         finally:
             self.engine.train()
-        accuracy = zero["paper_score"]["accuracy"]
+        accuracy = zero["combined"]["accuracy"]
         return {
             "eval_zero_shot_accuracy": None if math.isnan(accuracy) else accuracy,
             "eval_i2t_recall@5": found["image_to_text"]["recall@5"],
@@ -403,7 +403,7 @@ class Trainer:
                 shards,
                 split,
                 cfg.classes,
-                (cfg.prompt,),
+                PromptOptions((cfg.prompt,)),
                 cfg.local_weight,
                 batch_size=cfg.micro_batch_size,
             )
@@ -411,8 +411,9 @@ class Trainer:
             self.log(f"zero-shot on the {split} split skipped: {exc}")
             return {
                 "images": 0,
-                "paper_score": {"accuracy": math.nan},
+                "combined": {"accuracy": math.nan},
                 "global_only": {"accuracy": math.nan},
+                "local_only": {"accuracy": math.nan},
                 "chance": 1 / len(cfg.classes),
             }
         finally:
@@ -425,7 +426,7 @@ class Trainer:
             (self.run_dir / EVAL_RESULT).write_text(json.dumps(result, indent=2))
         self.log(
             f"zero-shot accuracy on the {self.recipe.data.eval_split} split: "
-            f"{result['paper_score']['accuracy']:.3f} (global only "
+            f"{result['combined']['accuracy']:.3f} (global only "
             f"{result['global_only']['accuracy']:.3f}) over {result['images']} images "
             f"(chance {result['chance']:.3f})"
         )
