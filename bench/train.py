@@ -103,7 +103,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         shards = tmp / "shards"
         recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=1600"])
-        ensure_phantom_shards(recipe.data, recipe.train.seed, log=lambda _: None)
+        ensure_phantom_shards(recipe.data, log=lambda _: None)
         load_training_tokenizer(recipe.data, shards)
         rows = []
         for stage in [int(s) for s in args.stages.split(",")]:
