@@ -88,9 +88,8 @@ def _prompt_options(args) -> PromptOptions:
     implies the pos-neg form."""
     form = "pos_neg" if args.multi_label or args.form == "pos-neg" else "classes"
     named = PromptOptions.named(args.prompt_set, form)
-    if args.prompt:
-        return PromptOptions(tuple(args.prompt), named.phrases, form)
-    return named
+    templates = tuple(args.prompt) if args.prompt else named.templates
+    return PromptOptions(templates, named.phrases, form, through_bank=args.prompt_bank == "on")
 
 
 def _pm(summary: dict, key: str) -> str:
@@ -207,9 +206,17 @@ def _zero_shot_options(parser: argparse.ArgumentParser) -> None:
     )
     zero.add_argument(
         "--local-weight",
-        default="0.5",
-        help="combined = global + W x local (default 0.5, the paper's); auto: the best W on "
-        "--select-split",
+        default="auto",
+        help="combined = global + W x local; auto (default): the best W on --select-split (the "
+        "paper's 0.5 when that split cannot score it); the paper uses 0.5",
+    )
+    zero.add_argument(
+        "--prompt-bank",
+        default="off",
+        choices=("on", "off"),
+        help="on: prompt sentences through the prototype bank, as stage 2-3 training sees "
+        "sentences; off (default): their own embeddings (the bank can map several classes' "
+        "prompts onto one prototype)",
     )
     zero.add_argument("--select-split", default="validate", help="where --local-weight auto looks")
     zero.add_argument(

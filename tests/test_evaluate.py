@@ -426,6 +426,8 @@ def test_zero_shot_reports_global_local_and_combined_side_by_side(tiny_run):
     assert options.groups(["Edema"])[1][0] == "no edema"
     paired = zero_shot(loaded, loaded.data_path, "test", prompts=options, local_weight=1.0)
     assert paired["form"] == "pos_neg" and paired["images"] == result["images"]
+    banked = zero_shot(loaded, loaded.data_path, "test", prompts=PromptOptions(through_bank=True))
+    assert banked["images"] == result["images"] and banked["prompts"] == result["prompts"]
 
 
 def test_local_weight_auto_is_chosen_on_the_validation_split(tiny_run):
@@ -452,7 +454,7 @@ def test_local_weight_auto_is_chosen_on_the_validation_split(tiny_run):
         PromptOptions().groups(CHEXPERT_COMPETITION),
         256,
         torch.device("cpu"),
-        True,
+        PromptOptions().through_bank,
     )
     scored = score_split(loaded, validate, columns, groups, "classes", 64)
     weight, sweep = choose_local_weight(scored, multi_label=False)
@@ -478,3 +480,22 @@ def test_multi_label_zero_shot_scores_every_known_label(tiny_run, capsys):
     assert evaluate([*args, "--prompt-set", "ensemble", "--out", str(out)]) == 0
     assert "macro AUC" in capsys.readouterr().out
     assert json.loads(out.read_text())["pretrained"]["form"] == "pos_neg"
+
+
+def test_single_label_images_count_unmentioned_as_absent_and_drop_uncertain():
+    from prior_dist.evaluation.zero_shot import _single_label
+
+    nan = float("nan")
+    labels = torch.tensor(
+        [
+            [1.0, 0.0, 0.0],  # kept: class 0
+            [nan, 1.0, nan],  # kept: class 1, the others not mentioned (IU, CheXpert blanks)
+            [1.0, 1.0, 0.0],  # two findings
+            [0.0, 0.0, 0.0],  # none
+            [nan, nan, 1.0],  # kept: class 2
+            [1.0, -1.0, 0.0],  # an uncertain class: left out
+        ]
+    )
+    scored = {"labels": labels, "global": torch.arange(6.0)[:, None].repeat(1, 3)}
+    kept, target = _single_label(scored)
+    assert target.tolist() == [0, 1, 2] and kept["global"][:, 0].tolist() == [0.0, 1.0, 4.0]

@@ -51,8 +51,6 @@ MESH_TO_CHEXPERT = {
     "Medical Device": "Support Devices",
 }
 NORMAL_TERM = "normal"
-# The five classes of the real-text zero-shot check (README): one rendered look each.
-IU_ZERO_SHOT = ("Atelectasis", "Cardiomegaly", "Lung Lesion", "Lung Opacity", "Pleural Effusion")
 IU_LABELS = (*sorted(set(MESH_TO_CHEXPERT.values())), "No Finding")
 
 # CheXpert label -> the phantom finding drawn for it in synthetic pairs (Lung Opacity,

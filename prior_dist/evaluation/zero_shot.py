@@ -72,6 +72,10 @@ class PromptOptions:
     phrases: bool = False
     form: Literal["classes", "pos_neg"] = "classes"
     negatives: tuple[str, ...] = NEGATIVE_PROMPTS
+    # Prompt sentences through the prototype bank, as the stage-2/3 losses see sentences; off
+    # by default: the bank can map several classes' prompts onto one prototype, which made
+    # them score alike (docs/evaluation.md: chosen on validation splits over seeds).
+    through_bank: bool = False
 
     def __post_init__(self) -> None:
         for template in (*self.templates, *self.negatives):
@@ -187,17 +191,24 @@ def score_split(loaded, dataset, columns, prompts, form: str, batch_size: int) -
 
 
 def _single_label(scored: dict) -> tuple[dict, torch.Tensor]:
-    """The images that carry exactly one of the classes (all known), and their class index."""
+    """The images positive for exactly one of the classes, and that class's index. A class a
+    report does not mention (NaN) counts as absent, as in CheXpert-style sets; an uncertain
+    one (-1) leaves the image out."""
     labels = scored["labels"]
-    single = (labels.nan_to_num(0).sum(1) == 1) & ~labels.isnan().any(1)
+    single = ((labels == 1).sum(1) == 1) & ~(labels == -1).any(1)
     kept = {k: v[single] for k, v in scored.items()}
-    return kept, kept["labels"].argmax(1)
+    return kept, (kept["labels"] == 1).int().argmax(1)
+
+
+def _certain(scored: dict) -> torch.Tensor:
+    """Labels with the uncertain (-1) ones unknown (NaN), for per-class AUCs."""
+    return scored["labels"].masked_fill(scored["labels"] == -1, float("nan"))
 
 
 def _selection_metric(scored: dict, weight: float, multi_label: bool) -> float:
     """What the local weight is chosen by: macro AUC (multi-label) or accuracy."""
     if multi_label:
-        return macro_auc(scored["global"] + weight * scored["local"], scored["labels"])[0]
+        return macro_auc(scored["global"] + weight * scored["local"], _certain(scored))[0]
     kept, target = _single_label(scored)
     combined = kept["global"] + weight * kept["local"]
     return float((combined.argmax(1) == target).double().mean()) if len(target) else float("nan")
@@ -214,6 +225,19 @@ def choose_local_weight(scored: dict, multi_label: bool) -> tuple[float, dict[st
     return WEIGHT_GRID[best], sweep
 
 
+def _weight_from(loaded, data, split, options, scoring, multi_label) -> tuple[float, dict]:
+    """The local weight chosen on `split`, and how; the paper's 0.5 when that split has no
+    image to score it (e.g. a public set with a test split only), said in the result."""
+    columns, groups, form = scoring
+    try:
+        selection = score_split(loaded, open_split(data, split, options), columns, groups, form, 64)
+        weight, sweep = choose_local_weight(selection, multi_label)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"evaluate: local weight: {split} split unusable ({err}); using the paper's 0.5")
+        return 0.5, {"split": split, "fallback": f"the paper's 0.5: {err}"}
+    return weight, {"split": split, "sweep": sweep}
+
+
 @torch.no_grad()
 def zero_shot(
     loaded: LoadedModel,
@@ -221,7 +245,7 @@ def zero_shot(
     split: str,
     classes=None,
     prompts: PromptOptions | None = None,
-    local_weight: float | None = 0.5,
+    local_weight: float | None = None,
     options: DataOptions | None = None,
     batch_size: int = 64,
     multi_label: bool = False,
@@ -230,7 +254,8 @@ def zero_shot(
     """Global-only, local-only and combined (`global + local_weight x local`) scores over
     `split`: single-label (accuracy, macro F1, per-class AUC and the confusion matrix over the
     images that carry exactly one of `classes`) or `multi_label` (per-class AUC over every image
-    whose label is known). `local_weight=None` picks it on `select_split`."""
+    whose label is known). `local_weight=None` (the default) picks it on `select_split`; the
+    paper's is 0.5."""
     prompts = prompts or PromptOptions()
     if multi_label and prompts.form != "pos_neg":
         raise ValueError("multi-label zero-shot scores each class alone: use the pos_neg form")
@@ -243,21 +268,14 @@ def zero_shot(
         raise ValueError(f"{data}: classes {missing} not in its labels {list(dataset.classes)}")
     columns = [dataset.classes.index(c) for c in classes]
     groups = encode_prompt_groups(
-        model, loaded.tokenizer, prompts.groups(classes), 256, device, True
+        model, loaded.tokenizer, prompts.groups(classes), 256, device, prompts.through_bank
     )
     scored = score_split(loaded, dataset, columns, groups, prompts.form, batch_size)
     result = {"classes": list(classes), "prompts": prompts.groups(classes), "form": prompts.form}
     if local_weight is None:
-        selection = score_split(
-            loaded,
-            open_split(data, select_split, options),
-            columns,
-            groups,
-            prompts.form,
-            batch_size,
+        local_weight, result["local_weight_chosen_on"] = _weight_from(
+            loaded, data, select_split, options, (columns, groups, prompts.form), multi_label
         )
-        local_weight, sweep = choose_local_weight(selection, multi_label)
-        result["local_weight_chosen_on"] = {"split": select_split, "sweep": sweep}
     result["local_weight"] = local_weight
     result["sweep"] = {str(w): _selection_metric(scored, w, multi_label) for w in WEIGHT_GRID}
     if multi_label:
@@ -280,7 +298,9 @@ def zero_shot(
 
 
 def _multi_label_scores(scored: dict, classes, local_weight: float) -> dict:
-    labels = scored["labels"]
+    """Per-class AUC over the images whose label is 1 or 0 (unmentioned and uncertain left
+    out)."""
+    labels = _certain(scored)
     parts = {
         "combined": scored["global"] + local_weight * scored["local"],
         "global_only": scored["global"],

@@ -162,7 +162,11 @@ class EvalConfig:
     zero_shot: bool = True
     classes: Annotated[tuple[str, ...], Field(min_length=2)] = CHEXPERT_COMPETITION
     prompt: str = "{} is observed"
-    local_weight: float = 0.5
+    # Combined score = global + local_weight x local; null: chosen on the validation split
+    # (the paper's is 0.5).
+    local_weight: float | None = None
+    # Prompt sentences through the prototype bank (off: their own embeddings; docs/evaluation.md).
+    prompt_bank: bool = False
     # Images per forward pass of the periodic and end-of-run evaluation.
     micro_batch_size: PositiveInt = 32
     # During pretraining: zero-shot accuracy and retrieval recall on this split every N

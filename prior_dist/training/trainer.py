@@ -403,7 +403,7 @@ class Trainer:
                 shards,
                 split,
                 cfg.classes,
-                PromptOptions((cfg.prompt,)),
+                PromptOptions((cfg.prompt,), through_bank=cfg.prompt_bank),
                 cfg.local_weight,
                 batch_size=cfg.micro_batch_size,
             )
