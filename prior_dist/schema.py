@@ -104,3 +104,13 @@ def _bare(hint):
         return hint
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if len(args) == 1 else hint
+
+
+def dotted(raw, path: str):
+    """`raw["a"]["b"]` for `a.b`; None where the path leaves the nested mappings."""
+    node = raw
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node

@@ -7,6 +7,8 @@ import json
 import statistics
 from pathlib import Path
 
+from prior_dist.schema import dotted
+
 # Per task: the dotted keys of the `pretrained` result summarised over seeds (those present).
 HEADLINES = {
     "zero-shot": (
@@ -34,13 +36,9 @@ HEADLINES = {
 }
 
 
-def _get(result: dict, dotted: str):
-    node = result
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+def _number(result: dict, path: str) -> float | None:
+    value = dotted(result, path)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def summarize(per_seed: dict[str, dict[str, dict]]) -> dict:
@@ -51,7 +49,7 @@ def summarize(per_seed: dict[str, dict[str, dict]]) -> dict:
     for task in tasks:
         for key in HEADLINES.get(task, ()):
             values = {
-                seed: _get(results[task], key)
+                seed: _number(results[task], key)
                 for seed, results in sorted(per_seed.items())
                 if task in results
             }

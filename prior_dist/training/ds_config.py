@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from prior_dist.schema import dotted
 from prior_dist.training.recipe import Recipe
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -27,15 +28,6 @@ class DeepSpeedSettings:
     precision: Precision
     zero_stage: int
     offload_optimizer: bool
-
-
-def _get(raw: dict, dotted: str):
-    node = raw
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
 
 
 def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
@@ -65,10 +57,10 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
             f"{path}: leave train_batch_size out; it follows from "
             "train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks"
         )
-    fp16, bf16 = bool(_get(raw, "fp16.enabled")), bool(_get(raw, "bf16.enabled"))
+    fp16, bf16 = bool(dotted(raw, "fp16.enabled")), bool(dotted(raw, "bf16.enabled"))
     if fp16 and bf16:
         raise ValueError(f"{path}: fp16.enabled and bf16.enabled are both true; pick one")
-    stage = _get(raw, "zero_optimization.stage") or 0
+    stage = dotted(raw, "zero_optimization.stage") or 0
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     for owned in ("optimizer", "scheduler"):
@@ -77,7 +69,7 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
                 f"{path}: remove the {owned!r} section: the recipe's optim and "
                 "train.stages sections define AdamW and the per-stage schedule"
             )
-    offload = (_get(raw, "zero_optimization.offload_optimizer.device") or "none") != "none"
+    offload = (dotted(raw, "zero_optimization.offload_optimizer.device") or "none") != "none"
     return DeepSpeedSettings(
         str(path),
         raw,
@@ -92,7 +84,7 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
 def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> None:
     """Refuse contradictions between the JSON and the recipe, with both values named."""
     for key, expected in recipe.deepspeed_expect.items():
-        actual = _get(ds.raw, key)
+        actual = dotted(ds.raw, key)
         if actual != expected:
             raise ValueError(
                 f"recipe {recipe.name!r} needs {key}={expected!r} but {ds.path} has "
