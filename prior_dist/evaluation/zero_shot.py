@@ -208,9 +208,9 @@ def _certain(scored: dict) -> torch.Tensor:
 def _selection_metric(scored: dict, weight: float, multi_label: bool) -> float:
     """What the local weight is chosen by: macro AUC (multi-label) or accuracy."""
     if multi_label:
-        return macro_auc(scored["global"] + weight * scored["local"], _certain(scored))[0]
+        return macro_auc(_score_parts(scored, weight)["combined"], _certain(scored))[0]
     kept, target = _single_label(scored)
-    combined = kept["global"] + weight * kept["local"]
+    combined = _score_parts(kept, weight)["combined"]
     return float((combined.argmax(1) == target).double().mean()) if len(target) else float("nan")
 
 
@@ -227,10 +227,12 @@ def choose_local_weight(scored: dict, multi_label: bool) -> tuple[float, dict[st
 
 def _weight_from(loaded, data, split, options, scoring, multi_label) -> tuple[float, dict]:
     """The local weight chosen on `split`, and how; the paper's 0.5 when that split has no
-    image to score it (e.g. a public set with a test split only), said in the result."""
-    columns, groups, form = scoring
+    image to score it (e.g. a public set with a test split only), said in the result.
+    `scoring`: (columns, prompt groups, form, batch size), as for the reported split."""
+    columns, groups, form, batch_size = scoring
     try:
-        selection = score_split(loaded, open_split(data, split, options), columns, groups, form, 64)
+        dataset = open_split(data, split, options)
+        selection = score_split(loaded, dataset, columns, groups, form, batch_size)
         weight, sweep = choose_local_weight(selection, multi_label)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"evaluate: local weight: {split} split unusable ({err}); using the paper's 0.5")
@@ -274,7 +276,12 @@ def zero_shot(
     result = {"classes": list(classes), "prompts": prompts.groups(classes), "form": prompts.form}
     if local_weight is None:
         local_weight, result["local_weight_chosen_on"] = _weight_from(
-            loaded, data, select_split, options, (columns, groups, prompts.form), multi_label
+            loaded,
+            data,
+            select_split,
+            options,
+            (columns, groups, prompts.form, batch_size),
+            multi_label,
         )
     result["local_weight"] = local_weight
     result["sweep"] = {str(w): _selection_metric(scored, w, multi_label) for w in WEIGHT_GRID}
@@ -283,11 +290,7 @@ def zero_shot(
     kept, target = _single_label(scored)
     if not len(target):
         raise ValueError(f"{data} [{split}]: no image with exactly one of {list(classes)}")
-    parts = {
-        "combined": kept["global"] + local_weight * kept["local"],
-        "global_only": kept["global"],
-        "local_only": kept["local"],
-    }
+    parts = _score_parts(kept, local_weight)
     counts = torch.bincount(target, minlength=len(classes))
     return result | {
         "images": len(target),
@@ -297,15 +300,20 @@ def zero_shot(
     }
 
 
-def _multi_label_scores(scored: dict, classes, local_weight: float) -> dict:
-    """Per-class AUC over the images whose label is 1 or 0 (unmentioned and uncertain left
-    out)."""
-    labels = _certain(scored)
-    parts = {
+def _score_parts(scored: dict, local_weight: float) -> dict[str, torch.Tensor]:
+    """The three scores every result reports side by side."""
+    return {
         "combined": scored["global"] + local_weight * scored["local"],
         "global_only": scored["global"],
         "local_only": scored["local"],
     }
+
+
+def _multi_label_scores(scored: dict, classes, local_weight: float) -> dict:
+    """Per-class AUC over the images whose label is 1 or 0 (unmentioned and uncertain left
+    out)."""
+    labels = _certain(scored)
+    parts = _score_parts(scored, local_weight)
     out = {"images": len(labels), "positives": dict(zip(classes, (labels == 1).sum(0).tolist()))}
     for name, scores in parts.items():
         auc, per_class = macro_auc(scores, labels)
