@@ -1,7 +1,7 @@
 """`python -m prior_dist.shardify`: prepare datasets once into WebDataset tar shards.
 
 Sub-commands: mimic-cxr, openi, manifest, phantom (write shards); finalize (merge array-task parts);
-verify (re-read everything against the manifest).
+reindex (rewrite the consolidated split indexes); verify (re-read everything against the manifest).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from prior_dist.data.build import build_shards, finalize, verify
+from prior_dist.data.build import build_shards, finalize, reindex, verify
 from prior_dist.data.images import MAX_PIXELS
 from prior_dist.data.prepare import PrepareSettings
 from prior_dist.data.shards import load_manifest
@@ -101,6 +101,16 @@ def _add_parallel(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_maintenance(sub) -> None:
+    """The sub-commands that work on a written data set directory."""
+    for name, text in (
+        ("finalize", "merge the part manifests written by array tasks"),
+        ("reindex", "(re)write each split's consolidated index from the shard indexes"),
+        ("verify", "re-read every shard and check it against the manifest"),
+    ):
+        sub.add_parser(name, help=text).add_argument("dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prior_dist.shardify",
@@ -157,10 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     _add_common(phantom, min_sentences=1)
 
-    fin = sub.add_parser("finalize", help="merge the part manifests written by array tasks")
-    fin.add_argument("dir")
-    ver = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
-    ver.add_argument("dir")
+    _add_maintenance(sub)
     return parser
 
 
@@ -196,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "finalize":
             print(json.dumps(finalize(args.dir)))
+            return 0
+        if args.command == "reindex":
+            print(json.dumps(reindex(args.dir)))
             return 0
         if args.command == "verify":
             problems = verify(args.dir)

@@ -1,4 +1,5 @@
-"""Shard building: deterministic planning, parallel workers, array-task parts, finalize, verify."""
+"""Shard building: deterministic planning, parallel workers, array-task parts, finalize, reindex,
+verify."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from prior_dist import __version__
+from prior_dist.data.compact import (
+    build_compact,
+    check_compact,
+    compact_name,
+    open_compact,
+    shards_digest,
+    write_compact,
+)
 from prior_dist.data.prepare import PrepareSettings, Skip, prepare_study
 from prior_dist.data.progress import bar
 from prior_dist.data.shards import (
@@ -270,11 +280,54 @@ def finalize(out_dir: str | Path) -> dict:
         manifest["totals"]["samples"] + manifest["totals"]["skipped"]
     )
     atomic_write_json(out / MANIFEST, manifest)
+    reindex(out, manifest)
     return {
         "samples": manifest["totals"]["samples"],
         "shards": manifest["totals"]["shards"],
         "skipped": manifest["totals"]["skipped"],
     }
+
+
+def reindex(out_dir: str | Path, manifest: dict | None = None) -> dict[str, int]:
+    """(Re)write every split's consolidated index from the shard indexes; samples per split."""
+    out = Path(out_dir)
+    manifest = manifest or load_manifest(out)
+    counts = {}
+    for split, entry in manifest["splits"].items():
+        index = build_compact(out, entry["shards"])
+        write_compact(out / compact_name(split), index, split)
+        counts[split] = len(index)
+    return counts
+
+
+def _verify_compact(out: Path, manifest: dict) -> list[str]:
+    """Each split's consolidated index, where there is one, against the manifest and the shard
+    indexes (a missing one is not a problem: the loader builds it)."""
+    problems = []
+    for split, entry in manifest["splits"].items():
+        path = out / compact_name(split)
+        if not path.is_file():
+            continue
+        try:
+            index = open_compact(path)
+            problem = check_compact(path)
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(str(exc))
+            continue
+        if index.digest != shards_digest(entry["shards"]):
+            problems.append(f"{path}: stale (built for another shard list; shardify reindex)")
+            continue
+        try:
+            truth = build_compact(out, entry["shards"])
+        except (FileNotFoundError, ValueError):
+            continue  # the shard checks name that problem
+        same = problem is None and truth.exts == index.exts
+        same = same and all(
+            np.array_equal(a, b) for a, b in zip(truth.arrays().values(), index.arrays().values())
+        )
+        if not same:
+            problems.append(problem or f"{path}: differs from the shard indexes; shardify reindex")
+    return problems
 
 
 def _check_image(data: bytes, what: str, problems: list[str]) -> None:
@@ -293,7 +346,7 @@ def verify(out_dir: str | Path) -> list[str]:
     shards = [shard for entry in manifest["splits"].values() for shard in entry["shards"]]
     for shard in bar(shards, desc=f"verify {out}", unit="shard"):
         problems += _verify_shard(out, shard)
-    return problems
+    return problems + _verify_compact(out, manifest)
 
 
 def _verify_shard(out: Path, shard: dict) -> list[str]:

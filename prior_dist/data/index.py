@@ -2,21 +2,23 @@
 
 A source is a prepared shard directory (or a URL prefix for streaming) with a weight; the
 split index lists every sample of one split over all sources with its shard and the byte
-offsets of its members (from the `.idx.json` files shardify writes). The epoch order is a
-permutation of sample ids drawn from (seed, epoch) only; the batch plan cuts it into global
-batches and gives each (step, rank) its positions. See `prior_dist.data.loader` for the rule
-these serve.
+offsets of its members (the consolidated, memory-mapped index of `prior_dist.data.compact`).
+The epoch order is a permutation of sample ids drawn from (seed, epoch) only; the batch plan
+cuts it into global batches and gives each (step, rank) its positions. See
+`prior_dist.data.loader` for the rule these serve.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from prior_dist.data.shards import load_index, load_manifest
+from prior_dist.data.compact import CompactIndex, compact_name, load_compact
+from prior_dist.data.shards import load_manifest
 from prior_dist.data.transforms import CorruptSample, sample_rng
 
 Mode = Literal["indexed", "stream", "resampled"]
@@ -61,18 +63,21 @@ def parse_sources(data) -> list[ShardSource]:
 
 
 class SplitIndex:
-    """Every sample of one split over several sources: shard, key and member offsets."""
+    """Every sample of one split over several sources: its shard, key and member offsets.
+
+    Per source, the split's consolidated index (`prior_dist.data.compact`), memory-mapped: the
+    cost per sample is a few shared pages, not Python objects in every process. Sample ids run
+    over the sources in order. Without offsets (stream mode) only the shard list is read.
+    """
 
     def __init__(self, sources: list[ShardSource], split: str, need_offsets: bool = True):
         self.sources = sources
         self.split = split
         self.shards: list[dict] = []  # {"url", "num_samples", "source"}
-        self.sample_shard: list[int] = []
-        self.sample_pos: list[int] = []
-        self.sample_source: list[int] = []
-        self.keys: list[str] = []
-        self.members: list[dict] = []
         self.source_sizes: list[int] = []
+        self.parts: list[CompactIndex] = []
+        self._starts = [0]  # first sample id of each source
+        self._shard_base: list[int] = []  # first shard id of each source
         for source_id, source in enumerate(sources):
             manifest_dir = source.manifest_dir or source.location
             manifest = load_manifest(manifest_dir)
@@ -80,36 +85,50 @@ class SplitIndex:
                 raise ValueError(
                     f"{manifest_dir}: no split {split!r}; it has {sorted(manifest['splits'])}"
                 )
-            count = 0
-            for shard in manifest["splits"][split]["shards"]:
-                shard_id = len(self.shards)
+            shards = manifest["splits"][split]["shards"]
+            self._shard_base.append(len(self.shards))
+            for shard in shards:
                 url = f"{source.location.rstrip('/')}/{shard['file']}"
                 self.shards.append(
                     {"url": url, "num_samples": shard["num_samples"], "source": source_id}
                 )
-                if need_offsets:
-                    index = load_index(manifest_dir, shard["name"])
-                    if len(index["samples"]) != shard["num_samples"]:
-                        raise ValueError(
-                            f"{manifest_dir}: shard {shard['name']} has "
-                            f"{len(index['samples'])} samples in its index and "
-                            f"{shard['num_samples']} in manifest.json (rebuild with shardify)"
-                        )
-                    for pos, entry in enumerate(index["samples"]):
-                        self.sample_shard.append(shard_id)
-                        self.sample_pos.append(pos)
-                        self.sample_source.append(source_id)
-                        self.keys.append(entry["key"])
-                        self.members.append(entry["members"])
-                count += shard["num_samples"]
+            count = sum(shard["num_samples"] for shard in shards)
+            if need_offsets:
+                part = load_compact(manifest_dir, split, shards)
+                if len(part) != count:
+                    raise ValueError(
+                        f"{manifest_dir}: {compact_name(split)} has {len(part)} samples, the "
+                        f"manifest {count} (rebuild: python -m prior_dist.shardify reindex DIR)"
+                    )
+                self.parts.append(part)
             self.source_sizes.append(count)
+            self._starts.append(self._starts[-1] + count)
 
     def __len__(self) -> int:
-        return sum(self.source_sizes)
+        return self._starts[-1]
 
     def epoch_length(self) -> int:
         """Samples in one epoch of the weighted mixture (weight 1: each sample once)."""
         return sum(int(round(s.weight * n)) for s, n in zip(self.sources, self.source_sizes))
+
+    def _locate(self, sample_id: int) -> tuple[int, int]:
+        if not 0 <= sample_id < len(self):
+            raise IndexError(f"sample id {sample_id} outside [0, {len(self)})")
+        source = bisect.bisect_right(self._starts, sample_id) - 1
+        return source, sample_id - self._starts[source]
+
+    def key(self, sample_id: int) -> str:
+        source, local = self._locate(sample_id)
+        return self.parts[source].key(local)
+
+    def shard_of(self, sample_id: int) -> dict:
+        source, local = self._locate(sample_id)
+        return self.shards[self._shard_base[source] + int(self.parts[source].shard[local])]
+
+    def member_spans(self, sample_id: int) -> dict[str, tuple[int, int]]:
+        """`{extension: (offset, size)}` of the sample's members in its shard."""
+        source, local = self._locate(sample_id)
+        return self.parts[source].spans(local)
 
 
 def epoch_order(
@@ -129,9 +148,11 @@ def epoch_order(
         )
         return rng.choice(len(index), size=total, replace=True, p=weights / weights.sum())
     parts, offset = [], 0
+    # int32 ids where they fit: half the memory, and the same permutations as int64 ones.
+    dtype = np.int32 if len(index) < 2**31 else np.int64
     for source_id, (source, size) in enumerate(zip(index.sources, index.source_sizes)):
         wanted = int(round(source.weight * size))
-        ids = np.arange(offset, offset + size)
+        ids = np.arange(offset, offset + size, dtype=dtype)
         offset += size
         if size == 0 or wanted == 0:
             continue
@@ -141,7 +162,7 @@ def epoch_order(
             src_rng = sample_rng(seed, epoch, f"__source_{source_id}_{p}__")
             chosen.append(src_rng.permutation(ids) if shuffle else ids)
         parts.append(np.concatenate(chosen)[:wanted])
-    order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    order = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     return rng.permutation(order) if shuffle else order
 
 
@@ -204,10 +225,10 @@ class ShardReader:
 
     def members(self, index: SplitIndex, sample_id: int) -> dict[str, bytes]:
         """`{extension: bytes}` of one sample of `index`."""
-        shard = index.shards[index.sample_shard[sample_id]]
+        url = index.shard_of(sample_id)["url"]
         return {
-            ext: self.read(shard["url"], offset, size)
-            for ext, (offset, size) in index.members[sample_id].items()
+            ext: self.read(url, offset, size)
+            for ext, (offset, size) in index.member_spans(sample_id).items()
         }
 
     def __del__(self) -> None:

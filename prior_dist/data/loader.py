@@ -84,12 +84,11 @@ class IndexedBatches(Dataset):
         return self.plan.num_steps
 
     def load(self, sample_id: int, epoch: int) -> dict:
-        key = self.index.keys[sample_id]
+        key = self.index.key(sample_id)
         try:
             members = self._files.members(self.index, sample_id)
         except OSError as exc:
-            shard = self.index.shards[self.index.sample_shard[sample_id]]
-            raise CorruptSample(f"{shard['url']}: {key}: {exc}") from exc
+            raise CorruptSample(f"{self.index.shard_of(sample_id)['url']}: {key}: {exc}") from exc
         return self.transform(key, members, epoch)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
@@ -302,6 +301,9 @@ class PriorLoader:
         if self.mode == "stream":
             yield from self._iter_stream()
         else:
+            # The epoch's order, drawn here before the workers fork: they share its pages
+            # instead of each drawing (and holding) its own copy.
+            self.batches.order(self.epoch)
             sampler = _StepSampler(self.epoch, self.step, self.plan.num_steps)
             loader = DataLoader(
                 self.batches,

@@ -146,7 +146,7 @@ def _shard_set(directory: str, split: str) -> DownstreamSet:
             image = Image.open(io.BytesIO(members[image_members(members)[0]])).convert("L")
             labels = meta.get("labels", {})
             sample = Sample(
-                index.keys[i],
+                index.key(i),
                 image,
                 np.array([labels.get(c, np.nan) for c in classes], dtype=np.float32),
                 text=" ".join(meta.get("sentences", [])),
@@ -166,7 +166,8 @@ def _shard_set(directory: str, split: str) -> DownstreamSet:
 
         return load
 
-    records = [Record(index.keys[i], index.keys[i], loader(i)) for i in range(len(index))]
+    keys = [index.key(i) for i in range(len(index))]
+    records = [Record(key, key, loader(i)) for i, key in enumerate(keys)]
     return DownstreamSet(
         f"shards:{directory}",
         split,
