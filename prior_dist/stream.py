@@ -82,6 +82,7 @@ def _one_pass(loader: PriorLoader, max_steps: int | None) -> dict:
         "batches": batches,
         "samples": len(keys),
         "skipped_corrupt": loader.skipped["corrupt_sample"],
+        "io_retries": loader.io_retries,
         "samples_per_second": round(len(keys) / elapsed, 1),
         "mean_tokens": round(tokens / max(len(keys), 1), 1),
         "exactly_once": (

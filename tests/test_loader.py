@@ -1,6 +1,8 @@
 import json
+import socket
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -441,17 +443,21 @@ def test_workers_forked_during_a_group_sigterm_storm_survive(phantom_dir, tokeni
     assert "no worker died" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_s3_source_streams_exactly_once_from_an_s3_server(phantom_dir, tokenizer, monkeypatch):
-    """Shards, manifest and indices in a bucket of a local S3-compatible server (moto), read
-    through fsspec/s3fs: every sample once over two ranks, as from the local directory."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    import socket
-
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_bucket(phantom_dir, monkeypatch):
+    """The phantom shards in bucket `cxr` under `phantom/` of a local S3 server (moto): yields
+    its endpoint; fsspec/s3fs reach it through AWS_ENDPOINT_URL."""
+    boto3 = pytest.importorskip("boto3")
+    s3fs = pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps one per arguments, endpoint unseen
+    port = free_port()
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
@@ -468,20 +474,143 @@ def test_s3_source_streams_exactly_once_from_an_s3_server(phantom_dir, tokenizer
         for path in phantom_dir.iterdir():
             if path.is_file():
                 s3.upload_file(str(path), "cxr", f"phantom/{path.name}")
-        loaders = [
-            PriorLoader(
-                "s3://cxr/phantom", tokenizer, 4, rank=r, world_size=2, seed=7, transform=CFG
-            )
-            for r in range(2)
-        ]
-        assert loaders[0].mode == "stream"
-        per_rank = epoch_batches(loaders)
-        keys = sorted(k for batches in per_rank for b in batches for k in b["key"])
-        assert keys == all_keys(phantom_dir)
-        with pytest.raises(FileNotFoundError, match="s3://cxr/nothing/manifest.json"):
-            PriorLoader("s3://cxr/nothing", tokenizer, 4, transform=CFG)
+        yield port
     finally:
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def through_proxy(monkeypatch, proxy: "DroppingProxy") -> None:
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_source_streams_exactly_once_from_an_s3_server(phantom_dir, tokenizer, s3_bucket):
+    """Shards, manifest and indices in a bucket of a local S3-compatible server (moto), read
+    through fsspec/s3fs: every sample once over two ranks, as from the local directory."""
+    loaders = [
+        PriorLoader("s3://cxr/phantom", tokenizer, 4, rank=r, world_size=2, seed=7, transform=CFG)
+        for r in range(2)
+    ]
+    assert loaders[0].mode == "stream"
+    per_rank = epoch_batches(loaders)
+    keys = sorted(k for batches in per_rank for b in batches for k in b["key"])
+    assert keys == all_keys(phantom_dir)
+    assert sum(loader.io_retries for loader in loaders) == 0
+    with pytest.raises(FileNotFoundError, match="s3://cxr/nothing/manifest.json"):
+        PriorLoader("s3://cxr/nothing", tokenizer, 4, transform=CFG)
+
+
+class DroppingProxy:
+    """A TCP proxy in front of the S3 server. The first `drops` GET requests whose path holds
+    `target` get the first `cut_after` bytes of their response, then the connection is closed:
+    a connection dropped mid-shard. Every request is sent upstream with `Connection: close`."""
+
+    def __init__(self, upstream: int, target: str, drops: int, cut_after: int):
+        self.upstream, self.target, self.cut_after = upstream, target, cut_after
+        self.drops_left, self.dropped = drops, 0
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.upstream)) as upstream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, body = head.partition(b"\r\n\r\n")
+            lines = [x for x in head.split(b"\r\n") if not x.lower().startswith(b"connection:")]
+            upstream.sendall(b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body)
+            request = lines[0].decode()
+            with self.lock:
+                drop = request.startswith("GET") and self.target in request and self.drops_left
+                if drop:
+                    self.drops_left -= 1
+                    self.dropped += 1
+            sent = 0
+            while chunk := upstream.recv(65536):
+                if drop and sent + len(chunk) >= self.cut_after:
+                    client.sendall(chunk[: self.cut_after - sent])
+                    return
+                client.sendall(chunk)
+                sent += len(chunk)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_connection_dropped_mid_shard_loses_and_repeats_nothing(
+    phantom_dir, tokenizer, s3_bucket, monkeypatch, workers
+):
+    """Seven cut transfers of one shard: more than s3fs retries on its own (5), so our retry
+    (resume from the byte reached, with backoff) is what saves the shard's samples."""
+    shard = load_manifest(phantom_dir)["splits"]["train"]["shards"][1]
+    proxy = DroppingProxy(s3_bucket, f"phantom/{shard['file']}", 7, shard["size_bytes"] // 2)
+    through_proxy(monkeypatch, proxy)
+    try:
+        loader = PriorLoader(
+            "s3://cxr/phantom",
+            tokenizer,
+            4,
+            seed=7,
+            transform=CFG,
+            num_workers=workers,
+            rank=0,
+            world_size=1,
+            io_backoff_s=0.01,
+            io_retries=3,
+        )
+        keys = [k for batch in loader for k in batch["key"]]
+    finally:
+        proxy.close()
+    assert proxy.dropped == 7 and loader.io_retries >= 1
+    assert sorted(keys) == all_keys(phantom_dir) and not loader.skipped
+    assert loader.state_dict()["io_retries"] == loader.io_retries
+
+
+def test_a_shard_that_keeps_failing_is_skipped_and_counted(
+    phantom_dir, tokenizer, s3_bucket, monkeypatch
+):
+    """Past the retries, the shard's samples are skipped, counted and named, and every other
+    sample still comes exactly once."""
+    shard = load_manifest(phantom_dir)["splits"]["train"]["shards"][0]
+    proxy = DroppingProxy(s3_bucket, f"phantom/{shard['file']}", 10**6, shard["size_bytes"] // 2)
+    through_proxy(monkeypatch, proxy)
+    try:
+        loader = PriorLoader(
+            "s3://cxr/phantom",
+            tokenizer,
+            4,
+            seed=7,
+            transform=CFG,
+            rank=0,
+            world_size=1,
+            io_backoff_s=0.01,
+            io_retries=1,
+        )
+        keys = [k for batch in loader for k in batch["key"]]
+    finally:
+        proxy.close()
+    lost = {s["key"] for s in load_index(phantom_dir, shard["name"])["samples"]}
+    assert sorted(keys) == sorted(set(all_keys(phantom_dir)) - lost)
+    assert loader.skipped["corrupt_sample"] == len(lost) == shard["num_samples"]
+    assert f"{shard['file']}" in loader.skipped_examples[0]
+    assert "after 1 retries" in loader.skipped_examples[0]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -10,7 +10,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from pydantic.dataclasses import dataclass
 
 from prior_dist.data.index import Mode, parse_sources
-from prior_dist.data.transforms import TransformConfig
+from prior_dist.data.transforms import Decoder, Geometry, TransformConfig
 from prior_dist.schema import SECTION, Fraction
 
 
@@ -31,6 +31,11 @@ class DataConfig:
     max_tokens: Annotated[int, Field(ge=3)] = 256
     rotation_degrees: NonNegativeFloat = 5.0
     flip_probability: Fraction = 0.0
+    # Where training applies rotation and flip: "step" (the training step, one batched affine
+    # on the accelerator; the loader ships uint8) or "loader" (PIL in the DataLoader workers).
+    augment_in: Geometry = "step"
+    # "pil" or "torchvision" (libjpeg-turbo) image decoding in the loader.
+    decoder: Decoder = "pil"
     workers: NonNegativeInt = 2
     # null: stream for remote sources, indexed otherwise.
     mode: Mode | None = None
@@ -65,4 +70,6 @@ class DataConfig:
             flip_probability=self.flip_probability if train else 0.0,
             max_tokens=self.max_tokens,
             shuffle_sentences=train,
+            geometry=self.augment_in if train else "loader",
+            decoder=self.decoder,
         )

@@ -73,7 +73,7 @@ class SplitIndex:
     def __init__(self, sources: list[ShardSource], split: str, need_offsets: bool = True):
         self.sources = sources
         self.split = split
-        self.shards: list[dict] = []  # {"url", "num_samples", "source"}
+        self.shards: list[dict] = []  # {"url", "num_samples", "size_bytes", "source"}
         self.source_sizes: list[int] = []
         self.parts: list[CompactIndex] = []
         self._starts = [0]  # first sample id of each source
@@ -90,7 +90,12 @@ class SplitIndex:
             for shard in shards:
                 url = f"{source.location.rstrip('/')}/{shard['file']}"
                 self.shards.append(
-                    {"url": url, "num_samples": shard["num_samples"], "source": source_id}
+                    {
+                        "url": url,
+                        "num_samples": shard["num_samples"],
+                        "size_bytes": shard.get("size_bytes"),
+                        "source": source_id,
+                    }
                 )
             count = sum(shard["num_samples"] for shard in shards)
             if need_offsets:

@@ -102,7 +102,7 @@ class IndexedBatches(Dataset):
                 skipped.append(str(exc))
         cfg = self.transform.config
         labels = len(self.transform.label_names) if self.transform.label_names else None
-        batch = collate(samples, self.pad_token_id, cfg.image_size, labels)
+        batch = collate(samples, self.pad_token_id, cfg.image_size, labels, cfg.geometry)
         batch.update({"epoch": epoch, "step": step, "skipped": skipped})
         return batch
 
@@ -213,6 +213,9 @@ class PriorLoader:
         prefetch_factor: int = 2,
         stream_chunk: int = 256,
         pin_memory: bool = False,
+        io_retries: int = 6,
+        io_backoff_s: float = 1.0,
+        prefetch_shards: int = 1,
     ):
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -223,6 +226,11 @@ class PriorLoader:
         self.mode = _choose_mode(self.sources, mode)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if io_retries < 0 or prefetch_shards < 0 or io_backoff_s < 0:
+            raise ValueError(
+                f"io_retries, prefetch_shards and io_backoff_s must be >= 0, got {io_retries}, "
+                f"{prefetch_shards}, {io_backoff_s}"
+            )
         self.transform = SampleTransform(
             tokenizer, transform or TransformConfig(), seed, label_names
         )
@@ -243,7 +251,16 @@ class PriorLoader:
         if self.mode == "stream":
             self.plan = _stream_plan(total, micro_batch_size, self.world_size, last_batch)
             self.stream = StreamSamples(
-                self.index, self.rank, self.world_size, self.transform, seed, shuffle, stream_chunk
+                self.index,
+                self.rank,
+                self.world_size,
+                self.transform,
+                seed,
+                shuffle,
+                stream_chunk,
+                io_retries,
+                io_backoff_s,
+                prefetch_shards,
             )
         else:
             self.plan = BatchPlan(total, micro_batch_size, self.world_size, last_batch)
@@ -263,6 +280,7 @@ class PriorLoader:
         self.worker_consumed: list[int] = []
         self.skipped = Counter()
         self.skipped_examples: list[str] = []
+        self.io_retries = 0  # object-store transfers resumed after a transient error
 
     def __len__(self) -> int:
         return self.plan.num_steps
@@ -341,6 +359,7 @@ class PriorLoader:
             taken = 0
             for item in items:
                 self.worker_consumed[item["worker"]] += 1
+                self.io_retries += item["retries"]
                 taken += 1
                 if item["sample"] is None:
                     errors.append(item["error"])
@@ -348,7 +367,8 @@ class PriorLoader:
                     pending.append(item["sample"])
                 if taken == self.micro_batch_size:
                     break
-            batch = collate(pending, self.pad_token_id, self.transform.config.image_size, labels)
+            cfg = self.transform.config
+            batch = collate(pending, self.pad_token_id, cfg.image_size, labels, cfg.geometry)
             batch.update({"epoch": self.epoch, "step": self.step, "skipped": errors})
             self._count_skips(errors)
             pending, errors = [], []
@@ -367,6 +387,7 @@ class PriorLoader:
             "samples_per_epoch": self.samples_per_epoch,
             "worker_consumed": list(self.worker_consumed),
             "skipped": dict(self.skipped),
+            "io_retries": self.io_retries,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -396,3 +417,4 @@ class PriorLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.worker_consumed = list(state.get("worker_consumed", []))
         self.skipped = Counter(state.get("skipped", {}))
+        self.io_retries = int(state.get("io_retries", 0))

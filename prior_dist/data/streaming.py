@@ -4,18 +4,69 @@ Each (rank, worker) reads a contiguous range of the epoch's shard-order concaten
 into its first shard, so every sample is still served exactly once per epoch and every rank
 yields the same number of batches; the batches then depend on the world size and the number of
 workers.
+
+Object-store shards (s3://, gs://) are downloaded whole into a spooled temporary file (memory
+up to `SPOOL_IN_MEMORY`, then local disk) before they are read, the next `prefetch` ones in a
+background thread while the current one is parsed. A transfer that fails (a dropped connection,
+a timeout, a short read) is resumed from the byte it had reached, after a backoff that doubles
+from `backoff_s` up to 30 s, at most `retries` times per shard; each retry is counted
+(`PriorLoader.io_retries`). Only a shard still failing after that loses its remaining samples,
+counted as skipped with the reason.
 """
 
 from __future__ import annotations
 
 import tarfile
+import tempfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from prior_dist.data.index import SplitIndex
 from prior_dist.data.shards import OBJECT_STORES, open_object
 from prior_dist.data.transforms import CorruptSample, SampleTransform, sample_rng
+
+SPOOL_IN_MEMORY = 256 << 20
+_CHUNK = 8 << 20
+_MAX_BACKOFF_S = 30.0
+
+
+class ShardFetchError(OSError):
+    """An object-store shard that could not be read after every retry."""
+
+
+def fetch_shard(
+    url: str, size: int | None, retries: int, backoff_s: float
+) -> tuple[tempfile.SpooledTemporaryFile, int]:
+    """(a file holding the whole shard, positioned at 0; the retries it took). A failed transfer
+    resumes where it stopped; a missing or forbidden object is not retried."""
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+    attempt = 0
+    while True:
+        try:
+            with open_object(url) as handle:
+                if spool.tell():
+                    handle.seek(spool.tell())
+                while block := handle.read(_CHUNK):
+                    spool.write(block)
+            if size is not None and spool.tell() != size:
+                raise OSError(f"short read: {spool.tell()} of {size} bytes")
+            spool.seek(0)
+            return spool, attempt
+        except (FileNotFoundError, PermissionError):
+            spool.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - any transport error is worth a retry
+            if attempt >= retries:
+                spool.close()
+                raise ShardFetchError(f"{url}: {exc} (after {retries} retries)") from exc
+            if size is not None and spool.tell() > size:
+                spool.seek(0)
+                spool.truncate()
+            attempt += 1
+            time.sleep(min(backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
 
 
 class StreamSamples(IterableDataset):
@@ -30,11 +81,16 @@ class StreamSamples(IterableDataset):
         seed: int,
         shuffle: bool,
         chunk: int = 256,
+        retries: int = 6,
+        backoff_s: float = 1.0,
+        prefetch: int = 1,
     ):
         self.index, self.rank, self.world_size = index, rank, world_size
         self.transform, self.seed, self.shuffle, self.chunk = transform, seed, shuffle, chunk
+        self.retries, self.backoff_s, self.prefetch = retries, backoff_s, prefetch
         self.epoch = 0
         self.skip_per_worker: list[int] = []
+        self._retries_seen = 0  # retries not yet reported with an item
 
     def worker_range(self, epoch: int, worker: int, num_workers: int) -> tuple[list[int], int, int]:
         rng = sample_rng(self.seed, epoch, "__shard_order__")
@@ -49,58 +105,98 @@ class StreamSamples(IterableDataset):
         w0, w1 = r0 + worker * n // num_workers, r0 + (worker + 1) * n // num_workers
         return shard_ids, w0, w1
 
-    def _stream(
-        self, shard_ids: list[int], start: int, end: int
-    ) -> Iterator[tuple[str, dict | None]]:
+    def _wanted(self, shard_ids: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+        """(shard id, first, last) sample positions of each shard overlapping [start, end)."""
+        out, position = [], 0
+        for shard_id in shard_ids:
+            count = self.index.shards[shard_id]["num_samples"]
+            if position + count > start and position < end:
+                out.append((shard_id, max(start - position, 0), min(end - position, count)))
+            position += count
+            if position >= end:
+                break
+        return out
+
+    def _open(self, shard_id: int, pending: dict[int, Future]):
+        """The shard as a readable stream: fetched ahead for object stores, else opened."""
+        shard = self.index.shards[shard_id]
+        if shard_id in pending:
+            spool, retries = pending.pop(shard_id).result()
+            self._retries_seen += retries
+            return spool
         # webdataset is needed only in stream mode, for sources that cannot seek.
         import webdataset as wds
 
-        position = 0
-        for shard_id in shard_ids:
-            shard = self.index.shards[shard_id]
-            count = shard["num_samples"]
-            if position + count <= start:
-                position += count
-                continue
-            if position >= end:
-                return
-            first = max(start - position, 0)
-            last = min(end - position, count)
-            seen = 0
+        return wds.gopen(shard["url"], "rb")
+
+    def _stream(
+        self, shard_ids: list[int], start: int, end: int
+    ) -> Iterator[tuple[str, dict | None]]:
+        wanted = self._wanted(shard_ids, start, end)
+        remote = [w for w in wanted if self.index.shards[w[0]]["url"].startswith(OBJECT_STORES)]
+        pending: dict[int, Future] = {}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+
+            def ahead(done: int) -> None:
+                for shard_id, _, _ in remote[done : done + 1 + self.prefetch]:
+                    if shard_id not in pending:
+                        shard = self.index.shards[shard_id]
+                        pending[shard_id] = pool.submit(
+                            fetch_shard,
+                            shard["url"],
+                            shard.get("size_bytes"),
+                            self.retries,
+                            self.backoff_s,
+                        )
+
+            done = 0
             try:
-                url = shard["url"]
-                stream = open_object(url) if url.startswith(OBJECT_STORES) else wds.gopen(url, "rb")
-                try:
-                    with tarfile.open(fileobj=stream, mode="r|") as tar:
-                        current, members = None, {}
-                        for member in tar:
-                            if not member.isfile():
-                                continue
-                            key, _, ext = member.name.partition(".")
-                            if key != current:
-                                if current is not None:
-                                    if seen >= first:
-                                        yield current, members
-                                    seen += 1
-                                    if seen >= last:
-                                        break
-                                current, members = key, {}
-                            if seen >= first:
-                                members[ext] = tar.extractfile(member).read()
-                        else:
-                            if current is not None and first <= seen < last:
-                                yield current, members
+                for shard_id, first, last in wanted:
+                    ahead(done)
+                    done += shard_id in pending
+                    yield from self._read_shard(shard_id, first, last, pending)
+            finally:
+                for future in pending.values():
+                    future.cancel()
+
+    def _read_shard(
+        self, shard_id: int, first: int, last: int, pending: dict[int, Future]
+    ) -> Iterator[tuple[str, dict | None]]:
+        """Samples [first, last) of one shard; those it cannot read come as (where, None)."""
+        shard = self.index.shards[shard_id]
+        seen, reason = 0, "unreadable shard data"
+        try:
+            stream = self._open(shard_id, pending)
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    current, members = None, {}
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, _, ext = member.name.partition(".")
+                        if key != current:
+                            if current is not None:
+                                if seen >= first:
+                                    yield current, members
                                 seen += 1
-                finally:
-                    stream.close()
-            except (tarfile.TarError, OSError, EOFError):
-                pass
-            # A truncated or unreadable shard: its missing samples are counted as skipped, so
-            # every rank still consumes exactly its share and stays in step.
-            for _ in range(max(last - max(seen, first), 0)):
-                yield f"{shard['url']}#{seen}", None
-                seen += 1
-            position += count
+                                if seen >= last:
+                                    break
+                            current, members = key, {}
+                        if seen >= first:
+                            members[ext] = tar.extractfile(member).read()
+                    else:
+                        if current is not None and first <= seen < last:
+                            yield current, members
+                            seen += 1
+            finally:
+                stream.close()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            reason = str(exc)
+        # A truncated or unreadable shard: its missing samples are counted as skipped, so
+        # every rank still consumes exactly its share and stays in step.
+        for _ in range(max(last - max(seen, first), 0)):
+            yield f"{shard['url']}#{seen} ({reason})", None
+            seen += 1
 
     def __iter__(self):
         info = get_worker_info()
@@ -142,9 +238,13 @@ class StreamSamples(IterableDataset):
             produced += 1
 
     def _process(self, worker: int, key: str, members: dict | None, epoch: int) -> dict:
+        item = {"worker": worker, "sample": None, "error": None, "retries": self._retries_seen}
+        self._retries_seen = 0
         if members is None:
-            return {"worker": worker, "sample": None, "error": f"{key}: unreadable shard data"}
+            item["error"] = f"{key}: sample not read"
+            return item
         try:
-            return {"worker": worker, "sample": self.transform(key, members, epoch), "error": None}
+            item["sample"] = self.transform(key, members, epoch)
         except CorruptSample as exc:
-            return {"worker": worker, "sample": None, "error": str(exc)}
+            item["error"] = str(exc)
+        return item

@@ -12,10 +12,13 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
 
 from prior_dist.data.images import check_pixels
 from prior_dist.data.tokenize import tokenize_sentences
@@ -23,6 +26,10 @@ from prior_dist.data.tokenize import tokenize_sentences
 MIMIC_MEAN, MIMIC_STD = 0.4755, 0.3011
 _IMAGE_EXT = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png)$")
 _LATERALITY = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+Geometry = Literal["loader", "step"]
+Decoder = Literal["pil", "torchvision"]
 
 
 class CorruptSample(ValueError):
@@ -41,6 +48,14 @@ class TransformConfig:
     max_tokens: int = 256
     max_sentences: int | None = None
     shuffle_sentences: bool = True
+    # Where the rotation and flip are applied. "loader": in the DataLoader worker, which ships
+    # normalised float images. "step": the worker ships uint8 pixels at the training size with
+    # each sample's angle (`batch["angle"]`, drawn as before from the sample's seed), and the
+    # training step applies them as one batched affine on its device (`apply_geometry`).
+    geometry: Geometry = "loader"
+    # "pil" (with DCT-domain downscaling of large JPEGs) or "torchvision" (`decode_image`,
+    # libjpeg-turbo; resizing in torch).
+    decoder: Decoder = "pil"
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -55,6 +70,10 @@ class TransformConfig:
             raise ValueError(f"max_tokens must be >= 3, got {self.max_tokens}")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ValueError(f"max_sentences must be >= 1 or None, got {self.max_sentences}")
+        if self.geometry not in ("loader", "step"):
+            raise ValueError(f"geometry must be 'loader' or 'step', got {self.geometry!r}")
+        if self.decoder not in ("pil", "torchvision"):
+            raise ValueError(f"decoder must be 'pil' or 'torchvision', got {self.decoder!r}")
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -138,19 +157,7 @@ class SampleTransform:
         chosen = choices[int(rng.integers(len(choices)))]
         angle = float(rng.uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
         flip = bool(rng.random() < cfg.flip_probability)
-        try:
-            image = Image.open(io.BytesIO(members[chosen]))
-            check_pixels(image)
-            image.draft("L", (cfg.image_size, cfg.image_size))
-            image = image.convert("L")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise CorruptSample(f"{key}.{chosen}: image does not decode: {exc}") from exc
-        image = squash_rotate(image, cfg.image_size, angle)
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).div_(255.0)
-        pixels = pixels.sub_(cfg.mean).div_(cfg.std).unsqueeze(0)
-
+        pixels = self.pixels(f"{key}.{chosen}", members[chosen], angle, flip)
         sentences = list(meta.get("sentences", []))
         if cfg.shuffle_sentences and len(sentences) > 1:
             sentences = [sentences[i] for i in rng.permutation(len(sentences))]
@@ -170,6 +177,8 @@ class SampleTransform:
             "sentences": sentences[:kept],
             "flipped": flip,
         }
+        if cfg.geometry == "step":
+            out["angle"] = angle
         if self.label_names is not None:
             labels = meta.get("labels") or {}
             out["labels"] = [
@@ -177,6 +186,75 @@ class SampleTransform:
                 for n in self.label_names
             ]
         return out
+
+    def pixels(self, what: str, data: bytes, angle: float, flip: bool) -> torch.Tensor:
+        """[1, S, S]: normalised float with the geometry applied ("loader"), or uint8 at the
+        training size for the step to finish ("step")."""
+        cfg, size = self.config, self.config.image_size
+        try:
+            image = Image.open(io.BytesIO(data))  # the header only: the pixel count check
+            check_pixels(image)
+            if cfg.decoder == "torchvision":
+                raw = decode_image(
+                    torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY
+                )
+            elif image.mode == "L" and image.size == (size, size):
+                image.load()  # stored at the training size: nothing to convert or resize
+            else:
+                image.draft("L", (size, size))
+                image = image.convert("L")
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            RuntimeError,
+            Image.DecompressionBombError,
+        ) as exc:
+            raise CorruptSample(f"{what}: image does not decode: {exc}") from exc
+        if cfg.decoder == "torchvision":
+            if raw.shape[-2:] != (size, size):
+                raw = F.interpolate(
+                    raw[None].float(),
+                    size=(size, size),
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
+                )[0]
+                raw = raw.round_().clamp_(0, 255).to(torch.uint8)
+            if cfg.geometry == "step":
+                return raw
+            angles, flips = torch.tensor([angle]), torch.tensor([flip])
+            return apply_geometry(raw[None], angles, flips, cfg.mean, cfg.std)[0]
+        if cfg.geometry == "step":
+            image = squash_rotate(image, size, 0.0)
+            return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).unsqueeze(0)
+        image = squash_rotate(image, size, angle)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).div_(255.0)
+        return pixels.sub_(cfg.mean).div_(cfg.std).unsqueeze(0)
+
+
+def apply_geometry(
+    images: torch.Tensor, angle: torch.Tensor, flipped: torch.Tensor, mean: float, std: float
+) -> torch.Tensor:
+    """uint8 [B, 1, S, S] -> normalised float: each image rotated by its `angle` (degrees,
+    counter-clockwise, as `squash_rotate`) and then mirrored where `flipped`, in one batched
+    bilinear `grid_sample` on the images' device; outside the image is black, as in the loader."""
+    x = images.float().div_(255.0)
+    angle, flipped = angle.to(x.device, torch.float32), flipped.to(x.device)
+    if bool((angle != 0).any()) or bool(flipped.any()):
+        theta = torch.deg2rad(-angle)
+        cos, sin = theta.cos(), theta.sin()
+        sign = torch.where(flipped, -1.0, 1.0)
+        zero = torch.zeros_like(cos)
+        matrix = torch.stack(
+            [torch.stack([cos * sign, sin, zero], -1), torch.stack([-sin * sign, cos, zero], -1)],
+            1,
+        )
+        grid = F.affine_grid(matrix, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return x.sub_(mean).div_(std)
 
 
 def _check_metadata(key: str, meta) -> None:
@@ -197,23 +275,34 @@ def _check_metadata(key: str, meta) -> None:
 
 
 def collate(
-    samples: list[dict], pad_token_id: int, image_size: int, num_labels: int | None = None
+    samples: list[dict],
+    pad_token_id: int,
+    image_size: int,
+    num_labels: int | None = None,
+    geometry: Geometry = "loader",
 ) -> dict:
-    """Pad a batch to its own longest report; an empty list gives an empty batch."""
+    """Pad a batch to its own longest report; an empty list gives an empty batch. With the
+    geometry left to the step, images are uint8 and `angle` holds each sample's rotation."""
     length = max((len(s["input_ids"]) for s in samples), default=0)
     batch_size = len(samples)
-    input_ids = torch.full((batch_size, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    sentence_index = torch.full((batch_size, length), -1, dtype=torch.long)
+    # Filled in numpy and handed to torch once: a torch.tensor per row costs more than the row.
+    ids = np.full((batch_size, length), pad_token_id, dtype=np.int64)
+    mask = np.zeros((batch_size, length), dtype=np.int64)
+    index = np.full((batch_size, length), -1, dtype=np.int64)
     for row, sample in enumerate(samples):
         n = len(sample["input_ids"])
-        input_ids[row, :n] = torch.tensor(sample["input_ids"])
-        attention_mask[row, :n] = 1
-        sentence_index[row, :n] = torch.tensor(sample["sentence_index"])
+        ids[row, :n] = sample["input_ids"]
+        mask[row, :n] = 1
+        index[row, :n] = sample["sentence_index"]
+    input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    sentence_index = torch.from_numpy(index)
     images = (
         torch.stack([s["image"] for s in samples])
         if samples
-        else torch.zeros((0, 1, image_size, image_size))
+        else torch.zeros(
+            (0, 1, image_size, image_size),
+            dtype=torch.uint8 if geometry == "step" else torch.float32,
+        )
     )
     batch = {
         "key": [s["key"] for s in samples],
@@ -229,6 +318,8 @@ def collate(
         "sentences": [s["sentences"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
     }
+    if geometry == "step":
+        batch["angle"] = torch.tensor([s["angle"] for s in samples], dtype=torch.float32)
     if num_labels is not None:
         batch["labels"] = (
             torch.tensor([s["labels"] for s in samples], dtype=torch.float32)

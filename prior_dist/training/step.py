@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
+from prior_dist.data.transforms import TransformConfig, apply_geometry
 from prior_dist.task import StagePlan
 from prior_dist.training.ds_config import DeepSpeedSettings
 
@@ -42,10 +43,21 @@ def agree(
     return t.tolist()
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def to_device(
+    batch: dict, device: torch.device, dtype: torch.dtype, pixels: TransformConfig | None = None
+) -> dict:
+    """The batch's tensors on `device`. A batch whose geometry the loader left to the step
+    (uint8 images with `angle`) is finished here, as one batched affine on the device, and
+    normalised with `pixels`' mean and std."""
     out = {
         k: (v.to(device, non_blocking=True) if k in _BATCH_TENSORS else v) for k, v in batch.items()
     }
+    if "angle" in batch:
+        if pixels is None:
+            raise ValueError("a batch with its geometry left to the step needs the transform")
+        out["image"] = apply_geometry(
+            out["image"], batch["angle"], batch["flipped"], pixels.mean, pixels.std
+        )
     # The engine holds bf16/fp16 weights under mixed precision: images follow them.
     out["image"] = out["image"].to(dtype)
     return out
@@ -155,7 +167,7 @@ class StepRunner:
                 f"({int(smallest)} < {self.ds.micro_batch_size}); skipped on every rank"
             )
             return None
-        data = to_device(batch, self.device, self.dtype)
+        data = to_device(batch, self.device, self.dtype, self.loader.transform.config)
         task = self.engine.module
         if self.start_bank:
             distinct = task.start_prototype_bank(data, self.seed, self.ds.zero_stage)
