@@ -4,8 +4,8 @@
 # that a run cut short still returns what it measured:
 #   1. the Triton kernel tests compiled for CUDA (fp32/bf16/fp16, forward and backward against
 #      the float64 reference), the flash-attn / CUDA model tests and the mixed-precision norms;
-#   2. the paper recipe on 2000 phantom studies stored at 256 px (224 px crops), micro-batch 98, random BERT
-#      init, stages of 10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait,
+#   2. the paper recipe on 2000 phantom studies stored at the training size (224 px square: the
+#      loader only decodes, the step rotates), micro-batch 98, random BERT init, stages of 10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait,
 #      and a torch.profiler window over two stage-3 steps (RUN_DIR/profile: ops.txt, trace.json);
 #   3. visualize attention, evaluate zero-shot, linear-probe and segmentation with --device cuda
 #      on the bf16 run;
@@ -97,13 +97,13 @@ PYEOF
 
 step gpu_tests 150 $PY -m pytest -q -ra -p no:cacheprovider tests/test_kernels.py \
   tests/test_gpu_attention.py tests/test_batchnorm.py
-step phantom 90 $PY -m prior_dist.shardify phantom --num "$STUDIES" --out "$WORK/phantom256" \
-  --image-size 256 --workers "$WORKERS" --no-progress
+step phantom 90 $PY -m prior_dist.shardify phantom --num "$STUDIES" --out "$WORK/phantom224" \
+  --image-size 224 --resize square --workers "$WORKERS" --no-progress
 for precision in "${PRECISIONS[@]}"; do
   step "paper_$precision" 170 $PY launch/pretrain.py --config "$(config_for "$precision")" \
     --recipe paper --resume none --run-dir "$WORK/paper_$precision" --max-steps "$MAX_STEPS" \
     --set model.text.pretrained=null --set data.tokenizer=auto --set data.vocab_size=28996 \
-    --set data.path="$WORK/phantom256" --set data.workers="$WORKERS" \
+    --set data.path="$WORK/phantom224" --set data.workers="$WORKERS" \
     --set logging.progress=false --set eval.zero_shot=false --set "train.stages=$STAGES" \
     --set "logging.profile_steps=[$((MAX_STEPS - 2)), $((MAX_STEPS - 1))]" "${MICRO[@]}"
   if [ "$precision" = "${PRECISIONS[0]}" ] && [ "$last_rc" = 0 ]; then  # evaluation, first run
