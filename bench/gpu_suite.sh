@@ -5,7 +5,8 @@
 #   1. the Triton kernel tests compiled for CUDA (fp32/bf16/fp16, forward and backward against
 #      the float64 reference), the flash-attn / CUDA model tests and the mixed-precision norms;
 #   2. the paper recipe on 2000 phantom studies stored at the training size (224 px square: the
-#      loader only decodes, the step rotates), micro-batch 98, random BERT init, stages of 10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait,
+#      loader only decodes, the step rotates), micro-batch 98, random BERT init, stages of
+#      10/10/20 steps, in bf16 and in fp16: samples/s, MFU, peak memory, data wait,
 #      and a torch.profiler window over two stage-3 steps (RUN_DIR/profile: ops.txt, trace.json);
 #   3. visualize attention, evaluate zero-shot, linear-probe and segmentation with --device cuda
 #      on the bf16 run;
