@@ -226,11 +226,6 @@ class PriorLoader:
         self.mode = _choose_mode(self.sources, mode)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if io_retries < 0 or prefetch_shards < 0 or io_backoff_s < 0:
-            raise ValueError(
-                f"io_retries, prefetch_shards and io_backoff_s must be >= 0, got {io_retries}, "
-                f"{prefetch_shards}, {io_backoff_s}"
-            )
         self.transform = SampleTransform(
             tokenizer, transform or TransformConfig(), seed, label_names
         )

@@ -87,6 +87,11 @@ class StreamSamples(IterableDataset):
     ):
         self.index, self.rank, self.world_size = index, rank, world_size
         self.transform, self.seed, self.shuffle, self.chunk = transform, seed, shuffle, chunk
+        if retries < 0 or prefetch < 0 or backoff_s < 0:
+            raise ValueError(
+                f"io_retries, prefetch_shards and io_backoff_s must be >= 0, got {retries}, "
+                f"{prefetch}, {backoff_s}"
+            )
         self.retries, self.backoff_s, self.prefetch = retries, backoff_s, prefetch
         self.epoch = 0
         self.skip_per_worker: list[int] = []
