@@ -4,6 +4,7 @@ import json
 import mmap
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,9 +99,59 @@ def test_an_index_that_cannot_be_written_stays_in_memory(phantom_copy, capfd):
     path.mkdir()
     index = SplitIndex([ShardSource(str(phantom_copy))], "train")
     assert_matches_json(index, phantom_copy)
-    assert "could not write it" in capfd.readouterr().err
+    assert "could not be written" in capfd.readouterr().err
     assert path.is_dir() and not list(path.iterdir())
     assert not [p for p in phantom_copy.iterdir() if ".tmp." in p.name]
+
+
+def index_only_dataset(directory, shards: int, per_shard: int) -> None:
+    """A manifest and `.idx.json` files with no tars behind them: enough to build an index."""
+    directory.mkdir()
+    entries = []
+    for i in range(shards):
+        name = f"train-{i:06d}"
+        samples = [
+            {"key": f"s{i}_{j}", "members": {"jpg": [512 + 2048 * j, 1000], "json": [1536, 90]}}
+            for j in range(per_shard)
+        ]
+        (directory / f"{name}.idx.json").write_text(json.dumps({"samples": samples}))
+        entries.append({"name": name, "file": f"{name}.tar", "num_samples": per_shard})
+    manifest = {"format": "prior_dist-shards", "splits": {"train": {"shards": entries}}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_ranks_starting_together_build_the_index_once(tmp_path):
+    """Four processes released at once on a split with no index (large enough to take a
+    while to build): one builds it, the others wait for the lock and map what it wrote."""
+    data = tmp_path / "data"
+    index_only_dataset(data, shards=40, per_shard=5000)
+    go = tmp_path / "go"
+    code = (
+        "import os, sys, time\n"
+        "from prior_dist.data.index import ShardSource, SplitIndex\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + sys.argv[1]), 'w').close()\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        f"print(len(SplitIndex([ShardSource({str(data)!r})], 'train')))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs]
+        time.sleep(0.05)
+    go.touch()  # all four are polling: released together
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outputs]
+    assert [int(o) for o, _ in outputs] == [200_000] * 4
+    assert sum("building it" in e for _, e in outputs) == 1, [e for _, e in outputs]
 
 
 def test_verify_names_a_tampered_index_and_reindex_mends_it(phantom_copy):

@@ -16,6 +16,8 @@ A header whose digest does not match the manifest is stale: the index is rebuilt
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import mmap
@@ -221,34 +223,62 @@ def check_compact(path: str | Path) -> str | None:
     return None
 
 
+def _current(path: Path, digest: str) -> tuple[CompactIndex | None, str]:
+    """(the index at `path` when it matches `digest`, else None; why not)."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        index = open_compact(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"unreadable ({exc})"
+    if index.digest != digest:
+        return None, "stale (the manifest's shard list changed)"
+    return index, ""
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path):
+    """One builder at a time per index file: ranks that start together wait for the first one
+    instead of each rebuilding. Where the file system has no locks, everyone builds (the same
+    bytes, written atomically)."""
+    try:
+        handle = open(path.with_name(f".{path.name}.lock"), "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 def load_compact(manifest_dir: str | Path, split: str, shards: list[dict]) -> CompactIndex:
     """The split's index: mapped from ``{split}.index.bin`` when it matches the manifest, else
-    built from the `.idx.json` files and written there (atomically; several ranks may race and
-    write the same bytes). A directory that cannot be written keeps the index in memory."""
+    built from the `.idx.json` files and written there (atomically, one process at a time). A
+    directory that cannot be written keeps the index in memory."""
     path = Path(manifest_dir) / compact_name(split)
     digest = shards_digest(shards)
-    problem = "missing"
-    if path.is_file():
-        try:
-            index = open_compact(path)
-            if index.digest == digest:
-                return index
-            problem = "stale (the manifest's shard list changed)"
-        except (ValueError, KeyError, TypeError) as exc:
-            problem = f"unreadable ({exc})"
-    print(
-        f"[prior_dist] {path}: {problem}; building it from {len(shards)} shard indexes",
-        file=sys.stderr,
-    )
-    index = build_compact(manifest_dir, shards)
-    try:
-        write_compact(path, index, split)
-    except OSError as exc:
+    index, problem = _current(path, digest)
+    if index is not None:
+        return index
+    with _build_lock(path):
+        index, problem = _current(path, digest)  # another process may have built it meanwhile
+        if index is not None:
+            return index
         print(
-            f"[prior_dist] {path}: {problem}; built it in memory but could not write it "
-            f"({exc}); run `python -m prior_dist.shardify reindex {manifest_dir}` where it is "
-            "writable",
+            f"[prior_dist] {path}: {problem}; building it from {len(shards)} shard indexes",
             file=sys.stderr,
         )
-        return index
+        index = build_compact(manifest_dir, shards)
+        try:
+            write_compact(path, index, split)
+        except OSError as exc:
+            print(
+                f"[prior_dist] {path}: built in memory but could not be written ({exc}); run "
+                f"`python -m prior_dist.shardify reindex {manifest_dir}` where it is writable",
+                file=sys.stderr,
+            )
+            return index
     return open_compact(path)
