@@ -39,6 +39,7 @@ LAZY_OK = (
     "transformers",
     "huggingface_hub",
     "fsspec",
+    "torchvision.io",
 )
 MAX_FUNCTION_LINES = 60
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 
 from prior_dist.data.images import check_pixels
 from prior_dist.data.tokenize import tokenize_sentences
@@ -195,6 +194,10 @@ class SampleTransform:
             image = Image.open(io.BytesIO(data))  # the header only: the pixel count check
             check_pixels(image)
             if cfg.decoder == "torchvision":
+                # torchvision.io adds ~160 MB to every process that imports it: only this
+                # optional decoder pays for it.
+                from torchvision.io import ImageReadMode, decode_image
+
                 raw = decode_image(
                     torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY
                 )
