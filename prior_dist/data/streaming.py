@@ -140,29 +140,30 @@ class StreamSamples(IterableDataset):
         wanted = self._wanted(shard_ids, start, end)
         remote = [w for w in wanted if self.index.shards[w[0]]["url"].startswith(OBJECT_STORES)]
         pending: dict[int, Future] = {}
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
 
-            def ahead(done: int) -> None:
-                for shard_id, _, _ in remote[done : done + 1 + self.prefetch]:
-                    if shard_id not in pending:
-                        shard = self.index.shards[shard_id]
-                        pending[shard_id] = pool.submit(
-                            fetch_shard,
-                            shard["url"],
-                            shard.get("size_bytes"),
-                            self.retries,
-                            self.backoff_s,
-                        )
+        def ahead(done: int) -> None:
+            for shard_id, _, _ in remote[done : done + 1 + self.prefetch]:
+                if shard_id not in pending:
+                    shard = self.index.shards[shard_id]
+                    pending[shard_id] = pool.submit(
+                        fetch_shard,
+                        shard["url"],
+                        shard.get("size_bytes"),
+                        self.retries,
+                        self.backoff_s,
+                    )
 
-            done = 0
-            try:
-                for shard_id, first, last in wanted:
-                    ahead(done)
-                    done += shard_id in pending
-                    yield from self._read_shard(shard_id, first, last, pending)
-            finally:
-                for future in pending.values():
-                    future.cancel()
+        done = 0
+        try:
+            for shard_id, first, last in wanted:
+                ahead(done)
+                done += shard_id in pending
+                yield from self._read_shard(shard_id, first, last, pending)
+        finally:
+            # A reader closed early (the end of a resumed range, a stopped run) does not wait
+            # for a shard it fetched ahead.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_shard(
         self, shard_id: int, first: int, last: int, pending: dict[int, Future]
