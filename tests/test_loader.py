@@ -553,14 +553,10 @@ class DroppingProxy:
         self.server.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_connection_dropped_mid_shard_loses_and_repeats_nothing(
-    phantom_dir, tokenizer, s3_bucket, monkeypatch, workers
-):
-    """Seven cut transfers of one shard: more than s3fs retries on its own (5), so our retry
-    (resume from the byte reached, with backoff) is what saves the shard's samples."""
-    shard = load_manifest(phantom_dir)["splits"]["train"]["shards"][1]
-    proxy = DroppingProxy(s3_bucket, f"phantom/{shard['file']}", 7, shard["size_bytes"] // 2)
+def read_through_proxy(tokenizer, monkeypatch, upstream, shard, drops, **options):
+    """One epoch of the S3 phantom data set, read through a proxy that cuts the first `drops`
+    transfers of `shard` halfway: (the proxy, the loader, the keys served)."""
+    proxy = DroppingProxy(upstream, f"phantom/{shard['file']}", drops, shard["size_bytes"] // 2)
     through_proxy(monkeypatch, proxy)
     try:
         loader = PriorLoader(
@@ -569,15 +565,33 @@ def test_a_connection_dropped_mid_shard_loses_and_repeats_nothing(
             4,
             seed=7,
             transform=CFG,
-            num_workers=workers,
             rank=0,
             world_size=1,
             io_backoff_s=0.01,
-            io_retries=3,
+            **options,
         )
         keys = [k for batch in loader for k in batch["key"]]
     finally:
         proxy.close()
+    return proxy, loader, keys
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_connection_dropped_mid_shard_loses_and_repeats_nothing(
+    phantom_dir, tokenizer, s3_bucket, monkeypatch, workers
+):
+    """Seven cut transfers of one shard: more than s3fs retries on its own (5), so our retry
+    (resume from the byte reached, with backoff) is what saves the shard's samples."""
+    shard = load_manifest(phantom_dir)["splits"]["train"]["shards"][1]
+    proxy, loader, keys = read_through_proxy(
+        tokenizer,
+        monkeypatch,
+        s3_bucket,
+        shard,
+        7,
+        num_workers=workers,
+        io_retries=3,
+    )
     assert proxy.dropped == 7 and loader.io_retries >= 1
     assert sorted(keys) == all_keys(phantom_dir) and not loader.skipped
     assert loader.state_dict()["io_retries"] == loader.io_retries
@@ -589,23 +603,9 @@ def test_a_shard_that_keeps_failing_is_skipped_and_counted(
     """Past the retries, the shard's samples are skipped, counted and named, and every other
     sample still comes exactly once."""
     shard = load_manifest(phantom_dir)["splits"]["train"]["shards"][0]
-    proxy = DroppingProxy(s3_bucket, f"phantom/{shard['file']}", 10**6, shard["size_bytes"] // 2)
-    through_proxy(monkeypatch, proxy)
-    try:
-        loader = PriorLoader(
-            "s3://cxr/phantom",
-            tokenizer,
-            4,
-            seed=7,
-            transform=CFG,
-            rank=0,
-            world_size=1,
-            io_backoff_s=0.01,
-            io_retries=1,
-        )
-        keys = [k for batch in loader for k in batch["key"]]
-    finally:
-        proxy.close()
+    _, loader, keys = read_through_proxy(
+        tokenizer, monkeypatch, s3_bucket, shard, 10**6, io_retries=1
+    )
     lost = {s["key"] for s in load_index(phantom_dir, shard["name"])["samples"]}
     assert sorted(keys) == sorted(set(all_keys(phantom_dir)) - lost)
     assert loader.skipped["corrupt_sample"] == len(lost) == shard["num_samples"]

@@ -310,7 +310,7 @@ def _verify_compact(out: Path, manifest: dict) -> list[str]:
             continue
         try:
             index = open_compact(path)
-            problem = check_compact(path)
+            problem = check_compact(index, path)
         except (ValueError, KeyError, TypeError) as exc:
             problems.append(str(exc))
             continue

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prior_dist.data.shards import load_index
+from prior_dist.data.shards import atomic_file, load_index
 
 MAGIC = b"PRIORIDX"
 VERSION = 1
@@ -66,7 +66,8 @@ class CompactIndex:
     sizes: np.ndarray  # uint32 [N, E]
     key_starts: np.ndarray  # int64 [N + 1] into `keys`
     keys: np.ndarray  # uint8 blob
-    digest: str = ""
+    digest: str = ""  # of the shard list it was built from
+    checksum: str = ""  # sha256 of the array bytes, as written (empty until written)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -154,18 +155,11 @@ def write_compact(path: str | Path, index: CompactIndex, split: str) -> None:
     header, arrays = _layout(index, split)
     text = json.dumps(header).encode()
     start = -(-(16 + len(text)) // _ALIGN) * _ALIGN
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(text)) + text)
-            for name, array in zip(_ARRAYS, arrays):
-                handle.write(b"\0" * (start + header["arrays"][name]["offset"] - handle.tell()))
-                handle.write(_raw(array))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as handle:
+        handle.write(MAGIC + struct.pack("<Q", len(text)) + text)
+        for name, array in zip(_ARRAYS, arrays):
+            handle.write(b"\0" * (start + header["arrays"][name]["offset"] - handle.tell()))
+            handle.write(_raw(array))
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
@@ -202,7 +196,12 @@ def open_compact(path: str | Path) -> CompactIndex:
         if offset + count * dtype.itemsize > size:
             raise ValueError(f"{path}: truncated (array {name} runs past the end of the file)")
         arrays[name] = np.frombuffer(buffer, dtype, count, offset).reshape(shape)
-    index = CompactIndex(header["exts"], digest=header["shards_digest"], **arrays)
+    index = CompactIndex(
+        header["exts"],
+        digest=header["shards_digest"],
+        checksum=header["arrays_sha256"],
+        **arrays,
+    )
     if len(index.key_starts) != len(index) + 1 or index.offsets.shape != (
         len(index),
         len(index.exts),
@@ -211,14 +210,12 @@ def open_compact(path: str | Path) -> CompactIndex:
     return index
 
 
-def check_compact(path: str | Path) -> str | None:
-    """A full check of the array bytes against the header's sha256 (for `verify`)."""
-    header, _ = read_header(path)
-    index = open_compact(path)
+def check_compact(index: CompactIndex, path: str | Path) -> str | None:
+    """A full check of an opened index's array bytes against its header's sha256 (`verify`)."""
     digest = hashlib.sha256()
     for array in index.arrays().values():
         digest.update(_raw(array))
-    if digest.hexdigest() != header["arrays_sha256"]:
+    if digest.hexdigest() != index.checksum:
         return f"{path}: index contents do not match their checksum (rebuild: shardify reindex)"
     return None
 

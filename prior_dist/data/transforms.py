@@ -245,8 +245,10 @@ def apply_geometry(
     counter-clockwise, as `squash_rotate`) and then mirrored where `flipped`, in one batched
     bilinear `grid_sample` on the images' device; outside the image is black, as in the loader."""
     x = images.float().div_(255.0)
+    # Decided on the angles as the loader made them (on the CPU): no device sync per step.
+    turn = bool((angle != 0).any()) or bool(flipped.any())
     angle, flipped = angle.to(x.device, torch.float32), flipped.to(x.device)
-    if bool((angle != 0).any()) or bool(flipped.any()):
+    if turn:
         theta = torch.deg2rad(-angle)
         cos, sin = theta.cos(), theta.sin()
         sign = torch.where(flipped, -1.0, 1.0)
