@@ -1,6 +1,8 @@
 """Run under torchrun with 2 ranks: the global loss over a real gloo all-gather with gradient
-equals, after gradient averaging, the single-process loss on the concatenated batch."""
+equals, after gradient averaging, the single-process loss on the concatenated batch; the
+synchronised batch norm equals one norm over the concatenated batch."""
 
+import copy
 import json
 import sys
 
@@ -8,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 from prior_dist.distributed import AllGather
+from prior_dist.distributed.sync_bn import convert_batchnorm
 from prior_dist.losses import LocalGather, global_contrastive_loss, prototype_l1_loss
 from prior_dist.task.task import rows_per_rank
+from prior_dist.testing.dispatch_count import StepCounter
 
 
 def main(out: str) -> None:
@@ -46,6 +50,7 @@ def main(out: str) -> None:
         "grad_error": max(errors),
         "local_loss": float(local),
         **_pooled_sentence_mean(rank, world),
+        **_sync_batchnorm(rank, world),
     }
     with open(f"{out}.{rank}.json", "w") as fh:
         json.dump(result, fh)
@@ -82,6 +87,39 @@ def _pooled_sentence_mean(rank: int, world: int) -> dict:
         "pooled_loss_error": float((mean_loss / world - full).abs()),
         "pooled_slow_error": float((full - by_sentence).abs()),
         "pooled_grad_error": max(errors),
+    }
+
+
+def _sync_batchnorm(rank: int, world: int) -> dict:
+    """The all-reduce batch norm on each rank's rows equals one norm over the whole batch
+    (outputs, running statistics, summed weight gradients), with no host sync in its forward."""
+    torch.manual_seed(1)
+    full = torch.nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        full.weight.uniform_(0.5, 1.5)
+        full.bias.uniform_(-0.5, 0.5)
+    synced = convert_batchnorm(torch.nn.Sequential(copy.deepcopy(full)), "cpu", True)[0]
+    x = torch.randn(world * 3, 4, 5, 5, dtype=torch.float64)
+    scale = torch.randn_like(x)
+    expected = full(x)
+    (expected * scale).sum().backward()
+    mine = slice(rank * 3, rank * 3 + 3)
+    with StepCounter() as counter:
+        out = synced(x[mine])
+    (out * scale[mine]).sum().backward()
+    grads = torch.cat([synced.weight.grad, synced.bias.grad])
+    dist.all_reduce(grads)
+    return {
+        "bn_kind": type(synced).__name__,
+        "bn_output_error": float((out - expected[mine]).abs().max()),
+        "bn_stats_error": float(
+            max(
+                (synced.running_mean - full.running_mean).abs().max(),
+                (synced.running_var - full.running_var).abs().max(),
+            )
+        ),
+        "bn_grad_error": float((grads - torch.cat([full.weight.grad, full.bias.grad])).abs().max()),
+        "bn_forward_syncs": counter.total_syncs,
     }
 
 

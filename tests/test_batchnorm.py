@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from prior_dist.distributed.sync_bn import (
+    AllReduceSyncBatchNorm,
     FloatStatsBatchNorm,
-    FloatStatsSyncBatchNorm,
-    GlooSyncBatchNorm,
     convert_batchnorm,
 )
 
@@ -31,9 +30,9 @@ def _net() -> nn.Module:
 @pytest.mark.parametrize(
     "device, sync, kind",
     [
-        ("cpu", True, GlooSyncBatchNorm),
-        ("cpu", False, nn.BatchNorm2d),
-        ("cuda", True, FloatStatsSyncBatchNorm),
+        ("cpu", True, AllReduceSyncBatchNorm),
+        ("cpu", False, FloatStatsBatchNorm),
+        ("cuda", True, AllReduceSyncBatchNorm),
         ("cuda", False, FloatStatsBatchNorm),
     ],
 )
@@ -49,17 +48,15 @@ def test_every_batchnorm_is_replaced_with_its_state(device, sync, kind):
     assert norm.weight.device == norm.running_mean.device == before["weight"].device
 
 
-@pytest.mark.parametrize("kind", [FloatStatsBatchNorm, FloatStatsSyncBatchNorm])
+@pytest.mark.parametrize("kind", [FloatStatsBatchNorm, AllReduceSyncBatchNorm])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_weights_meet_fp32_statistics(kind, dtype):
     """Parameters cast as DeepSpeed casts them, buffers left fp32: forward and backward run,
     the statistics stay fp32 and match an fp32 norm's, gradients reach the half weights."""
-    if kind is FloatStatsSyncBatchNorm and DEVICE == "cpu":
-        pytest.skip("torch's SyncBatchNorm takes CUDA tensors only")
     if dtype is torch.float16 and DEVICE == "cpu":
         pytest.skip("fp16 training is CUDA-only")
     reference = _net().to(DEVICE)
-    mixed = convert_batchnorm(copy.deepcopy(reference), "cuda", kind is FloatStatsSyncBatchNorm)
+    mixed = convert_batchnorm(copy.deepcopy(reference), "cuda", kind is AllReduceSyncBatchNorm)
     assert type(mixed[1][0]) is kind
     for p in mixed.parameters():
         p.data = p.data.to(dtype)

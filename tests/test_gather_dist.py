@@ -8,7 +8,7 @@ import sys
 from tests.conftest import REPO
 
 
-def test_two_rank_all_gather_global_loss_equals_full_batch(tmp_path):
+def test_two_rank_all_gather_global_loss_and_sync_batchnorm_equal_full_batch(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [
@@ -32,5 +32,8 @@ def test_two_rank_all_gather_global_loss_equals_full_batch(tmp_path):
         assert r["loss_error"] < 1e-12 and r["grad_error"] < 1e-12, r
         assert r["pooled_loss_error"] < 1e-12 and r["pooled_grad_error"] < 1e-12, r
         assert r["pooled_slow_error"] < 1e-12, r
+        assert r["bn_kind"] == "AllReduceSyncBatchNorm", r
+        assert r["bn_output_error"] < 1e-12 and r["bn_stats_error"] < 1e-12, r
+        assert r["bn_grad_error"] < 1e-12 and r["bn_forward_syncs"] == 0, r
     # The two ranks score different rows, so their local losses differ.
     assert results[0]["local_loss"] != results[1]["local_loss"]

@@ -291,15 +291,15 @@ def test_nonfinite_loss_is_skipped_then_aborts(reference, tiny_shards):
         run,
         tiny_shards,
         "--max-steps",
-        "3",
+        "6",
         "--inject-nonfinite",
-        "2,2,2",
+        "2,3,4",
         check=False,
         script=NONFINITE,
         overrides=["train.max_nonfinite_steps=3"],
     )
     assert proc.returncode != 0
-    assert "3 micro-batches in a row gave a NaN or inf loss at step 2" in proc.stderr
+    assert "3 steps in a row gave a NaN or inf loss, the last at step 4" in proc.stderr
 
 
 def test_a_port_in_use_fails_at_once_naming_it(reference, tiny_shards):

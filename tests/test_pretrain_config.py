@@ -10,6 +10,7 @@ import torch
 
 from prior_dist.training.cli import main, runtime_failure
 from prior_dist.training.ds_config import engine_config, read_deepspeed_config
+from prior_dist.training.parallelize import precision_dtype
 from prior_dist.training.recipe import load_recipe
 from prior_dist.training.schedule import learning_rate, plan_stages
 from tests.conftest import REPO
@@ -128,7 +129,7 @@ def test_refused_with_a_message(tmp_path, capsys, config, args, message):
 @pytest.mark.parametrize(
     "impl, device, expected",
     [
-        ("auto", "cpu", {"torch_adam": True}),
+        ("auto", "cpu", {"torch_adam": True, "fused": True}),
         ("auto", "cuda", {"torch_adam": True, "fused": True}),
         ("torch_fused", "cpu", {"torch_adam": True, "fused": True}),
         ("torch", "cuda", {"torch_adam": True}),
@@ -137,7 +138,8 @@ def test_refused_with_a_message(tmp_path, capsys, config, args, message):
 )
 def test_optim_impl_chooses_the_adamw(impl, device, expected):
     """What DeepSpeed is handed: torch_adam makes it build torch.optim.AdamW with the other
-    params (fused=True: torch's single-kernel AdamW); neither key: DeepSpeed's FusedAdam."""
+    params (fused=True: torch's single-kernel AdamW, the default on every device); neither key:
+    DeepSpeed's FusedAdam."""
     recipe, _ = load_recipe("tiny", [f"optim.impl={impl}"])
     path = REPO / "configs/zero2.json"
     config = engine_config(read_deepspeed_config(path), recipe, device)
@@ -324,3 +326,30 @@ def test_a_runtime_error_blames_a_peer_only_when_a_collective_failed(error, peer
     text = runtime_failure(error)
     assert ("a peer rank has probably died" in text) is peer, text
     assert str(error) in text
+
+
+def test_torch_autocast_counts_as_mixed_precision_with_fp32_parameters(tmp_path):
+    ds = read_deepspeed_config(REPO / "configs/paper_bf16.json")
+    assert ds.autocast and ds.precision == "bf16" and ds.zero_stage == 0
+    assert precision_dtype(ds) == torch.float32  # autocast casts per op; inputs stay fp32
+    path = tmp_path / "both.json"
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": 2,
+                "bf16": {"enabled": True},
+                "torch_autocast": {"enabled": True, "dtype": "bfloat16"},
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="torch_autocast.enabled with bf16.enabled"):
+        read_deepspeed_config(path)
+    path.write_text(
+        json.dumps(
+            {"train_micro_batch_size_per_gpu": 2, "torch_autocast": {"enabled": True, "dtype": "x"}}
+        )
+    )
+    with pytest.raises(ValueError, match="torch_autocast.dtype must be one of"):
+        read_deepspeed_config(path)
+    config = engine_config(ds, load_recipe("paper")[0], "cuda")
+    assert config["timers"] == {"throughput": {"enabled": False}}  # it would synchronize

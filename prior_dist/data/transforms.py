@@ -239,14 +239,21 @@ class SampleTransform:
 
 
 def apply_geometry(
-    images: torch.Tensor, angle: torch.Tensor, flipped: torch.Tensor, mean: float, std: float
+    images: torch.Tensor,
+    angle: torch.Tensor,
+    flipped: torch.Tensor,
+    mean: float,
+    std: float,
+    turn: bool | None = None,
 ) -> torch.Tensor:
     """uint8 [B, 1, S, S] -> normalised float: each image rotated by its `angle` (degrees,
     counter-clockwise, as `squash_rotate`) and then mirrored where `flipped`, in one batched
-    bilinear `grid_sample` on the images' device; outside the image is black, as in the loader."""
+    bilinear `grid_sample` on the images' device; outside the image is black, as in the loader.
+    `turn`: whether any image turns, decided by the caller on host copies of the angles (no
+    device read); None decides it here from `angle` and `flipped`."""
     x = images.float().div_(255.0)
-    # Decided on the angles as the loader made them (on the CPU): no device sync per step.
-    turn = bool((angle != 0).any()) or bool(flipped.any())
+    if turn is None:
+        turn = bool((angle != 0).any()) or bool(flipped.any())
     angle, flipped = angle.to(x.device, torch.float32), flipped.to(x.device)
     if turn:
         theta = torch.deg2rad(-angle)

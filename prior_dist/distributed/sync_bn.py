@@ -1,9 +1,12 @@
 """Batch norm synchronised across ranks, on any backend, and under bf16/fp16 weights.
 
-torch's SyncBatchNorm takes CUDA tensors only; `GlooSyncBatchNorm` all-reduces the batch
-statistics (two passes: mean, then the centred second moment) through autograd-aware
-collectives, so it runs on gloo and gives the statistics of the global batch. On CUDA the
-converter uses torch's own kernels.
+`AllReduceSyncBatchNorm` all-reduces the batch statistics (two passes: sums and the count,
+then the centred second moment) through autograd-aware collectives: it runs on gloo and NCCL
+alike and gives the statistics of the global batch, and nothing in it reads a device value on
+the host. torch's `SyncBatchNorm` was used on CUDA before; its forward indexes with a boolean
+mask, which waits for the device once per layer (53 host syncs a step for a ResNet-50).
+With one rank there is nothing to synchronise, and the converter keeps the plain norm (cuDNN's
+kernel on CUDA).
 
 Mixed precision: DeepSpeed casts parameters to bf16/fp16 and leaves buffers in fp32, so a norm
 holds half-precision weight and bias beside fp32 running statistics. CUDA's batch norm refuses
@@ -20,45 +23,6 @@ import torch.distributed as dist
 from torch import nn
 
 from prior_dist.distributed.collectives import all_reduce_sum_with_grad
-
-
-class GlooSyncBatchNorm(nn.BatchNorm2d):
-    """`nn.BatchNorm2d` (same parameters and buffers) with global-batch statistics in training."""
-
-    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return all_reduce_sum_with_grad(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        channels = x.shape[1]
-        xf = x.float()
-        local_count = torch.tensor([x.numel() / channels], dtype=torch.float32, device=x.device)
-        sums = self._all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), local_count]))
-        count = sums[channels]
-        mean = sums[:channels] / count
-        centred = xf - mean[None, :, None, None]
-        var = self._all_reduce((centred * centred).sum(dim=(0, 2, 3))) / count
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                momentum = (
-                    self.momentum
-                    if self.momentum is not None
-                    else 1.0 / float(self.num_batches_tracked)
-                )
-                unbiased = var * count / (count - 1).clamp_min(1)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.affine:
-            out = (
-                out * self.weight.float()[None, :, None, None]
-                + self.bias.float()[None, :, None, None]
-            )
-        return out.to(x.dtype)
 
 
 class _AffineInStatsDtype:
@@ -84,20 +48,53 @@ class FloatStatsBatchNorm(_AffineInStatsDtype, nn.BatchNorm2d):
     """`nn.BatchNorm2d` whose half-precision weights meet fp32 statistics in fp32."""
 
 
-class FloatStatsSyncBatchNorm(_AffineInStatsDtype, nn.SyncBatchNorm):
-    """torch's `SyncBatchNorm` (CUDA) whose half-precision weights meet fp32 statistics in fp32."""
+class AllReduceSyncBatchNorm(_AffineInStatsDtype, nn.BatchNorm2d):
+    """`nn.BatchNorm2d` (same parameters and buffers) with global-batch statistics in training;
+    in evaluation the running statistics, half-precision weights meeting them in fp32."""
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return all_reduce_sum_with_grad(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        channels = x.shape[1]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision computes in fp32
+        # A fill on the device, not a tensor copied from the host (that copy would wait).
+        local_count = xf.new_full((1,), x.numel() / channels)
+        sums = self._all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), local_count]))
+        count = sums[channels]
+        mean = sums[:channels] / count
+        centred = xf - mean[None, :, None, None]
+        var = self._all_reduce((centred * centred).sum(dim=(0, 2, 3))) / count
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = (
+                out * self.weight.to(xf.dtype)[None, :, None, None]
+                + self.bias.to(xf.dtype)[None, :, None, None]
+            )
+        return out.to(x.dtype)
 
 
 def convert_batchnorm(module: nn.Module, device_type: str, sync: bool) -> nn.Module:
     """Every `BatchNorm2d` below `module` replaced, state kept: synchronised over the ranks
-    when `sync` (torch's kernels on CUDA, `GlooSyncBatchNorm` elsewhere), and on CUDA safe under
-    bf16/fp16 weights. A CPU norm without sync is left as it is (it accepts the mix)."""
-    if device_type == "cuda":
-        kind = FloatStatsSyncBatchNorm if sync else FloatStatsBatchNorm
-    elif sync:
-        kind = GlooSyncBatchNorm
-    else:
-        return module
+    when `sync` (`AllReduceSyncBatchNorm`, any backend; computed in fp32), else the plain norm
+    made safe under bf16/fp16 weights (`FloatStatsBatchNorm`: neither CUDA's nor the CPU's
+    kernel takes half weights beside fp32 statistics in training)."""
+    kind = AllReduceSyncBatchNorm if sync else FloatStatsBatchNorm
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             replacement = kind(
@@ -108,7 +105,8 @@ def convert_batchnorm(module: nn.Module, device_type: str, sync: bool) -> nn.Mod
                 child.track_running_stats,
             )
             held = next(iter(child.state_dict().values()), None)  # stays where the model is
-            replacement.to(None if held is None else held.device)
+            if held is not None:
+                replacement.to(held.device, held.dtype if held.is_floating_point() else None)
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement)
         else:

@@ -72,16 +72,21 @@ class AttentionPool(nn.Module):
 
 
 def sentence_means(
-    tokens_BLD: torch.Tensor, sentence_index_BL: torch.Tensor, max_sentences: int | None = None
+    tokens_BLD: torch.Tensor,
+    sentence_index_BL: torch.Tensor,
+    max_sentences: int | None = None,
+    num_slots: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean token embedding per sentence -> (sentences [B, S, D], mask [B, S]).
 
     `sentence_index` is -1 for special and pad tokens. Sentences with no token left are
     dropped and the rest renumbered without gaps, so valid sentences come first; with
-    `max_sentences` only the first that many are kept.
+    `max_sentences` only the first that many are kept. `num_slots` (>= the largest index + 1)
+    saves reading that from the device; more slots than sentences only add masked rows.
     """
     batch, _, dim = tokens_BLD.shape
-    num_slots = int(sentence_index_BL.max()) + 1 if sentence_index_BL.numel() else 0
+    if num_slots is None:
+        num_slots = int(sentence_index_BL.max()) + 1 if sentence_index_BL.numel() else 0
     num_slots = max(num_slots, 1)
     belongs = sentence_index_BL >= 0
     slot = sentence_index_BL.clamp_min(0)

@@ -54,6 +54,10 @@ class PriorModel(nn.Module):
         self.logit_scales = LogitScales(heads.logit_scale_init, heads.logit_scale_max)
 
     @property
+    def num_prototypes(self) -> int:
+        return self.prototype_bank.num_prototypes
+
+    @property
     def global_scale(self) -> torch.Tensor:
         return self.logit_scales()[0]
 
@@ -64,8 +68,10 @@ class PriorModel(nn.Module):
     def encode_image(self, image: torch.Tensor):
         return self.image(image)
 
-    def encode_text(self, input_ids, attention_mask, sentence_index, max_sentences=None):
-        return self.text(input_ids, attention_mask, sentence_index, max_sentences)
+    def encode_text(
+        self, input_ids, attention_mask, sentence_index, max_sentences=None, num_slots=None
+    ):
+        return self.text(input_ids, attention_mask, sentence_index, max_sentences, num_slots)
 
     def report_embedding(self, sentences_BSD: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
         """Per-report attention pool over the report's own sentences -> `[B, D]`."""

@@ -19,6 +19,7 @@ class SentencePrototypeBank(nn.Module):
     def __init__(self, num_prototypes: int, dim: int, tau: float = 0.9, eval_gumbel: bool = False):
         super().__init__()
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim))
+        self.num_prototypes = num_prototypes  # the weight's shape is a partition under ZeRO-3
         self.tau = tau
         self.eval_gumbel = eval_gumbel
 

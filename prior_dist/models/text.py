@@ -33,13 +33,23 @@ class TextTower(nn.Module):
         attention_mask: torch.Tensor,
         sentence_index: torch.Tensor,
         max_sentences: int | None = None,
+        num_slots: int | None = None,
     ) -> TextFeatures:
-        if input_ids.numel() and int(input_ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(
-                f"text: token id {int(input_ids.max())} >= text.vocab_size="
-                f"{self.cfg.vocab_size}; the tokenizer and the model disagree"
-            )
+        """`num_slots`: the batch's largest sentence index + 1 when the caller knows it on the
+        host (the training step does); else it is read from `sentence_index`."""
+        if input_ids.numel():
+            self._check_vocabulary(input_ids)
         hidden = self.bert(input_ids, attention_mask)
         tokens = self.token_proj(hidden)
-        sentences, mask = sentence_means(tokens, sentence_index, max_sentences)
+        sentences, mask = sentence_means(tokens, sentence_index, max_sentences, num_slots)
         return TextFeatures(tokens, sentences, mask)
+
+    def _check_vocabulary(self, input_ids: torch.Tensor) -> None:
+        """Ids within the vocabulary, checked where the ids are: on an accelerator the host does
+        not wait for the answer (the trainer compares the tokenizer's size with the model's
+        before the first step, with a message naming both)."""
+        limit = self.cfg.vocab_size
+        torch._assert_async(
+            input_ids.max() < limit,
+            f"text: a token id is >= text.vocab_size={limit}; the tokenizer and the model disagree",
+        )

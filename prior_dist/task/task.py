@@ -9,7 +9,6 @@ from prior_dist.losses import (
     LocalGather,
     align_to_targets,
     global_contrastive_loss,
-    hungarian_assignment,
     image_reconstruction_loss,
     intra_report_contrastive_loss,
     prototype_kl_loss,
@@ -18,10 +17,13 @@ from prior_dist.losses import (
     simsiam_loss,
 )
 from prior_dist.losses.contrastive import Gather
+from prior_dist.losses.matching import PendingCosts
 from prior_dist.models.prior import PriorModel
 from prior_dist.task.curriculum import StagePlan
-from prior_dist.task.noise import sample_noise
+from prior_dist.task.noise import SampleNoise
 from prior_dist.task.prototype_init import init_bank_from_batch
+
+Noise = SampleNoise | dict[str, torch.Tensor] | None
 
 
 class PriorTask(nn.Module):
@@ -37,39 +39,26 @@ class PriorTask(nn.Module):
         self.gather = gather or LocalGather()
 
     def forward(
-        self, batch: dict, plan: StagePlan, gumbel_noise: dict[str, torch.Tensor] | None = None
+        self, batch: dict, plan: StagePlan, gumbel_noise: Noise = None
     ) -> dict[str, torch.Tensor]:
         """Losses by name (only those `plan` runs) plus `total`, the weighted sum.
 
-        `gumbel_noise` may hold U(0, 1) tensors `sentences [B, S, K]`, `generated [B, Q, K]`
-        (the prototype bank's noise) and `feature_keep [B, D]` (the stage-3 feature dropout) to
-        tie that randomness to the samples (`tied_noise`); otherwise torch's RNG
-        draws it.
+        `gumbel_noise` ties the randomness to the samples: a `SampleNoise` (drawn on the device
+        from the samples' seeds, only for the streams this stage uses), or a dict of U(0, 1)
+        tensors `sentences [B, S, K]`, `generated [B, Q, K]` (the prototype bank's noise) and
+        `feature_keep [B, D]` (the stage-3 feature dropout). Without it torch's RNG draws it.
         """
         model = self.model
         img = model.encode_image(batch["image"])
         txt = model.encode_text(
-            batch["input_ids"], batch["attention_mask"], batch["sentence_index"], plan.max_sentences
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["sentence_index"],
+            plan.max_sentences,
+            batch.get("sentence_slots"),
         )
         return self.head_losses(
             img, txt.sentences, txt.sentence_mask, batch["image"], plan, gumbel_noise
-        )
-
-    def tied_noise(
-        self, batch: dict, epoch: int, seed: int, device: torch.device
-    ) -> dict[str, torch.Tensor]:
-        """This batch's Gumbel and dropout noise from its samples' keys (any number of ranks
-        draws the same for the same sample)."""
-        heads = self.model.cfg.heads
-        return sample_noise(
-            batch,
-            epoch,
-            seed,
-            int(batch["num_sentences"].max()),
-            heads.num_queries,
-            heads.num_prototypes,
-            heads.embed_dim,
-            device,
         )
 
     @property
@@ -89,16 +78,17 @@ class PriorTask(nn.Module):
         mask,
         image,
         plan: StagePlan,
-        gumbel_noise: dict[str, torch.Tensor] | None = None,
+        gumbel_noise: Noise = None,
         generated: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Everything after the encoders. `generated [B, Q, D]` replaces the sentence decoder's
         output when given (benchmarks time the heads without the decoder networks)."""
-        model, noise = self.model, gumbel_noise or {}
+        model, noise = self.model, gumbel_noise
         losses: dict[str, torch.Tensor] = {}
         aligned = sentences
         if plan.use_prototypes or plan.runs("proto"):
-            prototypes = model.prototype_bank(sentences, _noise(noise, "sentences", sentences))
+            draw = _noise(noise, "sentences", (sentences.shape[1], model.num_prototypes))
+            prototypes = model.prototype_bank(sentences, draw)
             if plan.runs("proto"):
                 losses["proto"] = prototype_l1_loss(
                     sentences, prototypes, mask, self._rows_per_rank(mask)
@@ -119,17 +109,22 @@ class PriorTask(nn.Module):
             losses["local_text"] = intra_report_contrastive_loss(
                 local.text_context, aligned, mask, model.local_scale
             )
-        if plan.runs("rec_image"):
-            reconstruction = model.reconstruct_image(
-                img.patch_tokens, local.image_context, img.grid, noise.get("feature_keep")
-            )
-            losses["rec_image"] = image_reconstruction_loss(reconstruction, image)
+        matching = None
         if any(plan.runs(n) for n in ("spg", "kl", "gpa")):
             if generated is None:
                 generated = model.sentence_decoder(img.patch_tokens)
-            losses.update(
-                self._generation_losses(generated, sentences, aligned, mask, report, plan, noise)
+            # The cost matrices start for the host now; the image decoder runs meanwhile.
+            matching = self._start_matching(generated, sentences, aligned, mask)
+        if plan.runs("rec_image"):
+            reconstruction = model.reconstruct_image(
+                img.patch_tokens,
+                local.image_context,
+                img.grid,
+                _noise(noise, "feature_keep", (model.cfg.heads.embed_dim,)),
             )
+            losses["rec_image"] = image_reconstruction_loss(reconstruction, image)
+        if matching is not None:
+            losses.update(self._generation_losses(generated, matching, report, plan, noise))
         total = sum(plan.weights[name] * value for name, value in losses.items())
         return {**losses, "total": total}
 
@@ -139,17 +134,28 @@ class PriorTask(nn.Module):
             return None
         return rows_per_rank(mask_BS, self.gather)
 
-    def _generation_losses(self, generated, sentences, aligned, mask, report, plan, noise):
-        model = self.model
+    def _start_matching(self, generated, sentences, aligned, mask) -> dict:
+        """The generation targets and their cost matrices, already on their way to the host."""
         num_queries = generated.shape[1]
         targets = _pad_rows(aligned[:, :num_queries], num_queries)  # prototypes
         real = _pad_rows(sentences[:, :num_queries], num_queries)
         target_mask = _pad_rows(mask[:, :num_queries], num_queries)
         targets = targets * target_mask[..., None].to(targets.dtype)
-        if model.cfg.heads.detach_generation_targets:
+        if self.model.cfg.heads.detach_generation_targets:
             targets, real = targets.detach(), real.detach()
         cost = torch.cdist(generated.detach().float(), targets.detach().float(), p=1)
-        assignment = hungarian_assignment(cost)
+        return {
+            "targets": targets,
+            "real": real,
+            "target_mask": target_mask,
+            "costs": PendingCosts(cost),
+        }
+
+    def _generation_losses(self, generated, matching: dict, report, plan, noise):
+        model = self.model
+        targets, real = matching["targets"], matching["real"]
+        target_mask = matching["target_mask"]
+        assignment = matching["costs"].assignment()
         matched = align_to_targets(generated, assignment, model.cfg.compat.matching)
         out = {}
         if plan.runs("spg"):
@@ -163,7 +169,8 @@ class PriorTask(nn.Module):
                 self._rows_per_rank(target_mask),
             )
         if plan.runs("gpa"):
-            prototypes = model.prototype_bank(matched, _noise(noise, "generated", matched))
+            draw = _noise(noise, "generated", (matched.shape[1], model.num_prototypes))
+            prototypes = model.prototype_bank(matched, draw)
             generated_report = model.report_embedding(prototypes, target_mask)
             out["gpa"] = global_contrastive_loss(
                 generated_report, report, model.global_scale, self.gather
@@ -186,8 +193,11 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], missing, *x.shape[2:])], dim=1)
 
 
-def _noise(noise: dict, name: str, like: torch.Tensor) -> torch.Tensor | None:
-    value = noise.get(name)
+def _noise(noise: Noise, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """`[B, *shape]` U(0, 1) of stream `name`, or None (torch's RNG then draws)."""
+    if isinstance(noise, SampleNoise):
+        return noise.draw(name, shape)
+    value = (noise or {}).get(name)
     if value is None:
         return None
-    return value[:, : like.shape[1]]
+    return value[:, : shape[0]]

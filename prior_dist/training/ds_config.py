@@ -17,6 +17,14 @@ from prior_dist.schema import dotted
 from prior_dist.training.recipe import Recipe
 
 Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST_DTYPES = {
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "torch.bfloat16": "bf16",
+    "float16": "fp16",
+    "fp16": "fp16",
+    "torch.float16": "fp16",
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,9 @@ class DeepSpeedSettings:
     precision: Precision
     zero_stage: int
     offload_optimizer: bool
+    # DeepSpeed's `torch_autocast`: fp32 parameters, the forward under torch.autocast at
+    # `precision`; the optimizer is a plain (fused) AdamW with no mixed-precision wrapper.
+    autocast: bool = False
 
 
 def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
@@ -60,6 +71,20 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
     fp16, bf16 = bool(dotted(raw, "fp16.enabled")), bool(dotted(raw, "bf16.enabled"))
     if fp16 and bf16:
         raise ValueError(f"{path}: fp16.enabled and bf16.enabled are both true; pick one")
+    autocast = bool(dotted(raw, "torch_autocast.enabled"))
+    if autocast:
+        if fp16 or bf16:
+            raise ValueError(
+                f"{path}: torch_autocast.enabled with {'fp16' if fp16 else 'bf16'}.enabled: pick "
+                "one (torch_autocast keeps fp32 parameters; bf16/fp16 cast them)"
+            )
+        dtype = dotted(raw, "torch_autocast.dtype") or "bfloat16"
+        if dtype not in _AUTOCAST_DTYPES:
+            raise ValueError(
+                f"{path}: torch_autocast.dtype must be one of {sorted(_AUTOCAST_DTYPES)}, "
+                f"got {dtype!r}"
+            )
+        fp16, bf16 = _AUTOCAST_DTYPES[dtype] == "fp16", _AUTOCAST_DTYPES[dtype] == "bf16"
     stage = dotted(raw, "zero_optimization.stage") or 0
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -78,6 +103,7 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
         "fp16" if fp16 else "bf16" if bf16 else "fp32",
         int(stage),
         offload,
+        autocast,
     )
 
 
@@ -103,13 +129,15 @@ def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str
 
 
 def adamw_impl(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> str:
-    """The AdamW the engine builds: `optim.impl` with `auto` resolved (torch's fused AdamW on
-    CUDA, torch's multi-tensor one on a CPU); with the optimizer offloaded, DeepSpeed's CPU
-    Adam whatever was asked."""
+    """The AdamW the engine builds: `optim.impl` with `auto` resolved to torch's fused AdamW
+    (CUDA and CPU: one kernel over all parameters, no per-parameter Python loop, and it skips a
+    step on the device when told that a gradient is not finite); with the optimizer
+    offloaded, DeepSpeed's CPU Adam whatever was asked."""
+    del device_type  # the same choice on every device since torch's CPU AdamW is fused too
     if ds.offload_optimizer:
         return "deepspeed_cpu"
     if recipe.optim.impl == "auto":
-        return "torch_fused" if device_type == "cuda" else "torch"
+        return "torch_fused"
     return recipe.optim.impl
 
 
@@ -130,4 +158,6 @@ def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> di
     config["optimizer"] = {"type": "AdamW", "params": params}
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer synchronizes the device at every forward and step.
+    config.setdefault("timers", {"throughput": {"enabled": False}})
     return config

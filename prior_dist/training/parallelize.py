@@ -22,7 +22,10 @@ _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precision_dtype(ds: DeepSpeedSettings) -> torch.dtype:
-    """The dtype the engine keeps its weights in (inputs are cast to it)."""
+    """The dtype the engine keeps its weights in (inputs are cast to it): fp32 under
+    `torch_autocast`, where autocast casts per op."""
+    if ds.autocast:
+        return torch.float32
     return _PRECISION_DTYPES.get(ds.precision, torch.float32)
 
 
@@ -31,7 +34,8 @@ def build_task(
 ) -> PriorTask:
     """The model with batch statistics over the global batch (when asked) and the gather its
     global losses use."""
-    model = convert_batchnorm(build_model(cfg), device_type, sync_batchnorm)
+    # One rank has nothing to synchronise: the plain norm (cuDNN's kernel on CUDA).
+    model = convert_batchnorm(build_model(cfg), device_type, sync_batchnorm and world_size > 1)
     gather = AllGather() if world_size > 1 else LocalGather()
     return PriorTask(model, gather)
 

@@ -125,6 +125,11 @@ REPORTERS = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
 @dataclass(frozen=True, config=SECTION)
 class LoggingConfig:
     progress: bool = True
+    # Steps between reads of the losses from the device: each read is one stacked transfer
+    # (and one all-reduce on several ranks) that waits for the device, so the host can queue
+    # steps ahead in between. Every step still gets its record in metrics.jsonl, written at the
+    # read; per-step times within a window are the host's, their mean is the device's.
+    every: PositiveInt = 10
     # Where rank 0 reports every step's record besides RUN_DIR/metrics.jsonl (always written):
     # tensorboard (RUN_DIR/tensorboard/), wandb (Weights & Biases; WANDB_MODE=offline keeps
     # it on disk under RUN_DIR/wandb/), each with the resolved config as the run's config.

@@ -1,13 +1,23 @@
-"""One optimizer step: `gradient_accumulation_steps` good micro-batches on every rank.
+"""One optimizer step, enqueued without waiting for the device.
 
-A micro-batch that lost samples to corrupt data on any rank, or whose loss is NaN/inf on any
-rank, is skipped by every rank (ranks agree by an all-reduce, so they stay in step); N
-non-finite micro-batches in a row abort the run.
+`StepRunner.train_step` reads top to bottom: fetch `gradient_accumulation_steps` micro-batches
+whose sizes every rank agrees on (on the host), finish each on the device
+(`device_batch`), `forward_backward_step` each, then the optimizer step. Nothing in between
+reads a device value:
+- the losses stay on the device as one vector per step (`StepOutcome.values`); the trainer
+  reads them once per `logging.every` steps in one stacked transfer;
+- a NaN/inf loss on any rank skips the whole optimizer step on the device: the finite flags
+  are combined (one all-reduce on several ranks) into the fused AdamW's `found_inf`, which
+  leaves parameters, moments and step counts as they were. An optimizer that cannot take the
+  flag (DeepSpeed's CPU Adam, a non-fused AdamW) falls back to reading it on the host before
+  the backward and skipping that micro-batch, as before;
+- a micro-batch that lost samples to corrupt data on any rank is skipped by every rank: the
+  sizes are host values, agreed over a gloo group (no device involved; none on one rank).
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import hashlib
 import math
 import os
@@ -21,45 +31,70 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from prior_dist.data.transforms import TransformConfig, apply_geometry
-from prior_dist.task import StagePlan
+from prior_dist.task import LOSS_NAMES, StagePlan
+from prior_dist.task.noise import SampleNoise, noise_seeds
 from prior_dist.training.ds_config import DeepSpeedSettings
+from prior_dist.training.parallelize import base_optimizer
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-_BATCH_TENSORS = ("image", "input_ids", "attention_mask", "sentence_index")
+_BATCH_TENSORS = (
+    "image",
+    "input_ids",
+    "attention_mask",
+    "sentence_index",
+    "angle",
+    "flipped",
+    "noise_seed",
+)
+# The layout of a step's value vector: the weighted total, each loss (0 where the stage does
+# not run it), the two logit scales, and 1.0 where the optimizer step was skipped.
+VALUE_NAMES = ("total", *LOSS_NAMES, "logit_scale", "local_logit_scale", "skipped")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive micro-batches with a NaN or inf loss."""
+    """Too many consecutive steps with a NaN or inf loss."""
 
 
-def agree(
-    values: list[float], device: torch.device, op: dist.ReduceOp = dist.ReduceOp.MAX
-) -> list[float]:
-    """`values` all-reduced over the ranks with `op` (every rank gets the same answer)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if device.type == "cuda":
-        t = t.to(device)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
+class HostVote:
+    """Agreement among the ranks on host values (a gloo group: it never waits for a device).
+    One rank agrees with itself without a collective."""
+
+    def __init__(self) -> None:
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.group = None
+        if self.world > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # every rank builds the runner
+
+    def __call__(self, values: list[float], op: dist.ReduceOp = dist.ReduceOp.MAX) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=op, group=self.group)
+        return t.tolist()
 
 
 def to_device(
     batch: dict, device: torch.device, dtype: torch.dtype, pixels: TransformConfig | None = None
 ) -> dict:
-    """The batch's tensors on `device`. A batch whose geometry the loader left to the step
-    (uint8 images with `angle`) is finished here, as one batched affine on the device, and
-    normalised with `pixels`' mean and std."""
+    """The batch's tensors on `device` (non-blocking: the loader pins them for CUDA). A batch
+    whose geometry the loader left to the step (uint8 images with `angle`) is finished here,
+    as one batched affine on the device, and normalised with `pixels`' mean and std."""
     out = {
         k: (v.to(device, non_blocking=True) if k in _BATCH_TENSORS else v) for k, v in batch.items()
     }
     if "angle" in batch:
         if pixels is None:
             raise ValueError("a batch with its geometry left to the step needs the transform")
+        # Decided on the host's copies: no device read.
+        turn = bool((batch["angle"] != 0).any()) or bool(batch["flipped"].any())
         out["image"] = apply_geometry(
-            out["image"], batch["angle"], batch["flipped"], pixels.mean, pixels.std
+            out["image"], out["angle"], out["flipped"], pixels.mean, pixels.std, turn
         )
     # The engine holds bf16/fp16 weights under mixed precision: images follow them.
     out["image"] = out["image"].to(dtype)
+    # Sentence slots, from the host's sentence counts: the text tower needs no device read.
+    counts = batch.get("num_sentences")
+    out["sentence_slots"] = int(counts.max()) if counts is not None and counts.numel() else 0
     return out
 
 
@@ -80,12 +115,23 @@ def micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """torch's fused Adam/AdamW skip a step on the device when `found_inf` is set."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
+        optimizer.defaults.get("fused")
+    )
+
+
 @dataclass
 class StepOutcome:
-    totals: dict[str, float]  # each loss averaged over this rank's micro-batches
+    values: torch.Tensor  # [len(VALUE_NAMES)] on the device: this rank's, see VALUE_NAMES
     keys: list[str]  # the sample keys this rank trained on
     epoch: int
     wait_s: float  # time spent waiting for the loader
+
+
+def _no_phase(_name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 class StepRunner:
@@ -107,14 +153,20 @@ class StepRunner:
         self.device, self.dtype, self.seed = device, dtype, seed
         self.tie_noise, self.max_nonfinite, self.log = tie_noise, max_nonfinite, log
         self.batches = self._forever()
-        self.bad_streak = 0
+        self.vote = HostVote()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.optimizer = base_optimizer(engine)
+        self.skip_on_device = takes_found_inf(self.optimizer)
+        self.bad_streak = 0  # host fallback only: non-finite micro-batches in a row
         self.skipped: Counter = Counter()
         # FLOPs of one micro-batch's forward + backward, counted once per curriculum stage (the
         # stages run different losses), on CUDA only: the MFU of each step's record.
         self.flops_per_micro: dict[int, float] = {}
         self.start_bank = False  # set at the start of stage 2 (heads.prototype_init)
         self.step = 0  # the optimizer step being run, 1-based
-        self.micro = 0  # forward passes so far in this step
+        # `phase(name)` brackets "data" (fetching, agreeing on and moving micro-batches: host
+        # work), "forward", "backward" and "optimizer"; a counter may watch.
+        self.phase: Callable[[str], contextlib.AbstractContextManager] = _no_phase
 
     def _forever(self) -> Iterator[dict]:
         while True:
@@ -126,7 +178,117 @@ class StepRunner:
         DataLoader iterator, which tells its workers to finish and joins them."""
         self.batches.close()
 
-    def forward(self, data: dict, plan: StagePlan, noise: dict | None) -> dict:
+    # -- one optimizer step ---------------------------------------------------------------
+    def train_step(self, step: int, plan: StagePlan) -> StepOutcome:
+        """Optimizer step `step`: `gradient_accumulation_steps` micro-batches, then the update."""
+        self.step = step
+        gas = self.ds.gradient_accumulation_steps
+        summed = torch.zeros(len(VALUE_NAMES), device=self.device)
+        finite = torch.ones((), device=self.device)
+        queue: list[dict] = []
+        keys: list[str] = []
+        wait, good, micro = 0.0, 0, 0
+        while good < gas:
+            if not queue:
+                with self.phase("data"):
+                    queue, waited = self._agreed_micro_batches(gas - good)
+                wait += waited
+            batch = queue.pop(0)
+            result = self.forward_backward_step(batch, plan, micro)
+            micro += 1
+            if result is None:  # the host fallback skipped a non-finite micro-batch
+                continue
+            values, ok = result
+            summed += values / gas
+            finite = finite * ok
+            keys += batch["key"]
+            good += 1
+        if self.skip_on_device and self.vote.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # skipped if any rank's was not finite
+        self._optimizer_step(finite)
+        summed[VALUE_NAMES.index("skipped")] = 1.0 - finite
+        scales = self.engine.module.model.logit_scales()
+        summed[-3:-1] = torch.stack(scales).detach().float()
+        return StepOutcome(summed, keys, self.loader.epoch, wait)
+
+    def _agreed_micro_batches(self, count: int) -> tuple[list[dict], float]:
+        """`count` micro-batches of the full size on every rank (a short one on any rank is
+        dropped by all of them); the time spent waiting for the loader."""
+        kept: list[dict] = []
+        wait = 0.0
+        while len(kept) < count:
+            start = time.perf_counter()
+            fetched = [next(self.batches) for _ in range(count - len(kept))]
+            wait += time.perf_counter() - start
+            smallest = self.vote([float(len(b["key"])) for b in fetched], dist.ReduceOp.MIN)
+            for batch, size in zip(fetched, smallest):
+                if size < self.ds.micro_batch_size:
+                    self.skipped["short_batch"] += 1
+                    self.log(
+                        f"step {self.step}: a rank's micro-batch lost samples to corrupt data "
+                        f"({int(size)} < {self.ds.micro_batch_size}); skipped on every rank"
+                    )
+                else:
+                    kept.append(batch)
+        return kept, wait
+
+    def device_batch(self, batch: dict) -> dict:
+        """The batch on the device, its geometry applied, its samples' noise seeds with it."""
+        if self.tie_noise:
+            batch = {**batch, "noise_seed": noise_seeds(batch["key"], self.loader.epoch, self.seed)}
+        return to_device(batch, self.device, self.dtype, self.loader.transform.config)
+
+    def forward_backward_step(
+        self, batch: dict, plan: StagePlan, micro: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Forward and backward of one micro-batch: its value vector and 1.0 if its loss is
+        finite else 0.0 (this rank's), both on the device; None where the host fallback skipped
+        it."""
+        with self.phase("data"):
+            data = self.device_batch(batch)
+        task = self.engine.module
+        if self.start_bank:
+            distinct = task.start_prototype_bank(data, self.seed, self.ds.zero_stage)
+            self.log(f"prototype bank set from {distinct} distinct sentences")
+            self.start_bank = False
+        noise = SampleNoise(data["noise_seed"]) if self.tie_noise else None
+        torch.manual_seed(micro_batch_seed(self.seed, self.rank, self.step, micro))
+        with self.phase("forward"):
+            out = self.forward(data, plan, noise)
+        loss = out["total"]
+        finite = torch.isfinite(loss.detach()).float()
+        if not self.skip_on_device and not self._finite_on_host(finite):
+            return None
+        with self.phase("backward"):
+            self.engine.backward(loss)
+        if not self._boundary_next():
+            with self.phase("optimizer"):
+                self.engine.step()  # accumulates; the update is at the boundary
+        zero = loss.new_zeros((), dtype=torch.float32)
+        values = torch.stack(
+            [loss.detach().float()]
+            + [out[n].detach().float() if n in out else zero for n in LOSS_NAMES]
+            + [zero] * 3
+        )
+        return values, finite
+
+    def _boundary_next(self) -> bool:
+        """The next engine.step() applies the update (the last micro-batch of the step)."""
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """The update at the accumulation boundary; skipped on the device when a loss was not
+        finite (the fused AdamW's `found_inf`)."""
+        if self.skip_on_device:
+            self.optimizer.found_inf = (1.0 - finite).float()
+        try:
+            with self.phase("optimizer"):
+                self.engine.step()
+        finally:
+            if self.skip_on_device:
+                del self.optimizer.found_inf
+
+    def forward(self, data: dict, plan: StagePlan, noise) -> dict:
         """The task's losses for one micro-batch (FLOPs counted once per stage on CUDA, for MFU;
         the backward pass is taken as twice the forward)."""
         if plan.stage not in self.flops_per_micro and self.device.type == "cuda":
@@ -136,65 +298,14 @@ class StepRunner:
             return out
         return self.engine(data, plan, noise)
 
-    def run(self, step: int, plan: StagePlan, lr: float, stage: int) -> StepOutcome:
-        """Optimizer step `step`: micro-batches until `gradient_accumulation_steps` good ones."""
-        self.step, self.micro = step, 0
-        gas = self.ds.gradient_accumulation_steps
-        totals: dict[str, float] = collections.defaultdict(float)
-        keys: list[str] = []
-        wait, good, epoch = 0.0, 0, self.loader.epoch
-        while good < gas:
-            t0 = time.perf_counter()
-            batch = next(self.batches)
-            wait += time.perf_counter() - t0
-            epoch = self.loader.epoch
-            out = self._micro_batch(batch, plan, lr, stage)
-            if out is None:
-                continue
-            good += 1
-            keys += list(batch["key"])
-            for name, value in out.items():
-                totals[name] += float(value.detach()) / gas
-        return StepOutcome(totals, keys, epoch, wait)
-
-    def _micro_batch(self, batch: dict, plan: StagePlan, lr: float, stage: int) -> dict | None:
-        """Forward, backward and engine step of one micro-batch; None when every rank skips it."""
-        smallest = agree([float(len(batch["key"]))], self.device, dist.ReduceOp.MIN)[0]
-        if smallest < self.ds.micro_batch_size:
-            self.skipped["short_batch"] += 1
-            self.log(
-                f"step {self.step}: a rank's micro-batch lost samples to corrupt data "
-                f"({int(smallest)} < {self.ds.micro_batch_size}); skipped on every rank"
-            )
-            return None
-        data = to_device(batch, self.device, self.dtype, self.loader.transform.config)
-        task = self.engine.module
-        if self.start_bank:
-            distinct = task.start_prototype_bank(data, self.seed, self.ds.zero_stage)
-            self.log(f"prototype bank set from {distinct} distinct sentences")
-            self.start_bank = False
-        noise = (
-            task.tied_noise(batch, self.loader.epoch, self.seed, self.device)
-            if self.tie_noise
-            else None
-        )
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.manual_seed(micro_batch_seed(self.seed, rank, self.step, self.micro))
-        self.micro += 1
-        out = self.forward(data, plan, noise)
-        loss = out["total"]
-        finite = agree(
-            [float(torch.isfinite(loss.detach()).all())], self.device, dist.ReduceOp.MIN
-        )[0]
-        if not finite:
-            self._non_finite(stage, lr)
-            return None
-        self.bad_streak = 0
-        self.engine.backward(loss)
-        self.engine.step()
-        return out
-
-    def _non_finite(self, stage: int, lr: float) -> None:
+    def _finite_on_host(self, finite: torch.Tensor) -> bool:
+        """The fallback: agree on the flag, read it (a host sync) and skip the micro-batch's
+        backward when it is not finite; `max_nonfinite` in a row abort the run."""
+        if self.vote.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite):
+            self.bad_streak = 0
+            return True
         self.bad_streak += 1
         self.skipped["nonfinite_loss"] += 1
         self.log(
@@ -204,6 +315,7 @@ class StepRunner:
         if self.bad_streak >= self.max_nonfinite:
             raise NonFiniteLossError(
                 f"{self.bad_streak} micro-batches in a row gave a NaN or inf loss at step "
-                f"{self.step} (stage {stage}, lr {lr:.3g}); aborting. Lower the learning rate, "
-                "check the data, or use bf16/fp32"
+                f"{self.step}; aborting. Lower the learning rate, check the data, or use "
+                "bf16/fp32"
             )
+        return False

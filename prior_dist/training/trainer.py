@@ -48,7 +48,13 @@ from prior_dist.training.parallelize import (
 from prior_dist.training.profile import StepProfiler
 from prior_dist.training.recipe import Recipe
 from prior_dist.training.schedule import StageSpan, learning_rate, plan_stages
-from prior_dist.training.step import NonFiniteLossError, StepOutcome, StepRunner, agree, peak_flops
+from prior_dist.training.step import (
+    VALUE_NAMES,
+    NonFiniteLossError,
+    StepOutcome,
+    StepRunner,
+    peak_flops,
+)
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -155,6 +161,11 @@ class Trainer:
         """The model config for the tokenizer, the engine, the loader and the stage plan."""
         recipe, ds = self.recipe, self.ds
         self.model_cfg = recipe.model.for_vocabulary(len(self.tokenizer))
+        if len(self.tokenizer) > self.model_cfg.text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but text.vocab_size is "
+                f"{self.model_cfg.text.vocab_size}: the tokenizer and the model disagree"
+            )
         task = build_task(self.model_cfg, recipe.train.sync_batchnorm, self.device.type, self.world)
         if recipe.init_from:  # before the engine: ZeRO partitions what it is given
             self.log(initial_weights(task.model, recipe.init_from))
@@ -255,6 +266,8 @@ class Trainer:
         train = self.recipe.train
         weights = self.recipe.stage_weights()
         self.last_save_time, last_saved_step = time.monotonic(), self.step
+        self.pending: list[tuple] = []  # steps whose values are still on the device
+        self.nonfinite_streak = 0
         self.engine.train()
         while self.step < self.total_steps:
             span = self.span_at(self.step)
@@ -264,16 +277,17 @@ class Trainer:
             set_learning_rate(self.engine, lr)
             self.profiler.before(self.step + 1)
             start = time.perf_counter()
-            outcome = self.runner.run(self.step + 1, plan, lr, span.stage)
+            outcome = self.runner.train_step(self.step + 1, plan)
             self.step += 1
-            record = self._record(span, lr, outcome, time.perf_counter() - start)
+            step_time = time.perf_counter() - start
             self.profiler.after(self.step)
-            self.data_wait.add(self.step, outcome.wait_s, record["step_time_s"])
-            every = self.recipe.eval.every_steps
-            if every and self.step % every == 0:
-                record.update(self.periodic_eval())
+            self.data_wait.add(self.step, outcome.wait_s, step_time)
             digest = bank_digest(self.engine, self.ds.zero_stage) if self.audit_samples else None
-            self.metrics.step(record, outcome.keys, digest, memory_mb(self.device))
+            self.pending.append((span, lr, outcome, step_time, digest, memory_mb(self.device)))
+            every = self.recipe.eval.every_steps
+            evaluating = bool(every and self.step % every == 0)
+            if evaluating or self.step % self.recipe.logging.every == 0:
+                self._flush_records(self.periodic_eval() if evaluating else None)
             stop, saved = self._save_if_due()
             if saved:
                 last_saved_step = self.step
@@ -300,14 +314,15 @@ class Trainer:
 
     def _save_if_due(self) -> tuple[bool, bool]:
         """Checkpoint after a stop signal on any rank, or on the step or time cadence (agreed
-        by all ranks); returns (a signal asked the run to stop, a checkpoint was saved)."""
+        by all ranks on the host); returns (a signal asked the run to stop, a checkpoint was
+        saved)."""
         cadence = self.recipe.checkpoint
         due_time = (
             cadence.every_minutes is not None
             and self.rank == 0
             and time.monotonic() - self.last_save_time >= 60 * cadence.every_minutes
         )
-        stop, timed = agree([float(self.stop_signal is not None), float(due_time)], self.device)
+        stop, timed = self.runner.vote([float(self.stop_signal is not None), float(due_time)])
         due_steps = cadence.every_steps is not None and self.step % cadence.every_steps == 0
         if not (stop or timed or due_steps):
             return False, False
@@ -315,33 +330,94 @@ class Trainer:
         self.last_save_time = time.monotonic()
         return bool(stop), True
 
-    def _record(self, span: StageSpan, lr: float, outcome: StepOutcome, step_time: float) -> dict:
-        names = ["total"] + [n for n in LOSS_NAMES if n in outcome.totals]
-        summed = agree([outcome.totals[n] for n in names], self.device, dist.ReduceOp.SUM)
-        values = {n: v / self.world for n, v in zip(names, summed)}
-        scales = [float(s.detach()) for s in self.engine.module.model.logit_scales()]
+    def _flush_records(self, evaluation: dict | None = None) -> None:
+        """Read the pending steps' values from the device (one stacked transfer, one all-reduce
+        on several ranks) and write their records; `evaluation` joins the newest one. A run of
+        `train.max_nonfinite_steps` skipped steps aborts the run."""
+        if not self.pending:
+            return
+        stacked = torch.stack([p[2].values for p in self.pending])
+        if self.world > 1:
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        rows = (stacked / self.world).tolist()
+        pending, self.pending = self.pending, []
+        first = self.step - len(pending) + 1
+        for i, ((span, lr, outcome, step_time, digest, memory), row) in enumerate(
+            zip(pending, rows)
+        ):
+            step = first + i
+            values = dict(zip(VALUE_NAMES, row))
+            skipped = values.pop("skipped") > 0
+            record = self._record(step, span, lr, outcome, step_time, values, skipped, memory)
+            if i == len(pending) - 1 and evaluation:
+                record.update(evaluation)
+            self.metrics.step(record, outcome.keys, digest, memory)
+            self._count_nonfinite(step, span, lr, skipped)
+
+    def _count_nonfinite(self, step: int, span: StageSpan, lr: float, skipped: bool) -> None:
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        self.runner.skipped["nonfinite_step"] += 1
+        limit = self.recipe.train.max_nonfinite_steps
+        self.log(
+            f"step {step}: non-finite loss on some rank; optimizer step skipped "
+            f"({self.nonfinite_streak} in a row, limit {limit})"
+        )
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} steps in a row gave a NaN or inf loss, the last at "
+                f"step {step} (stage {span.stage}, lr {lr:.3g}); aborting. Lower the learning "
+                "rate, check the data, or use bf16/fp32"
+            )
+
+    def _record(
+        self,
+        step: int,
+        span: StageSpan,
+        lr: float,
+        outcome: StepOutcome,
+        step_time: float,
+        values: dict[str, float],
+        skipped: bool,
+        memory: float,
+    ) -> dict:
+        losses = {
+            n: (None if skipped else values[n]) for n in ("total", *self._stage_losses(span.stage))
+        }
         gas = self.ds.gradient_accumulation_steps
         samples = self.ds.micro_batch_size * gas * self.world
         record = {
-            "step": self.step,
+            "step": step,
             "stage": span.stage,
             "epoch": outcome.epoch,
             "lr": lr,
-            "loss": values.pop("total"),
-            **values,
-            "logit_scale": scales[0],
-            "local_logit_scale": scales[1],
+            "loss": losses.pop("total"),
+            **losses,
+            "logit_scale": values["logit_scale"],
+            "local_logit_scale": values["local_logit_scale"],
             "samples_per_s": samples / step_time,
             "data_wait_frac": outcome.wait_s / step_time,
             "step_time_s": step_time,
-            "memory_mb": memory_mb(self.device),
+            "memory_mb": memory,
         }
+        if skipped:
+            record["skipped_nonfinite"] = True
         flops = self.runner.flops_per_micro.get(span.stage)
         if flops is not None:
             record["mfu"] = flops * gas / step_time / peak_flops(self.device)
         return record
 
+    def _stage_losses(self, stage: int) -> list[str]:
+        """The losses stage `stage` runs, in `LOSS_NAMES` order."""
+        plan = stage_plan(
+            stage, sentence_cap=self.recipe.train.sentence_cap, weights=self.recipe.stage_weights()
+        )
+        return [n for n in LOSS_NAMES if plan.runs(n)]
+
     def save(self) -> Path:
+        self._flush_records()  # metrics.jsonl holds every step a checkpoint holds
         client = {
             "step": self.step,
             "stage": self.stage,
