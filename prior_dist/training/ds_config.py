@@ -73,18 +73,7 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
         raise ValueError(f"{path}: fp16.enabled and bf16.enabled are both true; pick one")
     autocast = bool(dotted(raw, "torch_autocast.enabled"))
     if autocast:
-        if fp16 or bf16:
-            raise ValueError(
-                f"{path}: torch_autocast.enabled with {'fp16' if fp16 else 'bf16'}.enabled: pick "
-                "one (torch_autocast keeps fp32 parameters; bf16/fp16 cast them)"
-            )
-        dtype = dotted(raw, "torch_autocast.dtype") or "bfloat16"
-        if dtype not in _AUTOCAST_DTYPES:
-            raise ValueError(
-                f"{path}: torch_autocast.dtype must be one of {sorted(_AUTOCAST_DTYPES)}, "
-                f"got {dtype!r}"
-            )
-        fp16, bf16 = _AUTOCAST_DTYPES[dtype] == "fp16", _AUTOCAST_DTYPES[dtype] == "bf16"
+        fp16, bf16 = _autocast_precision(path, raw, fp16, bf16)
     stage = dotted(raw, "zero_optimization.stage") or 0
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -105,6 +94,21 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
         offload,
         autocast,
     )
+
+
+def _autocast_precision(path: Path, raw: dict, fp16: bool, bf16: bool) -> tuple[bool, bool]:
+    """(fp16, bf16) of a `torch_autocast` section; refused beside bf16/fp16.enabled."""
+    if fp16 or bf16:
+        raise ValueError(
+            f"{path}: torch_autocast.enabled with {'fp16' if fp16 else 'bf16'}.enabled: pick "
+            "one (torch_autocast keeps fp32 parameters; bf16/fp16 cast them)"
+        )
+    dtype = dotted(raw, "torch_autocast.dtype") or "bfloat16"
+    if dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"{path}: torch_autocast.dtype must be one of {sorted(_AUTOCAST_DTYPES)}, got {dtype!r}"
+        )
+    return _AUTOCAST_DTYPES[dtype] == "fp16", _AUTOCAST_DTYPES[dtype] == "bf16"
 
 
 def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> None:
