@@ -110,7 +110,7 @@ def training_lines(recipe, config: str, ranks: int) -> list[str]:
         "torch_fused": "torch AdamW, fused",
         "deepspeed_fused": "DeepSpeed FusedAdam",
         "deepspeed_cpu": "DeepSpeed CPU Adam",
-    }[adamw_impl(ds, recipe, device)]
+    }[adamw_impl(ds, recipe)]
     global_batch = ds.micro_batch_size * ds.gradient_accumulation_steps * ranks
     lines = [
         f"DeepSpeed {ds.path}: micro-batch {ds.micro_batch_size} x accumulation "

@@ -107,8 +107,7 @@ class StepCounter:
     """Ops dispatched and host syncs by phase, over every `with counter:` block.
 
     `with counter.phase("backward"):` files what happens inside under that phase (default
-    `"step"`); `syncs` counts by kind, `syncs_in[phase]` by phase and kind. `syncs_off()`
-    pauses sync counting.
+    `"step"`); `syncs` counts by kind, `syncs_in[phase]` by phase and kind.
     """
 
     def __init__(self) -> None:
@@ -119,7 +118,6 @@ class StepCounter:
             collections.defaultdict(collections.Counter)
         )
         self.current = "step"
-        self.counting_syncs = True
         self._stack = contextlib.ExitStack()
 
     def clear(self) -> None:
@@ -128,9 +126,8 @@ class StepCounter:
         self.syncs_in.clear()
 
     def sync(self, name: str) -> None:
-        if self.counting_syncs:
-            self.syncs[name] += 1
-            self.syncs_in[self.current][name] += 1
+        self.syncs[name] += 1
+        self.syncs_in[self.current][name] += 1
 
     @property
     def total_syncs(self) -> int:
@@ -151,14 +148,6 @@ class StepCounter:
             yield
         finally:
             self.current = held
-
-    @contextlib.contextmanager
-    def syncs_off(self) -> Iterator[None]:
-        held, self.counting_syncs = self.counting_syncs, False
-        try:
-            yield
-        finally:
-            self.counting_syncs = held
 
     def _count_synchronize(self) -> None:
         """`torch.cuda.synchronize` and, when DeepSpeed is loaded, its accelerator's."""

@@ -132,12 +132,11 @@ def check_against_recipe(ds: DeepSpeedSettings, recipe: Recipe, device_type: str
         )
 
 
-def adamw_impl(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> str:
+def adamw_impl(ds: DeepSpeedSettings, recipe: Recipe) -> str:
     """The AdamW the engine builds: `optim.impl` with `auto` resolved to torch's fused AdamW
     (CUDA and CPU: one kernel over all parameters, no per-parameter Python loop, and it skips a
     step on the device when told that a gradient is not finite); with the optimizer
     offloaded, DeepSpeed's CPU Adam whatever was asked."""
-    del device_type  # the same choice on every device since torch's CPU AdamW is fused too
     if ds.offload_optimizer:
         return "deepspeed_cpu"
     if recipe.optim.impl == "auto":
@@ -154,7 +153,7 @@ def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> di
         "eps": recipe.optim.eps,
         "weight_decay": recipe.optim.weight_decay,
     }
-    impl = adamw_impl(ds, recipe, device_type)
+    impl = adamw_impl(ds, recipe)
     if impl in ("torch", "torch_fused"):
         params["torch_adam"] = True  # torch.optim.AdamW: nothing to compile
         if impl == "torch_fused":

@@ -49,6 +49,7 @@ _BATCH_TENSORS = (
 # The layout of a step's value vector: the weighted total, each loss (0 where the stage does
 # not run it), the two logit scales, and 1.0 where the optimizer step was skipped.
 VALUE_NAMES = ("total", *LOSS_NAMES, "logit_scale", "local_logit_scale", "skipped")
+_SCALES = slice(VALUE_NAMES.index("logit_scale"), VALUE_NAMES.index("skipped"))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -208,7 +209,7 @@ class StepRunner:
         self._optimizer_step(finite)
         summed[VALUE_NAMES.index("skipped")] = 1.0 - finite
         scales = self.engine.module.model.logit_scales()
-        summed[-3:-1] = torch.stack(scales).detach().float()
+        summed[_SCALES] = torch.stack(scales).detach().float()
         return StepOutcome(summed, keys, self.loader.epoch, wait)
 
     def _agreed_micro_batches(self, count: int) -> tuple[list[dict], float]:
@@ -261,7 +262,7 @@ class StepRunner:
             return None
         with self.phase("backward"):
             self.engine.backward(loss)
-        if not self._boundary_next():
+        if not self.engine.is_gradient_accumulation_boundary():
             with self.phase("optimizer"):
                 self.engine.step()  # accumulates; the update is at the boundary
         zero = loss.new_zeros((), dtype=torch.float32)
@@ -271,10 +272,6 @@ class StepRunner:
             + [zero] * 3
         )
         return values, finite
-
-    def _boundary_next(self) -> bool:
-        """The next engine.step() applies the update (the last micro-batch of the step)."""
-        return self.engine.is_gradient_accumulation_boundary()
 
     def _optimizer_step(self, finite: torch.Tensor) -> None:
         """The update at the accumulation boundary; skipped on the device when a loss was not

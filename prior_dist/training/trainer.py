@@ -34,7 +34,7 @@ from prior_dist.runs import LoadedModel
 from prior_dist.runs import checkpoints as ckpt
 from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG, RUN_TOKENIZER
 from prior_dist.runs.load import initial_weights
-from prior_dist.task import LOSS_NAMES, stage_plan
+from prior_dist.task import LOSS_NAMES, StagePlan, stage_plan
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
 from prior_dist.training.metrics import DataWaitWatch, MetricsLogger, memory_mb
 from prior_dist.training.parallelize import (
@@ -283,7 +283,7 @@ class Trainer:
             self.profiler.after(self.step)
             self.data_wait.add(self.step, outcome.wait_s, step_time)
             digest = bank_digest(self.engine, self.ds.zero_stage) if self.audit_samples else None
-            self.pending.append((span, lr, outcome, step_time, digest, memory_mb(self.device)))
+            self.pending.append((plan, lr, outcome, step_time, digest, memory_mb(self.device)))
             every = self.recipe.eval.every_steps
             evaluating = bool(every and self.step % every == 0)
             if evaluating or self.step % self.recipe.logging.every == 0:
@@ -342,19 +342,19 @@ class Trainer:
         rows = (stacked / self.world).tolist()
         pending, self.pending = self.pending, []
         first = self.step - len(pending) + 1
-        for i, ((span, lr, outcome, step_time, digest, memory), row) in enumerate(
+        for i, ((plan, lr, outcome, step_time, digest, memory), row) in enumerate(
             zip(pending, rows)
         ):
             step = first + i
             values = dict(zip(VALUE_NAMES, row))
             skipped = values.pop("skipped") > 0
-            record = self._record(step, span, lr, outcome, step_time, values, skipped, memory)
+            record = self._record(step, plan, lr, outcome, step_time, values, skipped, memory)
             if i == len(pending) - 1 and evaluation:
                 record.update(evaluation)
             self.metrics.step(record, outcome.keys, digest, memory)
-            self._count_nonfinite(step, span, lr, skipped)
+            self._count_nonfinite(step, plan.stage, lr, skipped)
 
-    def _count_nonfinite(self, step: int, span: StageSpan, lr: float, skipped: bool) -> None:
+    def _count_nonfinite(self, step: int, stage: int, lr: float, skipped: bool) -> None:
         if not skipped:
             self.nonfinite_streak = 0
             return
@@ -368,14 +368,14 @@ class Trainer:
         if self.nonfinite_streak >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_streak} steps in a row gave a NaN or inf loss, the last at "
-                f"step {step} (stage {span.stage}, lr {lr:.3g}); aborting. Lower the learning "
+                f"step {step} (stage {stage}, lr {lr:.3g}); aborting. Lower the learning "
                 "rate, check the data, or use bf16/fp32"
             )
 
     def _record(
         self,
         step: int,
-        span: StageSpan,
+        plan: StagePlan,
         lr: float,
         outcome: StepOutcome,
         step_time: float,
@@ -384,13 +384,14 @@ class Trainer:
         memory: float,
     ) -> dict:
         losses = {
-            n: (None if skipped else values[n]) for n in ("total", *self._stage_losses(span.stage))
+            n: (None if skipped else values[n])
+            for n in ("total", *(n for n in LOSS_NAMES if plan.runs(n)))
         }
         gas = self.ds.gradient_accumulation_steps
         samples = self.ds.micro_batch_size * gas * self.world
         record = {
             "step": step,
-            "stage": span.stage,
+            "stage": plan.stage,
             "epoch": outcome.epoch,
             "lr": lr,
             "loss": losses.pop("total"),
@@ -404,17 +405,10 @@ class Trainer:
         }
         if skipped:
             record["skipped_nonfinite"] = True
-        flops = self.runner.flops_per_micro.get(span.stage)
+        flops = self.runner.flops_per_micro.get(plan.stage)
         if flops is not None:
             record["mfu"] = flops * gas / step_time / peak_flops(self.device)
         return record
-
-    def _stage_losses(self, stage: int) -> list[str]:
-        """The losses stage `stage` runs, in `LOSS_NAMES` order."""
-        plan = stage_plan(
-            stage, sentence_cap=self.recipe.train.sentence_cap, weights=self.recipe.stage_weights()
-        )
-        return [n for n in LOSS_NAMES if plan.runs(n)]
 
     def save(self) -> Path:
         self._flush_records()  # metrics.jsonl holds every step a checkpoint holds
