@@ -7,13 +7,21 @@ The model keeps the paper's topology (ResNet-50's 3/4/6/3 bottlenecks, a 12-laye
 8-layer sentence decoder, 512 prototypes, 16 queries, max 256 tokens) at widths where the
 arithmetic is negligible, so the step's time is what the host spends enqueueing it. It trains
 through the real `Trainer` set-up, DeepSpeed engine and step (one gloo rank, phantom shards), and
-per curriculum stage reports, as medians over `--steps` steps after `--warmup`:
+per curriculum stage reports, as medians over `--steps` steps after an uncounted warm-up of
+`max(--warmup, 4)` steps (each of the 4 replayed batches at least once, so that torch.compile
+compiles there):
 - host ms per optimizer step;
 - ops dispatched in the forward, the backward, the optimizer step (DeepSpeed's `step()`),
   `data` (agreeing on and moving the batch, its geometry) and the rest of the step;
 - host syncs per step (`prior_dist.testing.dispatch_count`) by phase and kind, from the batch
   on the device to the end of the optimizer step (reads of the loader's host tensors, which
-  cost nothing on a GPU, are reported apart).
+  cost nothing on a GPU, are reported apart);
+- `profiled_ops`: the aten ops the host dispatched in one step, counted by torch.profiler
+  (top-level ops only). Unlike the dispatch-mode counter, under which torch.compile runs its
+  modules eagerly, the profiler leaves compiled graphs compiled: this is the count that shows
+  what `train.compile` saves.
+`--with SECTION.FIELD=VALUE` applies to this tree's run only: `--compare HEAD --with
+train.compile=true` measures eager and compiled side by side.
 On a GPU, these ops and syncs are what keep the device waiting: compare configs side by side.
 """
 
@@ -33,6 +41,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -108,6 +118,21 @@ def _step_function(runner, counter: StepCounter):
     return lambda step, plan: runner.run(step, plan, 1e-6, plan.stage)
 
 
+def profiled_ops(train_step, step: int, plan) -> int:
+    """aten ops dispatched by the host in one step, not counting those called inside another."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        train_step(step, plan)
+    count = 0
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
 def measure(trainer: Trainer, steps: int, warmup: int) -> dict:
     runner, recipe = trainer.runner, trainer.recipe
     counter = StepCounter()
@@ -120,18 +145,22 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict:
     for stage in (1, 2, 3):
         plan = stage_plan(stage, sentence_cap=recipe.train.sentence_cap)
         ops, syncs, kinds, data_syncs = [], [], [], []
-        for i in range(warmup + steps):
+        # Uncounted warm-up over every replayed batch: torch.compile runs eagerly under the
+        # dispatch-mode counter, so its compilation (one graph per batch shape) happens here.
+        for _ in range(max(warmup, len(batches))):
+            step += 1
+            train_step(step, plan)
+        for _ in range(steps):
             step += 1
             counter.clear()
             with counter:
                 train_step(step, plan)
-            if i >= warmup:
-                ops.append(dict(counter.ops))
-                # The region of the step after its batch is on the device; "data" is host
-                # work on host tensors (the loader's batch), free of device waits on a GPU.
-                syncs.append(counter.syncs_outside("data"))
-                data_syncs.append(counter.total_syncs - syncs[-1])
-                kinds.append({p: dict(c) for p, c in counter.syncs_in.items() if p != "data"})
+            ops.append(dict(counter.ops))
+            # The region of the step after its batch is on the device; "data" is host
+            # work on host tensors (the loader's batch), free of device waits on a GPU.
+            syncs.append(counter.syncs_outside("data"))
+            data_syncs.append(counter.total_syncs - syncs[-1])
+            kinds.append({p: dict(c) for p, c in counter.syncs_in.items() if p != "data"})
         # The counter's own cost inflates the time: time the same steps again uncounted.
         plain = []
         for _ in range(steps):
@@ -139,11 +168,14 @@ def measure(trainer: Trainer, steps: int, warmup: int) -> dict:
             start = time.perf_counter()
             train_step(step, plan)
             plain.append(time.perf_counter() - start)
+        step += 1
+        profiled = profiled_ops(train_step, step, plan)
         phases = ("data", "forward", "backward", "optimizer", "step")
         results[f"stage{stage}"] = {
             "host_ms": 1e3 * statistics.median(plain),
             "ops": {p: int(statistics.median(o.get(p, 0) for o in ops)) for p in phases},
             "ops_total": int(statistics.median(sum(o.values()) for o in ops)),
+            "profiled_ops": profiled,
             "syncs": int(statistics.median(syncs)),
             "sync_kinds": kinds[len(kinds) // 2],
             "data_syncs_host_tensors": int(statistics.median(data_syncs)),
@@ -160,6 +192,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--with",
+        dest="candidate",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="with --compare: a setting for this tree's run only",
+    )
     parser.add_argument(
         "--compare",
         default=None,
@@ -178,7 +218,8 @@ def main() -> None:
         raw["train_micro_batch_size_per_gpu"] = args.batch
         config = Path(tmp, "ds.json")
         config.write_text(json.dumps(raw))
-        recipe, _ = load_recipe("paper", [*TOY_PAPER, f"data.path={tmp}/shards", *args.overrides])
+        settings = [*TOY_PAPER, f"data.path={tmp}/shards", *args.overrides, *args.candidate]
+        recipe, _ = load_recipe("paper", settings)
         recipe = dataclasses.replace(recipe, deepspeed_expect={})
         trainer = Trainer(recipe, read_deepspeed_config(config), Path(tmp, "run"), resume="none")
         trainer.setup()
@@ -201,7 +242,8 @@ def main() -> None:
         print(
             f"{name}: host {r['host_ms']:.1f} ms/step; ops {r['ops_total']} (forward "
             f"{ops['forward']}, backward {ops['backward']}, optimizer {ops['optimizer']}, data "
-            f"{ops['data']}, rest {ops['step']}); host syncs {r['syncs']} {r['sync_kinds']}"
+            f"{ops['data']}, rest {ops['step']}); profiled ops {r['profiled_ops']}; host syncs "
+            f"{r['syncs']} {r['sync_kinds']}"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +273,8 @@ def compare(args) -> None:
             cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
             cmd += ["--warmup", str(args.warmup), "--out", str(out)]
             cmd += [a for s in args.overrides for a in ("--set", s)]
+            if root == repo:
+                cmd += [a for s in args.candidate for a in ("--with", s)]
             env = dict(os.environ, PYTHONPATH=str(root))
             subprocess.run(cmd, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL)
             runs[name] = json.loads(out.read_text())
@@ -241,6 +285,7 @@ def compare(args) -> None:
         table[stage] = {
             "host_ms": [round(b["host_ms"], 1), round(a["host_ms"], 1)],
             "ops": [b["ops_total"], a["ops_total"]],
+            "profiled_ops": [b.get("profiled_ops"), a["profiled_ops"]],
             "ops_by_phase": [b["ops"], a["ops"]],
             "syncs": [b["syncs"], a["syncs"]],
             "host_ms_ratio": round(a["host_ms"] / b["host_ms"], 3),
@@ -249,13 +294,14 @@ def compare(args) -> None:
         print(
             f"{stage}: host ms {b['host_ms']:.1f} -> {a['host_ms']:.1f} "
             f"({a['host_ms'] / b['host_ms']:.2f}x); ops {b['ops_total']} -> {a['ops_total']} "
-            f"({a['ops_total'] / b['ops_total']:.2f}x); host syncs {b['syncs']} -> {a['syncs']}"
+            f"({a['ops_total'] / b['ops_total']:.2f}x); profiled ops {b.get('profiled_ops')} -> "
+            f"{a['profiled_ops']}; host syncs {b['syncs']} -> {a['syncs']}"
         )
     record = {
         "date": date.today().isoformat(),
         "machine": after["machine"],
         "command": "python " + " ".join(sys.argv),
-        "compared": [args.compare, "this tree"],
+        "compared": [args.compare, " ".join(["this tree", *args.candidate])],
         "stages": table,
     }
     if args.out:

@@ -1,4 +1,4 @@
-"""Pretrain PRIOR: `deepspeed launch/pretrain.py --config configs/zero2.json [options]`.
+"""Pretrain PRIOR: `deepspeed launch/pretrain.py --config configs/default.json [options]`.
 
 Also runs under `torchrun --nproc_per_node N launch/pretrain.py ...` and `srun python
 launch/pretrain.py ...`. Options: `python launch/pretrain.py --help`.

@@ -4,7 +4,7 @@ Runs under any launcher: `deepspeed --module prior_dist.pretrain --config ...`, 
 --nproc_per_node N -m prior_dist.pretrain ...`, `srun python -m prior_dist.pretrain ...`, or on
 its own as one process. The same command line as `launch/pretrain.py` in a checkout; options:
 `prior-pretrain --help`. Recipes and DeepSpeed configs ship with the package (`--recipe demo`,
-`--config zero2` name them); runs and data paths are taken from the working directory.
+`--config default` name them); runs and data paths are taken from the working directory.
 """
 
 import sys

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from prior_dist.data.config import DataConfig, default_workers
 from prior_dist.data.loader import BatchPlan, PriorLoader
 from prior_dist.data.shards import load_index, load_manifest
 from prior_dist.data.transforms import TransformConfig, swap_laterality
@@ -85,6 +86,44 @@ def test_mid_epoch_resume_with_workers(phantom_dir, tokenizer):
     seen += list(resumed) + list(resumed)
     assert [b["key"] for b in seen] == [b["key"] for b in expected]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(seen, expected, strict=True))
+
+
+def test_workers_are_kept_across_epochs_and_resume_stays_exact(phantom_dir, tokenizer):
+    """Indexed-mode workers live from one epoch to the next (no re-fork stall) and serve what a
+    worker-less loader serves; a resume into the second epoch, and an iteration abandoned
+    mid-epoch, change nothing."""
+    expected = [b["key"] for b in _epochs(make(phantom_dir, tokenizer, 4), 3)]
+    loader = make(phantom_dir, tokenizer, 4, num_workers=2)
+    seen, pids = [], []
+    for _ in range(2):
+        seen += [b["key"] for b in loader]
+        pids.append(sorted(w.pid for w in loader._dataloader._iterator._workers))
+    assert pids[0] == pids[1]  # the same processes served both epochs
+    batches = iter(loader)
+    seen.append(next(batches)["key"])  # abandoned with prefetched batches in flight
+    state = loader.state_dict()
+    seen += [b["key"] for b in loader]  # the rest of epoch 2 from where it stood
+    assert seen == expected
+    workers = loader._dataloader._iterator._workers
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    resumed = make(phantom_dir, tokenizer, 4, num_workers=2)
+    resumed.load_state_dict(state)
+    position = state["epoch"] * len(loader) + state["step"]
+    assert [b["key"] for b in resumed] == expected[position:]
+    resumed.close()
+
+
+def _epochs(loader, count):
+    return [b for _ in range(count) for b in loader]
+
+
+def test_default_worker_count_leaves_a_core_to_the_rank():
+    assert default_workers(usable=16, node=16, local_ranks=1) == 8  # capped
+    assert default_workers(usable=16, node=16, local_ranks=2) == 7  # shared among the ranks
+    assert default_workers(usable=4, node=64, local_ranks=8) == 3  # bound by the launcher
+    assert default_workers(usable=2, node=2, local_ranks=2) == 0  # the rank thread's core only
+    assert DataConfig(workers=3).worker_count() == 3
 
 
 def test_resume_on_another_world_size_with_same_global_batch(phantom_dir, tokenizer):
@@ -411,7 +450,7 @@ shards = sys.argv[1]
 signal.signal(signal.SIGTERM, lambda *_: None)  # the main process rides the storm out
 loader = PriorLoader(
     shards, load_tokenizer(shards + "/wordpiece"), 4, num_workers=2,
-    transform=TransformConfig(image_size=32),
+    transform=TransformConfig(image_size=32), persistent_workers=False,
 )
 group = os.getpgid(0)
 killer = subprocess.Popen(

@@ -10,8 +10,8 @@ import torch
 
 from prior_dist.training.cli import main, runtime_failure
 from prior_dist.training.ds_config import engine_config, read_deepspeed_config
-from prior_dist.training.parallelize import precision_dtype
-from prior_dist.training.recipe import load_recipe
+from prior_dist.training.parallelize import precision_dtype, wants_compile
+from prior_dist.training.recipe import CONFIG_DIR, load_recipe
 from prior_dist.training.schedule import learning_rate, plan_stages
 from tests.conftest import REPO
 from tests.pretrain_runs import env
@@ -252,6 +252,11 @@ def test_print_config_shows_every_field_resolved(capsys):
         ("model.image.layers=[2, 2, 2, 2]", lambda r: r.model.image.layers, (2, 2, 2, 2)),
         ("data.mode=null", lambda r: r.data.mode, None),
         ("logging.report_to=[jsonl]", lambda r: r.logging.report_to, ("jsonl",)),
+        ("train.compile=true", lambda r: r.train.compile, True),
+        ("train.compile=auto", lambda r: r.train.compile, "auto"),
+        ("data.workers=auto", lambda r: r.data.workers, "auto"),
+        ("data.workers=3", lambda r: r.data.workers, 3),
+        ("data.token_bucket=0", lambda r: r.data.token_bucket, 0),
     ],
 )
 def test_set_reaches_typed_fields(assignment, read, expected):
@@ -353,3 +358,25 @@ def test_torch_autocast_counts_as_mixed_precision_with_fp32_parameters(tmp_path)
         read_deepspeed_config(path)
     config = engine_config(ds, load_recipe("paper")[0], "cuda")
     assert config["timers"] == {"throughput": {"enabled": False}}  # it would synchronize
+
+
+def test_compile_is_on_by_default_on_cuda_under_zero_0_to_2_only():
+    assert wants_compile("auto", "cuda", 2) and not wants_compile("auto", "cpu", 2)
+    assert not wants_compile("auto", "cuda", 3) and not wants_compile(False, "cuda", 0)
+    assert wants_compile(True, "cpu", 0)  # inductor on a CPU, when asked
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        wants_compile(True, "cuda", 3)
+    with pytest.raises(ValueError, match="train.compile"):
+        load_recipe("tiny", ["train.compile=maybe"])
+
+
+def test_the_default_config_is_the_lean_step_in_the_device_s_precision(monkeypatch):
+    cpu = read_deepspeed_config(CONFIG_DIR / "default.json")
+    assert (cpu.zero_stage, cpu.precision, cpu.autocast) == (0, "fp32", False)
+    assert cpu.raw["torch_autocast"]["enabled"] is False and cpu.raw["gradient_clipping"] == 0
+    # A GPU that computes bf16 gets bf16 autocast over fp32 parameters.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = read_deepspeed_config(CONFIG_DIR / "default.json")
+    assert (gpu.precision, gpu.autocast, precision_dtype(gpu)) == ("bf16", True, torch.float32)
+    assert gpu.raw["torch_autocast"]["enabled"] is True

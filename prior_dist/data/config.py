@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from pydantic.dataclasses import dataclass
@@ -29,6 +30,11 @@ class DataConfig:
     vocab_size: PositiveInt = 4096
     # [CLS], one token, [SEP] at least.
     max_tokens: Annotated[int, Field(ge=3)] = 256
+    # Fixed batch shapes (compiled towers recompile per shape): reports padded to a multiple
+    # of `token_bucket` tokens (at most max_tokens) and `sentence_bucket` sentence slots; 0 pads
+    # to the batch's longest. Padding is masked: the losses do not change.
+    token_bucket: NonNegativeInt = 64
+    sentence_bucket: NonNegativeInt = 16
     rotation_degrees: NonNegativeFloat = 5.0
     flip_probability: Fraction = 0.0
     # Where training applies rotation and flip: "step" (the training step, one batched affine
@@ -36,7 +42,9 @@ class DataConfig:
     augment_in: Geometry = "step"
     # "pil" or "torchvision" (libjpeg-turbo) image decoding in the loader.
     decoder: Decoder = "pil"
-    workers: NonNegativeInt = 2
+    # DataLoader workers per rank; "auto": the rank's share of the node's cores less one for
+    # the rank's own thread, at most 8 (`default_workers`).
+    workers: NonNegativeInt | Literal["auto"] = "auto"
     # null: stream for remote sources, indexed otherwise.
     mode: Mode | None = None
     eval_split: str = "test"
@@ -62,6 +70,10 @@ class DataConfig:
             tokenizer = str(Path(base, tokenizer).resolve())
         return replace(self, path=",".join(entries), tokenizer=tokenizer)
 
+    def worker_count(self) -> int:
+        """`workers` as a number for this process."""
+        return default_workers() if self.workers == "auto" else self.workers
+
     def transform(self, image_size: int, train: bool) -> TransformConfig:
         """The loader's transform: augmentation and sentence shuffling only when training."""
         return TransformConfig(
@@ -69,7 +81,24 @@ class DataConfig:
             rotation_degrees=self.rotation_degrees if train else 0.0,
             flip_probability=self.flip_probability if train else 0.0,
             max_tokens=self.max_tokens,
+            token_bucket=self.token_bucket,
+            sentence_bucket=self.sentence_bucket,
             shuffle_sentences=train,
             geometry=self.augment_in if train else "loader",
             decoder=self.decoder,
         )
+
+
+def default_workers(
+    usable: int | None = None, node: int | None = None, local_ranks: int | None = None
+) -> int:
+    """Loader workers for one rank: its cores less one for the rank's own thread, at most 8.
+
+    A rank's cores are those it may run on (`usable`, its affinity) when the launcher bound it
+    to a subset of the node's `node` cores; unbound, the node's ranks (`local_ranks`,
+    LOCAL_WORLD_SIZE) share them evenly."""
+    usable = len(os.sched_getaffinity(0)) if usable is None else usable
+    node = (os.cpu_count() or usable) if node is None else node
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_ranks is None else local_ranks
+    cores = usable if usable < node else node // max(local_ranks, 1)
+    return max(0, min(8, cores - 1))

@@ -102,12 +102,15 @@ class IndexedBatches(Dataset):
                 skipped.append(str(exc))
         cfg = self.transform.config
         labels = len(self.transform.label_names) if self.transform.label_names else None
-        batch = collate(samples, self.pad_token_id, cfg.image_size, labels, cfg.geometry)
+        batch = collate(samples, self.pad_token_id, cfg.image_size, labels, cfg.geometry, cfg)
         batch.update({"epoch": epoch, "step": step, "skipped": skipped})
         return batch
 
 
 class _StepSampler(Sampler):
+    """Steps `start..stop` of `epoch`. A persistent DataLoader keeps one sampler for its life:
+    the loader moves it to the next epoch or a resumed step before each iteration."""
+
     def __init__(self, epoch: int, start: int, stop: int):
         self.epoch, self.start, self.stop = epoch, start, stop
 
@@ -192,7 +195,14 @@ def _stream_plan(total: int, micro_batch_size: int, world_size: int, last_batch:
 
 
 class PriorLoader:
-    """Batches for one rank; iterate once per epoch. See the module docstring for the rule."""
+    """Batches for one rank; iterate once per epoch. See the module docstring for the rule.
+
+    `pin_memory`: page-locked batches for a CUDA consumer, whose non_blocking copies then
+    overlap the step. `persistent_workers`: indexed mode keeps its workers from one epoch to the
+    next (no fork and start-up stall at each boundary); a batch depends on (epoch, step) only,
+    so which process builds it changes nothing. Stream-mode workers hold their epoch's shard
+    ranges and are forked again each epoch.
+    """
 
     def __init__(
         self,
@@ -216,6 +226,7 @@ class PriorLoader:
         io_retries: int = 6,
         io_backoff_s: float = 1.0,
         prefetch_shards: int = 1,
+        persistent_workers: bool = True,
     ):
         default_rank, default_world = _default_rank_world()
         self.rank = default_rank if rank is None else rank
@@ -232,9 +243,8 @@ class PriorLoader:
         self.index = SplitIndex(self.sources, split, need_offsets=self.mode != "stream")
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        # Page-locked batches (for a CUDA consumer): the trainer's non_blocking copies to the
-        # device then overlap the step instead of waiting for a pageable copy.
-        self.pin_memory = pin_memory
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self._dataloader: DataLoader | None = None
         self.last_batch = last_batch
         self.pad_token_id = tokenizer.pad_token_id
         total = (
@@ -304,7 +314,7 @@ class PriorLoader:
             "pin_memory": self.pin_memory,
             "num_workers": self.num_workers,
             "prefetch_factor": self.prefetch_factor,
-            "persistent_workers": False,
+            "persistent_workers": self.persistent_workers and self.mode != "stream",
             "worker_init_fn": _ignore_stop_signals,
         }
 
@@ -314,23 +324,38 @@ class PriorLoader:
         if self.mode == "stream":
             yield from self._iter_stream()
         else:
-            # The epoch's order, drawn here before the workers fork: they share its pages
-            # instead of each drawing (and holding) its own copy.
-            self.batches.order(self.epoch)
-            sampler = _StepSampler(self.epoch, self.step, self.plan.num_steps)
-            loader = DataLoader(
-                self.batches,
-                batch_size=None,
-                sampler=sampler,
-                collate_fn=_identity,
-                **self._loader_kwargs(),
-            )
             with _stop_signals_held(self.num_workers):
-                batches = iter(loader)  # forks the workers
+                batches = iter(self._indexed_dataloader())  # forks the workers (once if kept)
             for batch in batches:
                 self._count_skips(batch["skipped"])
                 self.step += 1
                 yield batch
+
+    def _indexed_dataloader(self) -> DataLoader:
+        """The DataLoader for the current (epoch, step): a kept one moved there, or a new one."""
+        kept = self._dataloader
+        if kept is not None and kept.persistent_workers:
+            kept.sampler.epoch, kept.sampler.start = self.epoch, self.step
+            return kept
+        # The epoch's order, drawn here before the workers fork: they share its pages
+        # instead of each drawing (and holding) its own copy. Kept workers draw later epochs'.
+        self.batches.order(self.epoch)
+        sampler = _StepSampler(self.epoch, self.step, self.plan.num_steps)
+        self._dataloader = DataLoader(
+            self.batches,
+            batch_size=None,
+            sampler=sampler,
+            collate_fn=_identity,
+            **self._loader_kwargs(),
+        )
+        return self._dataloader
+
+    def close(self) -> None:
+        """Stop kept workers now (they would otherwise live as long as this loader)."""
+        dataloader, self._dataloader = self._dataloader, None
+        iterator = getattr(dataloader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
 
     def _iter_stream(self) -> Iterator[dict]:
         workers = max(self.num_workers, 1)
@@ -363,7 +388,7 @@ class PriorLoader:
                 if taken == self.micro_batch_size:
                     break
             cfg = self.transform.config
-            batch = collate(pending, self.pad_token_id, cfg.image_size, labels, cfg.geometry)
+            batch = collate(pending, self.pad_token_id, cfg.image_size, labels, cfg.geometry, cfg)
             batch.update({"epoch": self.epoch, "step": self.step, "skipped": errors})
             self._count_skips(errors)
             pending, errors = [], []

@@ -128,7 +128,7 @@ def training_loader(
         seed=seed,
         rank=rank,
         world_size=world_size,
-        num_workers=cfg.workers,
+        num_workers=cfg.worker_count(),
         mode=cfg.mode,
         last_batch="drop",
         pin_memory=pin_memory,

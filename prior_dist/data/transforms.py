@@ -47,6 +47,11 @@ class TransformConfig:
     max_tokens: int = 256
     max_sentences: int | None = None
     shuffle_sentences: bool = True
+    # Batch shapes from a few sizes only (what compiled towers and CUDA graphs need): tokens
+    # padded to a multiple of `token_bucket` (at most `max_tokens`), sentence slots to a
+    # multiple of `sentence_bucket`; 0 pads to the batch's own longest. Masks keep the maths.
+    token_bucket: int = 0
+    sentence_bucket: int = 0
     # Where the rotation and flip are applied. "loader": in the DataLoader worker, which ships
     # normalised float images. "step": the worker ships uint8 pixels at the training size with
     # each sample's angle (`batch["angle"]`, drawn as before from the sample's seed), and the
@@ -69,6 +74,8 @@ class TransformConfig:
             raise ValueError(f"max_tokens must be >= 3, got {self.max_tokens}")
         if self.max_sentences is not None and self.max_sentences < 1:
             raise ValueError(f"max_sentences must be >= 1 or None, got {self.max_sentences}")
+        if self.token_bucket < 0 or self.sentence_bucket < 0:
+            raise ValueError("token_bucket and sentence_bucket must be >= 0")
         if self.geometry not in ("loader", "step"):
             raise ValueError(f"geometry must be 'loader' or 'step', got {self.geometry!r}")
         if self.decoder not in ("pil", "torchvision"):
@@ -286,16 +293,25 @@ def _check_metadata(key: str, meta) -> None:
         raise CorruptSample(f"{key}: labels must map names to numbers or null, got {labels!r:.60}")
 
 
+def _bucket(size: int, bucket: int) -> int:
+    return -(-size // bucket) * bucket if bucket else size
+
+
 def collate(
     samples: list[dict],
     pad_token_id: int,
     image_size: int,
     num_labels: int | None = None,
     geometry: Geometry = "loader",
+    cfg: TransformConfig | None = None,
 ) -> dict:
-    """Pad a batch to its own longest report; an empty list gives an empty batch. With the
-    geometry left to the step, images are uint8 and `angle` holds each sample's rotation."""
-    length = max((len(s["input_ids"]) for s in samples), default=0)
+    """Pad a batch to its own longest report, or to `cfg`'s buckets; an empty list gives an
+    empty batch. With the geometry left to the step, images are uint8 and `angle` holds each
+    sample's rotation. `sentence_slots` is the sentence axis the text tower pools into."""
+    longest = max((len(s["input_ids"]) for s in samples), default=0)
+    length = longest
+    if cfg is not None and cfg.token_bucket and longest:
+        length = max(min(_bucket(longest, cfg.token_bucket), cfg.max_tokens), longest)
     batch_size = len(samples)
     # Filled in numpy and handed to torch once: a torch.tensor per row costs more than the row.
     ids = np.full((batch_size, length), pad_token_id, dtype=np.int64)
@@ -308,6 +324,11 @@ def collate(
         index[row, :n] = sample["sentence_index"]
     input_ids, attention_mask = torch.from_numpy(ids), torch.from_numpy(mask)
     sentence_index = torch.from_numpy(index)
+    num_sentences = (
+        sentence_index.max(dim=1).values + 1
+        if batch_size and length
+        else torch.zeros(batch_size, dtype=torch.long)
+    )
     images = (
         torch.stack([s["image"] for s in samples])
         if samples
@@ -322,10 +343,9 @@ def collate(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "sentence_index": sentence_index,
-        "num_sentences": (
-            sentence_index.max(dim=1).values + 1
-            if batch_size and length
-            else torch.zeros(batch_size, dtype=torch.long)
+        "num_sentences": num_sentences,
+        "sentence_slots": _bucket(
+            int(num_sentences.max()) if batch_size else 0, cfg.sentence_bucket if cfg else 0
         ),
         "sentences": [s["sentences"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),

@@ -7,7 +7,6 @@ can poison them and catch elements a kernel fails to write.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -18,14 +17,24 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
+_IMPORTED: dict[str, object] = {}
+
+
 def _triton_modules():
-    """(triton, kernels module) or None when Triton does not import."""
-    try:
-        importlib.import_module("triton")
-        return importlib.import_module("prior_dist.kernels.triton_local_attention")
-    except Exception:  # noqa: BLE001 - a broken Triton install must mean "not available"
-        return None
+    """The kernels module, or None when Triton does not import. Cached in a plain dict (which
+    torch.compile reads as a constant once filled; see `models.attention.flash_attn_module`)."""
+    if "kernels" not in _IMPORTED:
+        try:
+            importlib.import_module("triton")
+            kernels = importlib.import_module("prior_dist.kernels.triton_local_attention")
+        except Exception:  # noqa: BLE001 - a broken Triton install must mean "not available"
+            kernels = None
+        _IMPORTED["kernels"] = kernels
+    return _IMPORTED["kernels"]
+
+
+def triton_available() -> bool:
+    return _triton_modules() is not None
 
 
 def interpreter_on() -> bool:

@@ -7,7 +7,6 @@ one warning; an explicit `flash` that cannot run raises. Layouts: padded `[B, H,
 
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 
@@ -15,15 +14,20 @@ import torch
 import torch.nn.functional as F
 
 _WARNED: set[str] = set()
+_FLASH: dict[str, object] = {}
 
 
-@functools.cache
 def flash_attn_module():
-    """The imported `flash_attn` package, or None when it is not installed or does not import."""
-    try:
-        return importlib.import_module("flash_attn")
-    except Exception:  # noqa: BLE001 - a broken build (ABI mismatch) must also fall back
-        return None
+    """The imported `flash_attn` package, or None when it is not installed or does not import.
+
+    Cached in a plain dict, not `functools.cache`: torch.compile traces a dict lookup as a
+    constant, but traces through a cache wrapper into the import (a graph break)."""
+    if "module" not in _FLASH:
+        try:
+            _FLASH["module"] = importlib.import_module("flash_attn")
+        except Exception:  # noqa: BLE001 - a broken build (ABI mismatch) must also fall back
+            _FLASH["module"] = None
+    return _FLASH["module"]
 
 
 def resolve_attention_impl(impl: str, device: torch.device) -> str:

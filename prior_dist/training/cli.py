@@ -31,9 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--config",
-        default=str(CONFIG_DIR / "zero2.json"),
+        default=str(CONFIG_DIR / "default.json"),
         help="DeepSpeed JSON: micro-batch, accumulation, precision, ZeRO stage; a path, or the "
-        "name of a shipped one (zero0 .. zero3, zero2_bf16, zero2_offload, paper_fp16)",
+        "name of a shipped one (default: ZeRO-0, bf16 autocast on a GPU, fp32 on a CPU; zero0 "
+        ".. zero3, zero2_bf16, zero2_offload, paper_fp16, paper_bf16)",
     )
     parser.add_argument("--recipe", default="demo", help="demo | paper | tiny | PATH.yaml")
     parser.add_argument("--data", default=None, help="shard directory (sets data.path)")

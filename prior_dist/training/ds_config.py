@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from prior_dist.schema import dotted
 from prior_dist.training.recipe import Recipe
 
@@ -68,6 +70,7 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
             f"{path}: leave train_batch_size out; it follows from "
             "train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks"
         )
+    raw = _resolve_auto_autocast(raw)
     fp16, bf16 = bool(dotted(raw, "fp16.enabled")), bool(dotted(raw, "bf16.enabled"))
     if fp16 and bf16:
         raise ValueError(f"{path}: fp16.enabled and bf16.enabled are both true; pick one")
@@ -94,6 +97,20 @@ def read_deepspeed_config(path: str | Path) -> DeepSpeedSettings:
         offload,
         autocast,
     )
+
+
+def _resolve_auto_autocast(raw: dict) -> dict:
+    """`torch_autocast.enabled: "auto"` (ours, not DeepSpeed's): autocast where the device
+    computes in that dtype natively (a CUDA GPU that supports it), fp32 elsewhere (a CPU's bf16
+    matmul is several times slower than its fp32). Resolved in the dict that DeepSpeed and
+    `config.resolved.json` see."""
+    if dotted(raw, "torch_autocast.enabled") != "auto":
+        return raw
+    raw = copy.deepcopy(raw)
+    raw["torch_autocast"]["enabled"] = bool(
+        torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
+    return raw
 
 
 def _autocast_precision(path: Path, raw: dict, fp16: bool, bf16: bool) -> tuple[bool, bool]:

@@ -11,9 +11,12 @@ import torch
 
 from prior_dist.distributed import AllGather
 from prior_dist.distributed.sync_bn import convert_batchnorm
+from prior_dist.kernels.local_attention import triton_available
 from prior_dist.losses import LocalGather
 from prior_dist.models import build_model
+from prior_dist.models.attention import resolve_attention_impl
 from prior_dist.models.config import ModelConfig
+from prior_dist.models.prior import PriorModel
 from prior_dist.task import PriorTask
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
 from prior_dist.training.recipe import Recipe
@@ -38,6 +41,83 @@ def build_task(
     model = convert_batchnorm(build_model(cfg), device_type, sync_batchnorm and world_size > 1)
     gather = AllGather() if world_size > 1 else LocalGather()
     return PriorTask(model, gather)
+
+
+# The modules `train.compile` compiles: both towers and every head. The losses between them
+# stay eager (the assignment solver reads its costs on the host).
+COMPILED_MODULES = (
+    "image",
+    "text",
+    "report_pool",
+    "local_alignment",
+    "predictor",
+    "prototype_bank",
+    "sentence_decoder",
+    "image_decoder",
+)
+# Graphs kept per module before torch falls back to eager: token buckets x sentence slots x
+# train / eval, with room to spare.
+SHAPES_PER_MODULE = 64
+
+
+def wants_compile(setting: bool | str, device_type: str, zero_stage: int) -> bool:
+    """`train.compile` resolved: `auto` compiles on CUDA under ZeRO 0-2. ZeRO-3 gathers each
+    module's parameters in hooks around its forward, which a compiled forward would bypass."""
+    if setting == "auto":
+        return device_type == "cuda" and zero_stage < 3
+    if setting and zero_stage == 3:
+        raise ValueError(
+            "train.compile=true cannot run under ZeRO-3 (its parameter-gathering hooks around "
+            "each module's forward are not traced): use ZeRO 0-2 or train.compile=false"
+        )
+    return bool(setting)
+
+
+def compile_towers_and_heads(model: PriorModel, device: torch.device) -> list[str]:
+    """Compile the towers and heads in place, each for fixed shapes (one graph per batch shape;
+    the loader's buckets keep those few). `nn.Module.compile` leaves parameter names, and so
+    checkpoints and exports, as they were. A local alignment that runs the Triton kernel on
+    CUDA stays eager: the kernel is one fused launch per direction already. Returns the names
+    compiled."""
+    # Fill the import caches and give the fallback warnings first: the compiled forwards then
+    # read constants (a first-call import or warning inside a forward is a graph break).
+    for setting in {model.cfg.image.attention_impl, model.cfg.text.attention_impl}:
+        resolve_attention_impl(setting, device)
+    triton_available()
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, SHAPES_PER_MODULE)
+    triton_kernel = (
+        device.type == "cuda" and model.local_alignment.impl != "torch" and triton_available()
+    )
+    names = [n for n in COMPILED_MODULES if not (n == "local_alignment" and triton_kernel)]
+    for name in names:
+        getattr(model, name).compile(dynamic=False)
+    return names
+
+
+def prepare_for_device(
+    model: PriorModel, device: torch.device, compile_setting: bool | str, zero_stage: int
+) -> list[str]:
+    """On CUDA: channels_last convolution weights (the step hands images in that layout too)
+    and cuDNN's autotuner (it pays with fixed shapes); then `train.compile`. Returns the names
+    of the modules compiled (none when eager)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    if not wants_compile(compile_setting, device.type, zero_stage):
+        return []
+    return compile_towers_and_heads(model, device)
+
+
+def compile_summary() -> str:
+    """What torch.compile did in this process: graphs compiled, graph breaks (each one a return
+    to eager in the middle of a module: worth a report)."""
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    return (
+        f"train.compile: {counters['stats']['unique_graphs']} graphs compiled, "
+        f"{breaks} graph breaks"
+    )
 
 
 def build_engine(task: PriorTask, recipe: Recipe, ds: DeepSpeedSettings, device_type: str):

@@ -108,6 +108,9 @@ class TrainConfig:
     # config when the recipe is built.
     activation_checkpointing: bool = False
     max_nonfinite_steps: PositiveInt = 5
+    # torch.compile the towers and heads (fixed shapes: see data.token_bucket). auto: on CUDA
+    # under ZeRO 0-2; true also on a CPU (inductor); ZeRO-3 refuses true.
+    compile: bool | Literal["auto"] = "auto"
     collective_timeout_s: PositiveFloat = 300.0
 
 

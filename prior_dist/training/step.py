@@ -91,11 +91,15 @@ def to_device(
         out["image"] = apply_geometry(
             out["image"], out["angle"], out["flipped"], pixels.mean, pixels.std, turn
         )
-    # The engine holds bf16/fp16 weights under mixed precision: images follow them.
-    out["image"] = out["image"].to(dtype)
-    # Sentence slots, from the host's sentence counts: the text tower needs no device read.
-    counts = batch.get("num_sentences")
-    out["sentence_slots"] = int(counts.max()) if counts is not None and counts.numel() else 0
+    # The engine holds bf16/fp16 weights under mixed precision: images follow them; on CUDA in
+    # the channels_last layout the convolutions run in.
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    out["image"] = out["image"].to(dtype, memory_format=layout)
+    # Sentence slots, from the host (collate's buckets, else the sentence counts): the text
+    # tower needs no device read.
+    if "sentence_slots" not in batch:
+        counts = batch.get("num_sentences")
+        out["sentence_slots"] = int(counts.max()) if counts is not None and counts.numel() else 0
     return out
 
 
@@ -176,8 +180,9 @@ class StepRunner:
     def close(self) -> None:
         """Stop the loader's workers now. They ignore SIGTERM (the rank owns shutdown), so one
         left waiting at interpreter exit would hang the exit: closing the generator drops the
-        DataLoader iterator, which tells its workers to finish and joins them."""
+        DataLoader iterator, and the loader's own close ends the workers it keeps across epochs."""
         self.batches.close()
+        self.loader.close()
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, step: int, plan: StagePlan) -> StepOutcome:

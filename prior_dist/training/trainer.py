@@ -41,7 +41,9 @@ from prior_dist.training.parallelize import (
     bank_digest,
     build_engine,
     build_task,
+    compile_summary,
     precision_dtype,
+    prepare_for_device,
     reset_optimizer_state,
     set_learning_rate,
 )
@@ -120,14 +122,15 @@ class Trainer:
             logging.profile_steps, self.run_dir, self.device, self.rank, self.log
         )
         self.data_wait = DataWaitWatch(
-            logging.data_wait_warn, logging.data_wait_window, self.recipe.data.workers, self.log
+            logging.data_wait_warn, logging.data_wait_window, self.loader.num_workers, self.log
         )
         ds = self.ds
         self.log(
             f"{self.world} rank(s) on {self.device.type}, ZeRO {ds.zero_stage}, "
             f"{ds.precision}, micro-batch {ds.micro_batch_size} x accumulation "
-            f"{ds.gradient_accumulation_steps} x {self.world} ranks; {self.steps_per_epoch} "
-            f"steps per epoch; stages end at steps {[s.end for s in self.spans]}"
+            f"{ds.gradient_accumulation_steps} x {self.world} ranks; {self.loader.num_workers} "
+            f"loader workers; {self.steps_per_epoch} steps per epoch; stages end at steps "
+            f"{[s.end for s in self.spans]}"
             + (
                 f"; resumed from {self.resumed_from} (loaded in {self.load_seconds:.2f} s)"
                 if self.resumed_from
@@ -169,6 +172,9 @@ class Trainer:
         task = build_task(self.model_cfg, recipe.train.sync_batchnorm, self.device.type, self.world)
         if recipe.init_from:  # before the engine: ZeRO partitions what it is given
             self.log(initial_weights(task.model, recipe.init_from))
+        compiled = prepare_for_device(task.model, self.device, recipe.train.compile, ds.zero_stage)
+        self.compiled = bool(compiled)
+        self.log(f"train.compile: {', '.join(compiled) if compiled else 'off (eager)'}")
         self.engine = build_engine(task, recipe, ds, self.device.type)
         self.loader = training_loader(
             recipe.data,
@@ -249,6 +255,8 @@ class Trainer:
         finally:
             self.runner.close()
             self.metrics.close()
+            if self.compiled:
+                self.log(compile_summary())
 
     def _enter_stage(self, span: StageSpan) -> None:
         """A fresh AdamW state at each stage start; the prototype bank's start in stage 2."""
