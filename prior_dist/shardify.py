@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"shardify: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\nshardify: interrupted; finished shards are kept and the same command resumes",
+            file=sys.stderr,
+        )
+        return 130
     if "manifest" in summary:
         _print_skips(load_manifest(args.out))
     print(json.dumps(summary))

@@ -115,15 +115,47 @@ def start(
     cmd = deepspeed_cmd(num_ranks) + pretrain_args(
         config, run_dir, shards, *extra, overrides=overrides
     )
+    return spawn(cmd)
+
+
+def spawn(cmd: list[str], environ: dict | None = None, cwd: Path = REPO) -> subprocess.Popen:
+    """`cmd` running in a process group of its own (what a terminal's Ctrl-C or a scheduler's
+    group signal reaches), its output merged into `stdout`."""
     return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env(),
-        cwd=REPO,
+        env=environ or env(),
+        cwd=cwd,
         start_new_session=True,
     )
+
+
+def in_a_mount_namespace(
+    script: str, environ: dict | None = None, timeout: float = 540
+) -> subprocess.CompletedProcess:
+    """`sh -c script` as root of a private user and mount namespace (its mounts are its own)."""
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=environ or env(),
+        cwd=REPO,
+        timeout=timeout,
+    )
+    return proc
+
+
+def can_mount_in_a_namespace() -> bool:
+    """Whether `unshare -rm` (user and mount namespaces) may mount here."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -4,16 +4,15 @@ the demo recipe (dropout, loader workers, periodic evaluation). Signals: tests/t
 
 import shlex
 import shutil
-import subprocess
 
 import pytest
 
-from tests.conftest import REPO
 from tests.pretrain_runs import (
     assert_traces_close,
+    can_mount_in_a_namespace,
     deepspeed_cmd,
     ds_config,
-    env,
+    in_a_mount_namespace,
     launch,
     metrics,
     pretrain_args,
@@ -45,20 +44,10 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(
     assert_traces_close(metrics(run), metrics(reference["one"]), rtol=1e-6)
 
 
-def _can_mount_in_a_namespace() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
-
-
 def test_a_full_disk_during_a_save_names_the_path_and_the_cause(reference, tiny_shards):
     """The run's checkpoint directory is a 64 KiB tmpfs (mounted in a private user and mount
     namespace): the first save fails with ENOSPC."""
-    if not _can_mount_in_a_namespace():
+    if not can_mount_in_a_namespace():
         pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
     tmp = reference["tmp"]
     run = tmp / "disk_full"
@@ -71,14 +60,7 @@ def test_a_full_disk_during_a_save_names_the_path_and_the_cause(reference, tiny_
         f"find {shlex.quote(str(checkpoints))} -name complete.json -printf 'FOUND %p\\n'; "
         "exit $rc; }"
     )
-    proc = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        env=env(),
-        cwd=REPO,
-        timeout=540,
-    )
+    proc = in_a_mount_namespace(script)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 5, output[-3000:]
     message = [line for line in output.splitlines() if "saving checkpoint" in line]

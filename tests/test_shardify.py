@@ -234,6 +234,7 @@ def test_manifest_jsonl_csv_dicom_png16_duplicates(tmp_path):
         },
         {"id": "B", "image": "img/c.jpg", "report": "FINDINGS: duplicate."},
         {"id": "C", "image": "img/c.jpg"},
+        {"id": "D", "image": "img/c.jpg", "report": ""},
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
@@ -254,6 +255,7 @@ def test_manifest_jsonl_csv_dicom_png16_duplicates(tmp_path):
     assert {k: v["count"] for k, v in manifest["skipped"].items()} == {
         "duplicate_id": 1,
         "missing_report": 1,
+        "empty_report": 1,
     }
     assert manifest["source"]["ignored_columns"] == ["site"]
     with tarfile.open(out / "train-000000.tar") as tar:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import signal
 import tarfile
 import time
 from dataclasses import asdict
@@ -129,8 +130,13 @@ def _run_jobs(todo: list, workers: int, bar) -> int:
     """Write the shards (in a spawn pool when there are workers to use); samples written."""
     if workers == 1 or len(todo) <= 1:
         return _tally(map(_build_one, todo), bar)
-    with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+    with mp.get_context("spawn").Pool(min(workers, len(todo)), _leave_sigint) as pool:
         return _tally(pool.imap_unordered(_build_one, todo), bar)
+
+
+def _leave_sigint() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them (no traceback each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tally(indexes, bar) -> int:

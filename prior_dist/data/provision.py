@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 from pathlib import Path
 
 from prior_dist.data.build import build_shards
@@ -98,13 +99,20 @@ def _local_sources(sources: list) -> list[Path]:
     return local
 
 
-def load_training_tokenizer(cfg: DataConfig, shards: Path):
-    """The run's tokenizer: the configured one, or the WordPiece vocabulary built from `shards`
-    (once, under a lock every rank shares)."""
+def load_training_tokenizer(cfg: DataConfig, shards: Path, fallback: Path | None = None):
+    """The run's tokenizer: the configured one, or the WordPiece vocabulary of `shards`: read
+    from `shards/wordpiece` when it is there (nothing written), else built once under a lock
+    every rank shares, into `shards/wordpiece`, or into `fallback` (the run's own directory)
+    where nobody may write the shards."""
     if cfg.tokenizer != "auto":
         return load_tokenizer(cfg.tokenizer)
-    with file_lock(shards / ".wordpiece.lock"):
-        return build_wordpiece(shards, shards / "wordpiece", vocab_size=cfg.vocab_size)
+    target = shards / "wordpiece"
+    if (target / "vocab.txt").is_file():
+        return build_wordpiece(shards, target, vocab_size=cfg.vocab_size)
+    if fallback is not None and not os.access(shards, os.W_OK):
+        target = fallback
+    with file_lock(target.parent / f".{target.name}.lock"):
+        return build_wordpiece(shards, target, vocab_size=cfg.vocab_size)
 
 
 def training_loader(

@@ -261,7 +261,8 @@ def _manifest_record(row, where: str, key: str, base: Path, fractions: dict) -> 
         report_path = str(base / report_path)
     report_text = _text(row, "report", where)
     if report_text is None and report_path is None:
-        raise _BadRow("missing_report", key)
+        given = isinstance(row.get("report"), str)  # there, but empty
+        raise _BadRow("empty_report" if given else "missing_report", key)
     labels = _labels(row, where)
     split = _text(row, "split", where)
     if split is not None and split not in SPLITS:

@@ -89,7 +89,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
         text=replace(cfg.text, pretrained=None), image=replace(cfg.image, pretrained=None)
     )
     model = build_model(cfg)
-    model.load_state_dict(_checkpoint_state(checkpoint), strict=True)
+    _load_strictly(model, _checkpoint_state(checkpoint), checkpoint)
     model.eval()
     data = _locate_data(
         build(DataConfig, resolved["recipe"]["data"], f"{resolved_path}: recipe.data"), run_dir
@@ -170,7 +170,7 @@ def load_export(export_dir: str | Path) -> LoadedModel:
         load_file(str(export_dir / HEADS_FILE)),
         cfg,
     )
-    model.load_state_dict(state, strict=True)
+    _load_strictly(model, state, export_dir)
     model.eval()
     # transformers takes about a second to import; only an export's tokenizer needs it here.
     from transformers import AutoTokenizer

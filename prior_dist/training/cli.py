@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             return 0
+        if args.resume not in ("auto", "none") and not Path(args.resume).is_dir():
+            raise ValueError(f"--resume {args.resume}: no such checkpoint directory")
         ds = read_deepspeed_config(shipped_config(args.config))
         # Refused here, before any process group starts.
         check_against_recipe(ds, recipe, "cuda" if torch.cuda.is_available() else "cpu")

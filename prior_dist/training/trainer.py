@@ -32,8 +32,16 @@ from prior_dist.evaluation.retrieval import retrieval
 from prior_dist.evaluation.zero_shot import PromptOptions, zero_shot
 from prior_dist.runs import LoadedModel
 from prior_dist.runs import checkpoints as ckpt
-from prior_dist.runs.layout import EVAL_RESULT, PIDS, PREEMPTED, RESOLVED_CONFIG, RUN_TOKENIZER
+from prior_dist.runs.layout import (
+    EVAL_RESULT,
+    PIDS,
+    PREEMPTED,
+    RESOLVED_CONFIG,
+    RUN_TOKENIZER,
+    complete_checkpoints,
+)
 from prior_dist.runs.load import initial_weights
+from prior_dist.runs.lock import RunDirInUse, RunLock
 from prior_dist.task import LOSS_NAMES, StagePlan, stage_plan
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
 from prior_dist.training.metrics import DataWaitWatch, MetricsLogger, memory_mb
@@ -49,6 +57,7 @@ from prior_dist.training.parallelize import (
 )
 from prior_dist.training.profile import StepProfiler
 from prior_dist.training.recipe import Recipe
+from prior_dist.training.resume_check import compare_recipes, refusal
 from prior_dist.training.schedule import StageSpan, learning_rate, plan_stages
 from prior_dist.training.step import (
     VALUE_NAMES,
@@ -80,6 +89,7 @@ class Trainer:
         self.raw_recipe = raw_recipe or recipe.to_dict()
         self.stop_signal: str | None = None
         self.rank = 0
+        self.lock: RunLock | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -87,6 +97,13 @@ class Trainer:
             print(f"[prior_dist] {message}", flush=True)
 
     def _on_signal(self, signum, _frame) -> None:
+        """A stop signal: checkpoint at the next step boundary and stop. A second Ctrl-C
+        (SIGINT) aborts at once, without a checkpoint; the last one stays."""
+        if signum == signal.SIGINT:
+            if self.stop_signal == "SIGINT":
+                print(f"[prior_dist] rank {self.rank}: second Ctrl-C: aborting", flush=True)
+                os._exit(130)
+            self.log("Ctrl-C: checkpointing at the next step and stopping (again: abort now)")
         self.stop_signal = signal.Signals(signum).name
 
     def _on_launcher_gone(self, reason: str) -> None:
@@ -98,9 +115,12 @@ class Trainer:
 
     def setup(self) -> None:
         self._start_process()
+        self._check_resume_config()
         torch.manual_seed(self.recipe.train.seed)
         shards = ensure_phantom_shards(self.recipe.data, self.log)
-        self.tokenizer = load_training_tokenizer(self.recipe.data, shards)
+        self.tokenizer = load_training_tokenizer(
+            self.recipe.data, shards, self.run_dir / RUN_TOKENIZER
+        )
         if self.rank == 0:
             self._keep_tokenizer()
         self._build()
@@ -139,15 +159,50 @@ class Trainer:
         )
 
     def _start_process(self) -> None:
-        """The process group, this rank's pid file and the stop signals."""
+        """The stop signals, the process group, the run lock and this rank's pid file."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         self.device = device_for_local_rank()
         init_process_group(self.device, self.recipe.train.collective_timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._take_run_lock()
         (self.run_dir / PIDS).mkdir(parents=True, exist_ok=True)
         (self.run_dir / PIDS / f"rank{self.rank}.pid").write_text(str(os.getpid()))
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         watch_runner(self._on_launcher_gone)
+
+    def _check_resume_config(self) -> None:
+        """Before anything is built: a run resuming from this directory's checkpoints must
+        train what the saved run trained (decided on rank 0 for every rank); the changes it may
+        make are listed."""
+        refused: list[str] = []
+        saved = self.run_dir / RESOLVED_CONFIG
+        resuming = self.resume != "none" and saved.is_file()
+        if self.rank == 0 and resuming and complete_checkpoints(self.run_dir):
+            recipe = json.loads(saved.read_text()).get("recipe", {})
+            refused, allowed = compare_recipes(recipe, self.recipe.to_dict())
+            if allowed and not refused:
+                self.log("resume: changed since the saved run: " + "; ".join(allowed))
+        self._stop_unless_rank0_agrees(refusal(self.run_dir, refused) if refused else "")
+
+    def _take_run_lock(self) -> None:
+        """Rank 0 takes the run directory's lock before anything is written there; a run into
+        a live directory stops at once, on every rank."""
+        problem = ""
+        if self.rank == 0:
+            self.lock = RunLock(self.run_dir)
+            try:
+                self.lock.acquire(self.log)
+            except RunDirInUse as err:
+                self.lock, problem = None, str(err)
+        self._stop_unless_rank0_agrees(problem)
+
+    def _stop_unless_rank0_agrees(self, problem: str) -> None:
+        """Raise rank 0's `problem` (a ValueError: exit 2) on every rank, told by one broadcast,
+        so that no rank goes on to wait in a collective for ranks that stopped."""
+        verdict = torch.tensor([float(bool(problem))], device=self.device)
+        dist.broadcast(verdict, src=0)
+        if verdict.item():
+            raise ValueError(problem or "stopped: rank 0 refused to start (its message says why)")
 
     def _keep_tokenizer(self) -> None:
         """A copy of the tokenizer in the run directory: evaluation and export need no shards
@@ -249,14 +304,18 @@ class Trainer:
         return self.spans[-1]
 
     def run(self) -> dict:
-        self.setup()
         try:
-            return self._train()
+            self.setup()
+            try:
+                return self._train()
+            finally:
+                self.runner.close()
+                self.metrics.close()
+                if self.compiled:
+                    self.log(compile_summary())
         finally:
-            self.runner.close()
-            self.metrics.close()
-            if self.compiled:
-                self.log(compile_summary())
+            if self.lock is not None:
+                self.lock.release()
 
     def _enter_stage(self, span: StageSpan) -> None:
         """A fresh AdamW state at each stage start; the prototype bank's start in stage 2."""
