@@ -72,7 +72,9 @@ def _describe(kind: type, where: str, error: dict) -> str:
         return f"{path}: needs {bound} {limit} items, got {got}"
     message = error["msg"][0].lower() + error["msg"][1:]
     hint = ""
-    if error["type"] in ("tuple_type", "list_type"):
+    # The command-line hint only for what a recipe or --set says (built with no `where`); a
+    # file's own config (a model card, config.resolved.json) is named by its path instead.
+    if error["type"] in ("tuple_type", "list_type") and not where:
         hint = f" (a list; on the command line: --set '{path}=[x, y]')"
     return f"{path}: {message}, got {got}{hint}"
 

@@ -47,27 +47,9 @@ def _add_common(parser: argparse.ArgumentParser, min_sentences: int) -> None:
     )
     parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=MAX_PIXELS,
-        help=f"skip (as unreadable_image) source images with more pixels, read from their "
-        f"header before decoding (default {MAX_PIXELS}, Pillow's decompression-bomb limit)",
-    )
-    parser.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
     )
-    parser.add_argument(
-        "--min-sentences",
-        type=int,
-        default=min_sentences,
-        help=f"skip reports with fewer sentences (default {min_sentences})",
-    )
-    parser.add_argument(
-        "--encoding-errors",
-        choices=("skip", "repair"),
-        default="skip",
-        help="non-UTF-8 reports: skip the study, or decode as cp1252 and keep it",
-    )
+    _add_filters(parser, min_sentences)
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -81,6 +63,43 @@ def _add_common(parser: argparse.ArgumentParser, min_sentences: int) -> None:
         help="test fraction of subjects when no split is given (default 0.05)",
     )
     _add_parallel(parser)
+
+
+def _add_filters(parser: argparse.ArgumentParser, min_sentences: int) -> None:
+    """What a study must be to be kept: image sizes, report length and sentences, encoding."""
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"skip (as unreadable_image) source images with more pixels, read from their "
+        f"header before decoding (default {MAX_PIXELS}, Pillow's decompression-bomb limit)",
+    )
+    parser.add_argument(
+        "--min-image-size",
+        type=int,
+        default=32,
+        help="leave out (as image_too_small) source images whose shorter side is smaller "
+        "(default 32 px)",
+    )
+    parser.add_argument(
+        "--max-report-chars",
+        type=int,
+        default=20_000,
+        help="skip (as report_too_long) reports longer than this many characters (default "
+        "20000; MIMIC-CXR's longest are a few thousand)",
+    )
+    parser.add_argument(
+        "--min-sentences",
+        type=int,
+        default=min_sentences,
+        help=f"skip reports with fewer sentences (default {min_sentences})",
+    )
+    parser.add_argument(
+        "--encoding-errors",
+        choices=("skip", "repair"),
+        default="skip",
+        help="non-UTF-8 reports: skip the study, or decode as cp1252 and keep it",
+    )
 
 
 def _add_parallel(parser: argparse.ArgumentParser) -> None:
@@ -221,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             min_sentences=args.min_sentences,
             encoding_errors=args.encoding_errors,
             max_pixels=args.max_pixels,
+            min_image_size=args.min_image_size,
+            max_report_chars=args.max_report_chars,
             phantom_seed=getattr(args, "seed", 0) if args.command == "phantom" else 0,
         )
         records, skipped, source = _enumerate(args)

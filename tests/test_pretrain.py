@@ -361,6 +361,19 @@ def test_world_size_change_is_refused_for_zero2(reference, tiny_shards):
     assert "written by 2 ranks with ZeRO stage 2; this run has 1 ranks" in proc.stderr
 
 
+def test_zero0_resumes_on_another_world_size_with_the_same_global_batch(reference, tiny_shards):
+    """ZeRO-0, 2 ranks x 8 for 4 steps, then 1 rank x 16: the 2-rank trace (ZeRO-0 equals
+    ZeRO-2 there). 1 rank x 8 (the global batch halved) is refused, naming both."""
+    tmp = reference["tmp"]
+    run = tmp / "zero0_reshape"
+    launch(2, ds_config(tmp, 8, 0), run, tiny_shards, "--max-steps", "4")
+    halved = launch(1, ds_config(tmp, 8, 0), run, tiny_shards, "--max-steps", "8", check=False)
+    assert halved.returncode == 2, halved.stderr[-3000:]
+    assert "global batch of 16 (2 ranks x 8); this run has 8" in halved.stderr
+    launch(1, ds_config(tmp, 16, 0), run, tiny_shards, "--max-steps", "8")
+    assert_traces_close(metrics(run), metrics(reference["two"])[:8], rtol=1e-5)
+
+
 def test_torchrun_launcher_runs_the_same_script(reference, tiny_shards):
     run = reference["tmp"] / "torchrun"
     cmd = [

@@ -289,6 +289,12 @@ def test_set_reaches_typed_fields(assignment, read, expected):
         (["model.image=3"], "model.image must be a mapping of fields, got 3"),
         (["model.pretrained=x"], "model: unknown section 'pretrained'"),
         (["bogus.field=1"], "bogus: unknown field; allowed: ['checkpoint', 'data',"),
+        # A path that does not fit does not hide the values that do not validate.
+        (
+            ["train.stages.7.lr=1", "train.seed=x"],
+            "2 problems:\n  --set 'train.stages.7.lr=1': '7' is not an index into a list of 3\n"
+            "  train.seed: input should be a valid integer, got 'x'",
+        ),
         # Every problem at once, each by its path.
         (
             ["train.seed=x", "model.heads.embed_dim=-1", "eval.every_steps=0"],
@@ -380,3 +386,17 @@ def test_the_default_config_is_the_lean_step_in_the_device_s_precision(monkeypat
     gpu = read_deepspeed_config(CONFIG_DIR / "default.json")
     assert (gpu.precision, gpu.autocast, precision_dtype(gpu)) == ("bf16", True, torch.float32)
     assert gpu.raw["torch_autocast"]["enabled"] is True
+
+
+def test_the_command_line_hint_is_for_the_command_line_only():
+    from prior_dist.models.config import ModelConfig, model_config
+
+    with pytest.raises(ValueError, match=r"on the command line: --set 'optim.betas=\[x, y\]'"):
+        load_recipe("tiny", ["optim.betas=0.9"])
+    card = model_config("tiny").to_dict()
+    card["image"]["layers"] = 3
+    with pytest.raises(ValueError) as caught:
+        ModelConfig.from_dict(card, "x/model_card.json: model_config")
+    assert str(caught.value) == (
+        "x/model_card.json: model_config.image.layers: input should be a valid array, got 3"
+    )

@@ -1,10 +1,15 @@
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
-from conftest import run_cli
+from conftest import REPO, run_cli
 from imaging import dicom_bytes, gradient, jpeg_bytes, png_bytes
 
 from prior_dist.data.shards import load_manifest
@@ -216,6 +221,7 @@ def test_manifest_jsonl_csv_dicom_png16_duplicates(tmp_path):
     )
     (tmp_path / "img" / "b.png").write_bytes(png_bytes(gradient(70, 90, 60000).astype(np.uint16)))
     (tmp_path / "img" / "c.jpg").write_bytes(jpeg_bytes(gradient(50, 50)))
+    (tmp_path / "img" / "dot.png").write_bytes(png_bytes(gradient(1, 1)))
     (tmp_path / "r.txt").write_text("FINDINGS: Heart normal. Lungs clear.")
     rows = [
         {
@@ -235,6 +241,8 @@ def test_manifest_jsonl_csv_dicom_png16_duplicates(tmp_path):
         {"id": "B", "image": "img/c.jpg", "report": "FINDINGS: duplicate."},
         {"id": "C", "image": "img/c.jpg"},
         {"id": "D", "image": "img/c.jpg", "report": ""},
+        {"id": "E", "image": "img/dot.png", "report": "FINDINGS: A 1x1 placeholder image."},
+        {"id": "F", "image": "img/c.jpg", "report": "FINDINGS: " + "Clear lungs. " * 2000},
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
@@ -256,6 +264,8 @@ def test_manifest_jsonl_csv_dicom_png16_duplicates(tmp_path):
         "duplicate_id": 1,
         "missing_report": 1,
         "empty_report": 1,
+        "image_too_small": 1,
+        "report_too_long": 1,
     }
     assert manifest["source"]["ignored_columns"] == ["site"]
     with tarfile.open(out / "train-000000.tar") as tar:
@@ -486,3 +496,32 @@ def test_mimic_reports_without_metadata_are_counted_and_a_wrong_root_fails(tmp_p
     assert f"--reports {src['reports'] / 'files'}" in proc.stderr
     assert f"--images {src['images']}" in proc.stderr
     assert not (tmp_path / "off" / "manifest.json").exists()
+
+
+def test_ctrl_c_stops_shardify_quietly_and_the_same_command_resumes(tmp_path):
+    """SIGINT to the group (a terminal's Ctrl-C) once the first shard is written: one line and
+    exit 130, no traceback from the command or its pool workers; the same command finishes."""
+    out = tmp_path / "out"
+    args = ["phantom", "--num", "3000", "--out", str(out), "--image-size", "64"]
+    args += ["--shard-size", "16", "--workers", "2", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prior_dist.shardify", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not list(out.glob("*.tar")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "shardify: interrupted; finished shards are kept" in stderr
+    assert "Traceback" not in stderr + stdout and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    kept = len(list(out.glob("*.tar")))
+    run_cli("prior_dist.shardify", *args)
+    assert load_manifest(out)["totals"]["samples"] > 0 and len(list(out.glob("*.tar"))) > kept

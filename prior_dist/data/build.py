@@ -3,12 +3,14 @@ verify."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing as mp
 import signal
 import tarfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -130,13 +132,25 @@ def _run_jobs(todo: list, workers: int, bar) -> int:
     """Write the shards (in a spawn pool when there are workers to use); samples written."""
     if workers == 1 or len(todo) <= 1:
         return _tally(map(_build_one, todo), bar)
-    with mp.get_context("spawn").Pool(min(workers, len(todo)), _leave_sigint) as pool:
+    with _sigint_ignored_by_children():
+        pool = mp.get_context("spawn").Pool(min(workers, len(todo)))
+    with pool:
         return _tally(pool.imap_unordered(_build_one, todo), bar)
 
 
-def _leave_sigint() -> None:
-    """Pool workers leave Ctrl-C to the main process, which stops them (no traceback each)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+@contextlib.contextmanager
+def _sigint_ignored_by_children():
+    """Workers started inside inherit SIGINT ignored from their first instruction (a handler
+    set after start-up leaves a window): Ctrl-C is the main process's, which stops the pool,
+    with no traceback from each worker."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _tally(indexes, bar) -> int:

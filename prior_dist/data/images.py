@@ -138,6 +138,18 @@ def decode_grayscale(
     return image
 
 
+class ImageTooSmall(ImageDecodeError):
+    """An image whose shorter side is under the minimum (a thumbnail or a placeholder)."""
+
+
+def check_min_side(image: Image.Image, min_side: int) -> None:
+    if min(image.width, image.height) < min_side:
+        raise ImageTooSmall(
+            f"image too small: {image.width}x{image.height}, under {min_side} px on its shorter "
+            "side (--min-image-size)"
+        )
+
+
 def check_pixels(image: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
     """Refuse an opened (not yet decoded) image of more than `max_pixels` pixels."""
     if image.width * image.height > max_pixels:
@@ -175,9 +187,11 @@ def prepare_image(
     fmt: ImageFormat = "jpg",
     quality: int = 95,
     max_pixels: int = MAX_PIXELS,
+    min_side: int = 1,
 ) -> bytes:
     """Decode once, convert to 8-bit grayscale, resize, re-encode: the shardify image path."""
     image = decode_grayscale(data, suffix, size=size, mode=mode, max_pixels=max_pixels)
+    check_min_side(image, min_side)
     return encode(resize(image, size, mode), fmt, quality)
 
 

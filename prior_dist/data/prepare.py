@@ -27,6 +27,10 @@ class PrepareSettings:
     phantom_seed: int = 0
     # Larger images (by their header) are skipped as unreadable_image, never decoded.
     max_pixels: int = imgs.MAX_PIXELS
+    # Images whose shorter side is smaller are noted as image_too_small and left out.
+    min_image_size: int = 32
+    # Longer reports (in characters, before section extraction) are skipped as report_too_long.
+    max_report_chars: int = 20_000
 
     def __post_init__(self) -> None:
         if self.image_size < 16:
@@ -39,6 +43,8 @@ class PrepareSettings:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.min_image_size < 1 or self.max_report_chars < 1:
+            raise ValueError("min_image_size and max_report_chars must be >= 1")
         if self.min_sentences < 0:
             raise ValueError(f"min_sentences must be >= 0, got {self.min_sentences}")
         if self.encoding_errors not in ("skip", "repair"):
@@ -107,11 +113,14 @@ def _encoded_images(
                     settings.image_format,
                     settings.jpeg_quality,
                     settings.max_pixels,
+                    settings.min_image_size,
                 )
             )
             views.append(record.views[i] if i < len(record.views) else "")
         except FileNotFoundError:
             notes.append("missing_image")
+        except imgs.ImageTooSmall:
+            notes.append("image_too_small")
         except (OSError, imgs.ImageDecodeError):
             notes.append("unreadable_image")
     if not encoded:
@@ -136,6 +145,8 @@ def prepare_study(
         text, notes = _report_text(record, settings)
     if not text.strip():
         raise Skip("empty_report", record.key)
+    if len(text) > settings.max_report_chars:
+        raise Skip("report_too_long", f"{record.key}: {len(text)} characters")
     parsed = extract_sections(text)
     if not parsed.has_sections:
         raise Skip("no_sections", record.key)

@@ -5,8 +5,10 @@ RUN_DIR/
   metrics.jsonl             one record per optimizer step
   eval.json                 end-of-run zero-shot result
   PREEMPTED                 present (holding the step) after a signal stopped the run
+  LOCK                      while a run trains here: its owner (`runs/lock.py`)
   pids/rank{R}.pid
-  tokenizer/                the tokenizer the run trained with (written by rank 0 at start)
+  tokenizer/                the tokenizer the run trained with (written by rank 0 at start;
+                            built here when the shards are read-only and carry none)
   checkpoints/step{N:08d}/  DeepSpeed's files, rank{R:05d}.json + .safetensors, complete.json
                             (written last: step, world size, every file's size and SHA-256)
   checkpoints/damaged-step{N:08d}/  a complete checkpoint whose files failed that check, set
@@ -23,6 +25,7 @@ RESOLVED_CONFIG = "config.resolved.json"
 METRICS = "metrics.jsonl"
 EVAL_RESULT = "eval.json"
 PREEMPTED = "PREEMPTED"
+LOCK = "LOCK"
 PIDS = "pids"
 RUN_TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"

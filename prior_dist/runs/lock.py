@@ -24,7 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
-LOCK = "LOCK"
+from prior_dist.runs.layout import LOCK
+
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 BREAKER_STALE_S = 60.0

@@ -270,38 +270,50 @@ def read_yaml(text: str):
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`section.field=value` assignments on the raw recipe dict (YAML-parsed values)."""
+    """`section.field=value` assignments on the raw recipe dict (YAML-parsed values). Every
+    assignment whose path does not fit is named at once (`ValueError`), after the rest."""
     raw = json.loads(json.dumps(raw))
+    problems = []
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected section.field=value")
-        path, text = item.split("=", 1)
-        keys = path.strip().split(".")
-        if len(keys) < 2:
-            raise ValueError(f"--set {item!r}: name a section and a field (section.field=value)")
-        value = read_yaml(text)
-        node = raw
-        for key in keys[:-1]:
-            if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise ValueError(
-                        f"--set {item!r}: {key!r} is not an index into a list of {len(node)}"
-                    )
-                node = node[int(key)]
-            else:
-                node = node.setdefault(key, {})
-                if not isinstance(node, (dict, list)):
-                    raise ValueError(f"--set {item!r}: {key!r} is a value, not a section")
-        last = keys[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ValueError(
-                    f"--set {item!r}: {last!r} is not an index into a list of {len(node)}"
-                )
-            node[int(last)] = value
-        else:
-            node[last] = value
+        try:
+            _assign(raw, item)
+        except ValueError as err:
+            problems.append(str(err))
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
     return raw
+
+
+def _assign(raw: dict, item: str) -> None:
+    """One `--set` assignment on `raw`, or a ValueError naming why its path does not fit."""
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected section.field=value")
+    path, text = item.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2:
+        raise ValueError(f"--set {item!r}: name a section and a field (section.field=value)")
+    value = read_yaml(text)
+    node = raw
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[_list_index(node, key, item)]
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise ValueError(f"--set {item!r}: {key!r} is a value, not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, item)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, key: str, item: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ValueError(f"--set {item!r}: {key!r} is not an index into a list of {len(node)}")
+    return int(key)
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
@@ -324,5 +336,36 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a recipe is a mapping of sections")
     raw.setdefault("name", path.stem)
-    raw = apply_overrides(raw, overrides or [])
+    try:
+        raw = apply_overrides(raw, overrides or [])
+    except ValueError as err:  # the paths that do not fit, with the values that do not validate
+        good = [o for o in overrides or [] if _fits(raw, o)]
+        raise ValueError(
+            _joined(str(err), _validation_problem(apply_overrides(raw, good)))
+        ) from None
     return recipe_from_dict(raw), raw
+
+
+def _fits(raw: dict, item: str) -> bool:
+    try:
+        apply_overrides(raw, [item])
+    except ValueError:
+        return False
+    return True
+
+
+def _validation_problem(raw: dict) -> str:
+    try:
+        recipe_from_dict(raw)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _joined(*messages: str) -> str:
+    """Several error messages (each one problem or "N problems:" and an indented list) as one."""
+    lines = []
+    for message in filter(None, messages):
+        head, *rest = message.split("\n")
+        lines += [r.strip() for r in rest] if head.endswith("problems:") else [message]
+    return lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines)

@@ -274,8 +274,9 @@ class Trainer:
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["loader"])
             ckpt.set_rng_state(rank_state["rng"])
-        else:  # another world size (ZeRO-0): the loader position is world-size independent
-            self.loader.load_state_dict({**client["loader"], "world_size": self.world})
+        else:  # another world size (ZeRO-0): the loader position is world-size independent,
+            # for the same global batch, which the loader checks against the saved ranks x batch
+            self.loader.load_state_dict(client["loader"])
         self.resumed_from = str(path)
 
     def _write_resolved_config(self) -> None:
