@@ -95,11 +95,7 @@ def to_device(
     # the channels_last layout the convolutions run in.
     layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
     out["image"] = out["image"].to(dtype, memory_format=layout)
-    # Sentence slots, from the host (collate's buckets, else the sentence counts): the text
-    # tower needs no device read.
-    if "sentence_slots" not in batch:
-        counts = batch.get("num_sentences")
-        out["sentence_slots"] = int(counts.max()) if counts is not None and counts.numel() else 0
+    # `sentence_slots` (a host int from collate) passes through: the text tower needs no read.
     return out
 
 
