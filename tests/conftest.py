@@ -14,6 +14,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def slurm_unavailable() -> str | None:
+    """Why SLURM tests cannot run here (None: an `sbatch` on PATH and a partition up)."""
+    if shutil.which("sbatch") is None:
+        return "no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)"
+    proc = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True)
+    if proc.returncode != 0 or "up" not in proc.stdout:
+        return (
+            f"sbatch present but no partition is up: {proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return None
+
+
 def run_cli(
     *args: str, env: dict | None = None, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:

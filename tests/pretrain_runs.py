@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from prior_dist.data.provision import ensure_phantom_shards, load_training_tokenizer
+from prior_dist.runs.safe_load import safe_torch_load
 from prior_dist.task import LOSS_NAMES
 from prior_dist.training.recipe import load_recipe
 from tests.conftest import REPO
@@ -92,11 +93,23 @@ def launch(
     script: str = "launch/pretrain.py",
     port: int | None = None,
     recipe: str = "tiny",
+    direct: bool = False,
 ) -> subprocess.CompletedProcess:
-    cmd = deepspeed_cmd(num_ranks, port) + pretrain_args(
+    """A run under the `deepspeed` launcher; `direct` (one rank): `python launch/pretrain.py`,
+    one process and no launcher, as under an interactive `srun`."""
+    args = pretrain_args(
         config, run_dir, shards, *extra, overrides=overrides, script=script, recipe=recipe
     )
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=timeout)
+    environ = env()
+    if direct:
+        assert num_ranks == 1, "a direct run is one rank"
+        cmd = [sys.executable, *args]
+        environ["MASTER_PORT"] = str(port or free_port())
+    else:
+        cmd = deepspeed_cmd(num_ranks, port) + args
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=environ, cwd=REPO, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"pretrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -166,8 +179,13 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def final_state(run_dir: Path, step: int) -> dict:
-    path = run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt"
-    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+    """The module state rank 0 saved at `step` (under ZeRO-3 its parameters are partitioned
+    placeholders; its buffers are whole)."""
+    checkpoint = run_dir / "checkpoints" / f"step{step:08d}"
+    path = checkpoint / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        path = checkpoint / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    return safe_torch_load(path, deepspeed_types=True)["module"]
 
 
 LOSS_KEYS = ("loss", *LOSS_NAMES)
@@ -187,6 +205,25 @@ def assert_traces_close(a: list[dict], b: list[dict], rtol: float, atol: float =
                     x[key],
                     y[key],
                 )
+
+
+def universal_states(checkpoint: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A ZeRO 1-3 checkpoint's fp32 parameters and Adam moments by name, whatever its
+    number of ranks: DeepSpeed's universal form, converted into `out` (unless already there)."""
+    from prior_dist.runs.checkpoints import convert_to_universal
+
+    if not out.is_dir():
+        convert_to_universal(checkpoint, out)
+
+    def read(path: Path) -> torch.Tensor:
+        saved = torch.load(path, weights_only=True)
+        return saved["param"] if isinstance(saved, dict) else saved  # ZeRO 1-2 / ZeRO-3
+
+    return {
+        d.name: {name: read(d / f"{name}.pt") for name in ("fp32", "exp_avg", "exp_avg_sq")}
+        for d in (out / "zero").iterdir()
+        if (d / "exp_avg.pt").is_file()  # parameters (ZeRO 1-2 add buffers' weights alone)
+    }
 
 
 def max_param_difference(a: dict, b: dict) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prior_dist.evaluation.metrics import macro_f1, precision_at_k, retrieval_metrics, roc_auc
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, slurm_unavailable
 from tests.pretrain_runs import ds_config, launch
 
 
@@ -192,14 +192,13 @@ def test_evaluate_array_job(tiny_run, tmp_path):
     """launch/slurm/evaluate.sbatch: one array task per (task, seed), each asking for a GPU
     (overridden on this GPU-less cluster by the command line, as the script says)."""
     import os
-    import shutil
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    if shutil.which("sbatch") is None:
-        pytest.skip("no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)")
+    if reason := slurm_unavailable():
+        pytest.skip(reason)
     script = REPO / "launch/slurm/evaluate.sbatch"
     assert "\n#SBATCH --gpus-per-task=1\n" in script.read_text()
     out = tmp_path / "results"

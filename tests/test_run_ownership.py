@@ -114,6 +114,42 @@ def test_what_a_resume_may_change():
     assert stages == (["train.stages.0.steps: 3 -> '(absent)'"], [])
 
 
+@pytest.mark.parametrize(
+    ("stages", "accumulation", "verdict"),
+    [
+        (["train.stages.0.epochs=1", "train.stages.0.steps=null"], 1, "refused"),
+        ([], 1, "warned"),  # tiny's schedule is in steps
+        (["train.stages.0.epochs=1", "train.stages.0.steps=null"], 2, "same"),
+    ],
+)
+def test_another_global_batch_is_refused_only_for_a_schedule_in_epochs(
+    tmp_path, capsys, stages, accumulation, verdict
+):
+    """A checkpoint of 16 samples per step resumed on 1 rank x 8 (x accumulation)."""
+    from prior_dist.training.ds_config import read_deepspeed_config
+    from prior_dist.training.recipe import load_recipe
+    from prior_dist.training.trainer import Trainer
+
+    checkpoint = tmp_path / "checkpoints" / "step00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "complete.json").write_text(json.dumps({"global_batch": 16}))
+    config = ds_config(tmp_path, 8, gradient_accumulation_steps=accumulation)
+    trainer = Trainer(load_recipe("tiny", stages)[0], read_deepspeed_config(config), tmp_path)
+    trainer.world, trainer.resume_path = 1, checkpoint
+    if verdict == "refused":
+        with pytest.raises(ValueError) as refusal:
+            trainer._check_global_batch()
+        assert str(refusal.value).startswith(
+            f"checkpoint {checkpoint} trained with a global batch of 16 samples per step; this "
+            "run has 8 (1 ranks x micro-batch 8 x accumulation 1). The schedule is in epochs "
+            "(train.stages.0)"
+        )
+        assert "keep 16 samples per step (gradient_accumulation_steps: 2)" in str(refusal.value)
+        return
+    trainer._check_global_batch()
+    assert ("WARNING" in capsys.readouterr().out) == (verdict == "warned")
+
+
 def test_a_resume_that_changes_the_training_is_refused_before_start_up(reference, tiny_shards):
     run = reference["tmp"] / "changed"
     shutil.copytree(reference["one"], run)

@@ -1,28 +1,16 @@
 """shardify as a real SLURM array job plus a dependent finalize job (the submit script)."""
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO
+from conftest import REPO, slurm_unavailable
 
 from prior_dist.data.shards import load_manifest
 
 pytestmark = pytest.mark.slurm
-
-
-def _cluster_up() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)"
-    proc = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True)
-    if proc.returncode != 0 or "up" not in proc.stdout:
-        return (
-            f"sbatch present but no partition is up: {proc.stderr.strip() or proc.stdout.strip()}"
-        )
-    return None
 
 
 def _wait(job_ids: list[str], timeout: float = 300) -> None:
@@ -39,7 +27,7 @@ def _wait(job_ids: list[str], timeout: float = 300) -> None:
 
 
 def test_shardify_array_job_and_finalize(tmp_path):
-    reason = _cluster_up()
+    reason = slurm_unavailable()
     if reason:
         pytest.skip(reason)
     # A path with a space and shell syntax: it must arrive as given and never run.
@@ -87,7 +75,7 @@ def test_shardify_array_job_and_finalize(tmp_path):
 def test_pretrain_batch_job_with_two_srun_tasks(tmp_path):
     """launch/slurm/pretrain.sbatch: 2 tasks under srun (rank and world size from SLURM, the
     rendezvous on the first node), tiny recipe, to a final checkpoint."""
-    reason = _cluster_up()
+    reason = slurm_unavailable()
     if reason:
         pytest.skip(reason)
     from tests.pretrain_runs import ds_config

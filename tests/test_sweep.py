@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 
 from prior_dist.evaluation.seeds import format_summary, summarize
 from prior_dist.sweep import main as sweep
-from tests.conftest import REPO
+from tests.conftest import REPO, slurm_unavailable
 from tests.pretrain_runs import ds_config
 
 
@@ -38,8 +37,8 @@ def test_summary_is_mean_and_sample_sd_over_seeds():
 def test_seed_sweep_as_a_slurm_array(tiny_shards, tmp_path):
     """Two seeds of the tiny recipe as two array tasks, each trained and evaluated, then the
     summary over both."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("no sbatch on PATH (start one with ../shared/tools/slurm-local.sh up)")
+    if reason := slurm_unavailable():
+        pytest.skip(reason)
     out = tmp_path / "sweep"
     # The tiny data's test split has no single-label image: the train split is scored.
     options = ["--seeds", "1,2", "--recipe", "tiny", "--tasks", "zero-shot"]

@@ -410,7 +410,12 @@ class PriorLoader:
             "io_retries": self.io_retries,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, whole_steps: int = 1) -> int:
+        """Continue from a saved position. One saved with another global batch (ranks x
+        micro-batch; indexed and resampled modes) continues from the same sample of the epoch
+        order, rounded down to a multiple of `whole_steps` batches (the gradient accumulation:
+        a resume starts an optimizer step); returns how many samples of the epoch are
+        therefore served again (0 when the position maps exactly)."""
         if state.get("seed") != self.seed or state.get("mode") != self.mode:
             raise ValueError(
                 f"loader state has seed={state.get('seed')} mode={state.get('mode')}; "
@@ -428,13 +433,16 @@ class PriorLoader:
             self.micro_batch_size,
         ):
             raise ValueError("stream-mode state cannot move to another world size or micro-batch")
+        step, repeated = int(state["step"]), 0
         if saved_global != global_batch:
-            raise ValueError(
-                f"loader state was saved with a global batch of {saved_global} "
-                f"({state['world_size']} ranks x {state['micro_batch_size']}); this "
-                f"run has {global_batch}: the position would not map to whole steps"
-            )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            done = min(step * saved_global, self.samples_per_epoch)
+            if done >= self.samples_per_epoch:  # the epoch was finished
+                step = self.plan.num_steps
+            else:
+                step = done // global_batch // whole_steps * whole_steps
+                repeated = done - step * global_batch
+        self.epoch, self.step = int(state["epoch"]), step
         self.worker_consumed = list(state.get("worker_consumed", []))
         self.skipped = Counter(state.get("skipped", {}))
         self.io_retries = int(state.get("io_retries", 0))
+        return repeated

@@ -7,16 +7,22 @@ unpickled beyond tensors and plain data: DeepSpeed's files pass a weights-only l
 DeepSpeed reads them. A crash during a save leaves a directory without `complete.json`, which
 `--resume auto` never picks; the next run removes it before it starts. A complete checkpoint
 whose files no longer match their records (truncated, overwritten, scrambled) is set aside as
-`damaged-stepN` and `--resume auto` falls back to the previous one, saying so.
+`damaged-stepN` and `--resume auto` falls back to the previous one, saying so. A resume on
+another number of ranks under ZeRO 1-3 converts the checkpoint once to DeepSpeed's universal
+form (`stepN/universal/`) and loads that, optimizer moments included.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
+import io
 import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +30,30 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 
 from prior_dist.data.shards import sha256_file
+from prior_dist.runs.detached import (
+    failed_writers,
+    live_writers,
+    snapshot_deepspeed_save,
+    start_writer,
+    wait_until,
+)
 from prior_dist.runs.layout import (
     DAMAGED_PREFIX,
     MARKER,
+    MODEL_STATES,
     TAG_PREFIX,
+    UNIVERSAL,
     checkpoint_root,
     complete_checkpoints,
     legacy_rank_file,
     rank_files,
     tag_for,
 )
-from prior_dist.runs.safe_load import check_torch_files, safe_legacy_rank_state
+from prior_dist.runs.lock import process_running
+from prior_dist.runs.safe_load import check_torch_files, safe_legacy_rank_state, safe_torch_load
 
 _NEARLY_FULL_BYTES = 64 * 2**20
 FILES = "files"  # complete.json: {name: {"bytes": N, "sha256": HEX}}
@@ -63,15 +80,38 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def remove_partial(run_dir: Path) -> list[str]:
-    """Delete checkpoint directories that a crashed save left without `complete.json`."""
+def _incomplete(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return [
+        p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and p.name.startswith(TAG_PREFIX) and not (p / MARKER).is_file()
+    ]
+
+
+def wait_for_writers(run_dir: Path, log=print, poll_s: float = 1.0) -> None:
+    """Wait while detached writers (`runs/detached.py`: a stopped run's last save) are still
+    completing checkpoints here; a writer that died stops counting (its checkpoint is then
+    incomplete)."""
+    told = set()
+    while busy := {p: w for p in _incomplete(run_dir) if (w := live_writers(p))}:
+        for path, writers in busy.items():
+            if path not in told:
+                log(f"waiting for the writers still saving {path}: {'; '.join(writers)}")
+                told.add(path)
+        time.sleep(poll_s)
+
+
+def remove_partial(run_dir: Path) -> list[str]:
+    """Delete checkpoint directories that a crashed save left without `complete.json` (never
+    one that a live detached writer is completing)."""
     removed = []
-    if root.is_dir():
-        for path in sorted(root.iterdir()):
-            if path.is_dir() and path.name.startswith(TAG_PREFIX) and not (path / MARKER).is_file():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
+    for path in _incomplete(run_dir):
+        if not live_writers(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
     return removed
 
 
@@ -246,12 +286,32 @@ def _load_rank_state(checkpoint: Path, rank: int) -> dict | None:
 
 
 def save_checkpoint(
-    engine, run_dir: Path, step: int, client_state: dict, rank_state: dict, keep_last: int
+    engine,
+    run_dir: Path,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    keep_last: int,
+    detached: bool = False,
 ) -> Path:
-    """Save on every rank (a collective); returns the checkpoint directory."""
+    """Save on every rank (a collective); returns the checkpoint directory. `detached` (a save
+    made to stop): the files go through host memory to a writer process that outlives this
+    one (`runs/detached.py`); this rank waits for its writer, and the last writer to finish
+    writes `complete.json`."""
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
+    marker = {
+        "step": step,
+        "world_size": world,
+        "zero_stage": engine.zero_optimization_stage(),
+        "stage": client_state.get("stage"),
+        "epoch": client_state.get("epoch"),
+        "global_batch": client_state.get("global_batch"),
+    }
+    if detached:
+        _save_detached(engine, root, tag, client_state, rank_state, marker, keep_last)
+        return root / tag
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         _save_rank_state(root / tag, rank, rank_state)
@@ -263,14 +323,7 @@ def save_checkpoint(
         lambda parts: {k: v for p in parts for k, v in p.items()},
     )
     if rank == 0:
-        marker = {
-            "step": step,
-            "world_size": world,
-            "zero_stage": engine.zero_optimization_stage(),
-            "stage": client_state.get("stage"),
-            "epoch": client_state.get("epoch"),
-            FILES: records,
-        }
+        marker[FILES] = records
         try:
             _atomic(root / tag / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=2)))
         except OSError as err:
@@ -278,6 +331,35 @@ def save_checkpoint(
         _prune(root, keep_last)
     dist.barrier()
     return root / tag
+
+
+def _save_detached(engine, root, tag, client_state, rank_state, marker, keep_last) -> None:
+    """DeepSpeed's files and this rank's state serialized in memory, then written by a
+    detached writer that this rank waits for (it finishes even if this rank is killed)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    directory = root / tag
+
+    def deepspeed_save():
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    try:
+        snapshot = snapshot_deepspeed_save(engine, deepspeed_save)
+    except (OSError, RuntimeError) as err:
+        raise _write_error(directory, rank, err) from err
+    files = {}
+    for path, data in snapshot.items():
+        if Path(path).parent != directory:
+            raise RuntimeError(f"DeepSpeed saved {path} outside the checkpoint {directory}")
+        files[Path(path).name] = data
+    values, tensors = rank_files(directory, rank)
+    rng = {k: v for k, v in rank_state["rng"].items() if k != "tensors"}
+    files[tensors.name] = save_bytes(rank_state["rng"]["tensors"])
+    files[values.name] = json.dumps({"loader": rank_state["loader"], "rng": rng}).encode()
+    pid = start_writer(directory, files, rank, world, marker, lambda: _prune(root, keep_last))
+    wait_until(lambda: not process_running(pid), poll_s=0.2)
+    failed = [f for f in failed_writers(directory) if f.startswith(f"rank {rank}'s")]
+    if failed:
+        raise CheckpointWriteError(f"saving checkpoint {directory} failed: {failed[0]}")
 
 
 def _write_error(directory: Path, rank: int, err: Exception) -> CheckpointWriteError:
@@ -305,41 +387,136 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path) -> tuple[dict, dict | None]:
+def needs_universal(path: Path | None, world: int) -> bool:
+    """Whether resuming checkpoint `path` on `world` ranks goes through DeepSpeed's universal
+    form: its ZeRO 1-3 optimizer states were partitioned over another number of ranks."""
+    if path is None:
+        return False
+    marker = json.loads((path / MARKER).read_text())
+    return marker["world_size"] != world and marker["zero_stage"] >= 1
+
+
+def saved_global_batch(path: Path, accumulation: int) -> int | None:
+    """The samples per optimizer step checkpoint `path` trained with (None when unknown). For
+    checkpoints that predate the record: rank 0's loader (ranks x micro-batch) x
+    `accumulation`, the accumulation assumed unchanged."""
+    marker = json.loads((path / MARKER).read_text())
+    if marker.get("global_batch"):
+        return int(marker["global_batch"])
+    values, _ = rank_files(path, 0)
+    if not values.is_file():
+        return None
+    loader = json.loads(values.read_text())["loader"]
+    return int(loader["world_size"]) * int(loader["micro_batch_size"]) * accumulation
+
+
+def _rank0_verdict(problem: str) -> str:
+    """Rank 0's `problem` on every rank (one broadcast, so no rank waits for one that gave up)."""
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)  # between this run's own ranks: not user input
+    return box[0]
+
+
+def universal_copy(path: Path, log=print) -> Path:
+    """Checkpoint `path` in DeepSpeed's universal form, `path/universal/`: converted by rank 0
+    the first time (after the weights-only check of `path`, into a temporary folder renamed
+    when whole), reused after that; its files pass the weights-only check on every rank."""
+    target = path / UNIVERSAL
+    problem = ""
+    if dist.get_rank() == 0 and not target.is_dir():
+        try:
+            seconds = convert_to_universal(path, target)
+            log(f"converted {path} to DeepSpeed's universal form in {seconds:.1f} s: {target}")
+        except (AssertionError, RuntimeError, OSError, KeyError, ValueError) as err:
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            problem = f"converting checkpoint {path} to DeepSpeed's universal form failed: {reason}"
+    problem = _rank0_verdict(problem)
+    if problem:
+        raise ValueError(problem)
+    check_torch_files(target, recursive=True)
+    return target
+
+
+def _restore_buffers(engine, path: Path) -> None:
+    """DeepSpeed's universal loading restores parameters alone: the module's buffers (batch
+    norm statistics and counters) come from the checkpoint's model states, rank 0's, as on a
+    resume on the same number of ranks."""
+    names = [MODEL_STATES, "zero_pp_rank_0_" + MODEL_STATES]  # ZeRO 1-2, ZeRO-3
+    found = [path / name for name in names if (path / name).is_file()]
+    if not found:
+        raise ValueError(f"checkpoint {path}: no model states ({' or '.join(names)})")
+    state = safe_torch_load(found[0], deepspeed_types=True).get("module") or {}
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in state:
+                buffer.copy_(state[name])
+
+
+def convert_to_universal(path: Path, target: Path) -> float:
+    # deepspeed takes seconds to import; only a resume on another number of ranks converts.
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = path / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(path),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # the version marker our saves do not carry
+    )
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)  # prints its progress; we say one line instead
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (path / "latest_universal").unlink(missing_ok=True)  # its pointer; we name the folder
+    return time.perf_counter() - start
+
+
+def load_checkpoint(engine, path: Path, log=print) -> tuple[dict, dict | None]:
     """Restore DeepSpeed states; returns (client_state, this rank's state or None).
 
-    A different world size is refused for ZeRO stages >= 1 (partitioned optimizer states);
-    ZeRO-0 states are whole, and the loader position does not depend on the world size.
+    On another number of ranks, ZeRO 1-3 states (partitioned by rank) load from the
+    checkpoint's universal form (`universal_copy`), with Adam's moments; the engine must have
+    been built with `checkpoint.load_universal` (`needs_universal`). ZeRO-0 states are whole.
+    The loader position does not depend on the number of ranks; the per-rank states (RNG) are
+    restored only on the same number.
     """
     marker = json.loads((path / MARKER).read_text())
     world = dist.get_world_size()
     stage = engine.zero_optimization_stage()
-    if marker["world_size"] != world and (stage >= 1 or marker["zero_stage"] >= 1):
-        raise ValueError(
-            f"checkpoint {path} was written by {marker['world_size']} ranks with ZeRO stage "
-            f"{marker['zero_stage']}; this run has {world} ranks (ZeRO stage {stage}). ZeRO "
-            "partitions optimizer states by rank: resume with the same number of ranks, or "
-            "convert it with DeepSpeed's ds_to_universal.py and load that universal checkpoint "
-            "(not wired into this launcher)"
-        )
     if marker["zero_stage"] != stage:
         raise ValueError(
             f"checkpoint {path} was written with ZeRO stage {marker['zero_stage']}; "
             f"this run uses stage {stage}: use the same DeepSpeed config"
         )
     check_torch_files(path)  # DeepSpeed's own loader unpickles everything: look first
+    source = path
+    if needs_universal(path, world):
+        log(
+            f"checkpoint {path} was written by {marker['world_size']} ranks under ZeRO stage "
+            f"{stage}; this run has {world}: loading its universal form"
+        )
+        source = universal_copy(path, log)
     try:
         load_path, client = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
+            str(source.parent),
+            tag=source.name,
             load_optimizer_states=True,
             load_lr_scheduler_states=False,
         )
-    except (RuntimeError, OSError, EOFError, KeyError) as err:
+    except (RuntimeError, OSError, EOFError, KeyError, AssertionError) as err:
         reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}: {reason}") from err
+        raise ValueError(f"DeepSpeed could not load the checkpoint in {source}: {reason}") from err
     if load_path is None:
-        raise ValueError(f"DeepSpeed could not load the checkpoint in {path}")
+        raise ValueError(f"DeepSpeed could not load the checkpoint in {source}")
+    if source != path:
+        _restore_buffers(engine, path)
     try:
         rank_state = (
             _load_rank_state(path, dist.get_rank()) if marker["world_size"] == world else None

@@ -11,6 +11,12 @@ RUN_DIR/
                             built here when the shards are read-only and carry none)
   checkpoints/step{N:08d}/  DeepSpeed's files, rank{R:05d}.json + .safetensors, complete.json
                             (written last: step, world size, every file's size and SHA-256)
+  checkpoints/step{N:08d}/.writer-rank{R}.json  while a detached writer (a stop checkpoint,
+                            `runs/detached.py`) completes the checkpoint; .failed-rank{R}.txt
+                            if it could not
+  checkpoints/step{N:08d}/universal/  the same checkpoint in DeepSpeed's universal form
+                            (optimizer states by parameter, not by rank), converted once by
+                            the first resume on another number of ranks (ZeRO 1-3)
   checkpoints/damaged-step{N:08d}/  a complete checkpoint whose files failed that check, set
                             aside by `--resume auto` when it fell back to an earlier one
 EXPORT_DIR/
@@ -31,6 +37,7 @@ RUN_TOKENIZER = "tokenizer"
 CHECKPOINTS = "checkpoints"
 MARKER = "complete.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+UNIVERSAL = "universal"
 
 IMAGE_FILE = "image_encoder.safetensors"
 HEADS_FILE = "heads.safetensors"

@@ -35,20 +35,27 @@ class RunDirInUse(ValueError):
     """The run directory is owned by another live run."""
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (clock ticks since boot), or None if it is gone."""
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), or None if it is gone (a
+    zombie, which nobody reaped yet, counts as gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in () may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # the name in () may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]  # fields 3 and 22
 
 
-def _owner_record(token: str) -> dict:
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a running (not a zombie) process on this host."""
+    return pid > 0 and process_start(pid) is not None
+
+
+def owner_record(token: str) -> dict:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "process_start": _process_start(os.getpid()),
+        "process_start": process_start(os.getpid()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "token": token,
@@ -66,7 +73,7 @@ def stale_reason(owner: dict, heartbeat_age_s: float) -> str | None:
     if job and owner.get("slurm_job_id") == job:
         return f"an earlier attempt of this SLURM job ({job}, requeued)"
     if owner.get("host") == socket.gethostname():
-        start = _process_start(int(owner.get("pid", -1)))
+        start = process_start(int(owner.get("pid", -1)))
         if start is None or start != owner.get("process_start"):
             return "its process has ended"
         return None
@@ -96,7 +103,7 @@ class RunLock:
         """Take the lock or raise `RunDirInUse`; a stale one is taken over with a log line."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = self.path.with_name(f".{LOCK}.{self.token}")
-        mine.write_text(json.dumps(_owner_record(self.token), indent=2))
+        mine.write_text(json.dumps(owner_record(self.token), indent=2))
         try:
             while not self._link(mine):
                 self._clear_stale(log)

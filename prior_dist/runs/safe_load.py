@@ -51,10 +51,12 @@ def safe_legacy_rank_state(path: Path) -> dict:
         return safe_torch_load(path)
 
 
-def check_torch_files(directory: Path) -> None:
-    """Every `*.pt` in a checkpoint directory passes a weights-only load before DeepSpeed (whose
-    own loader unpickles everything) reads it. Memory-mapped: tensors are not read."""
-    for path in sorted(Path(directory).glob("*.pt")):
+def check_torch_files(directory: Path, recursive: bool = False) -> None:
+    """Every `*.pt` in a checkpoint directory (and its subdirectories when `recursive`) passes
+    a weights-only load before DeepSpeed (whose own loader unpickles everything) reads it.
+    Memory-mapped: tensors are not read."""
+    found = Path(directory).rglob("*.pt") if recursive else Path(directory).glob("*.pt")
+    for path in sorted(found):
         try:
             safe_torch_load(path, deepspeed_types=True, mmap=True)
         except UnsafeFileError:

@@ -161,9 +161,14 @@ def adamw_impl(ds: DeepSpeedSettings, recipe: Recipe) -> str:
     return recipe.optim.impl
 
 
-def engine_config(ds: DeepSpeedSettings, recipe: Recipe, device_type: str) -> dict:
-    """The dict handed to deepspeed.initialize: the user's JSON plus our optimizer section."""
+def engine_config(
+    ds: DeepSpeedSettings, recipe: Recipe, device_type: str, load_universal: bool = False
+) -> dict:
+    """The dict handed to deepspeed.initialize: the user's JSON plus our optimizer section
+    (and, to resume a ZeRO 1-3 checkpoint on another number of ranks, universal loading)."""
     config = copy.deepcopy(ds.raw)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     params = {
         "lr": recipe.train.stages[0].lr,
         "betas": list(recipe.optim.betas),

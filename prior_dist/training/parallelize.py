@@ -120,13 +120,20 @@ def compile_summary() -> str:
     )
 
 
-def build_engine(task: PriorTask, recipe: Recipe, ds: DeepSpeedSettings, device_type: str):
-    """The DeepSpeed engine over the task's trainable parameters."""
+def build_engine(
+    task: PriorTask,
+    recipe: Recipe,
+    ds: DeepSpeedSettings,
+    device_type: str,
+    load_universal: bool = False,
+):
+    """The DeepSpeed engine over the task's trainable parameters (`load_universal`: it will
+    load a checkpoint's universal form, `runs.checkpoints.universal_copy`)."""
     # deepspeed takes seconds to import: config errors are reported before this runs.
     import deepspeed
 
     params = [p for p in task.parameters() if p.requires_grad]
-    config = engine_config(ds, recipe, device_type)
+    config = engine_config(ds, recipe, device_type, load_universal)
     engine, *_ = deepspeed.initialize(model=task, model_parameters=params, config=config)
     return engine
 

@@ -70,6 +70,15 @@ from prior_dist.training.step import (
 __all__ = ["NonFiniteLossError", "Trainer"]
 
 
+def _keeping_batch(saved: int, world: int, micro: int, accumulation: int) -> str:
+    """A DeepSpeed setting that gives `saved` samples per step on `world` ranks, if one does."""
+    if saved % (world * micro) == 0:
+        return f" (gradient_accumulation_steps: {saved // (world * micro)})"
+    if saved % (world * accumulation) == 0:
+        return f" (train_micro_batch_size_per_gpu: {saved // (world * accumulation)})"
+    return ""
+
+
 class Trainer:
     def __init__(
         self,
@@ -123,6 +132,8 @@ class Trainer:
         )
         if self.rank == 0:
             self._keep_tokenizer()
+        self.resume_path = self._checkpoint_to_resume()
+        self._check_global_batch()
         self._build()
         self.step, self.stage, self.resumed_from = 0, None, None
         self._resume()
@@ -230,7 +241,8 @@ class Trainer:
         compiled = prepare_for_device(task.model, self.device, recipe.train.compile, ds.zero_stage)
         self.compiled = bool(compiled)
         self.log(f"train.compile: {', '.join(compiled) if compiled else 'off (eager)'}")
-        self.engine = build_engine(task, recipe, ds, self.device.type)
+        universal = ckpt.needs_universal(self.resume_path, self.world)
+        self.engine = build_engine(task, recipe, ds, self.device.type, universal)
         self.loader = training_loader(
             recipe.data,
             self.tokenizer,
@@ -258,25 +270,68 @@ class Trainer:
             self.log,
         )
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self) -> Path | None:
+        """Incomplete checkpoints removed; the one to resume from (chosen before the engine is
+        built: another number of ranks under ZeRO 1-3 needs an engine that loads universal)."""
         if self.rank == 0:
+            ckpt.wait_for_writers(self.run_dir, self.log)
             for name in ckpt.remove_partial(self.run_dir):
                 self.log(f"removed {name}: an incomplete checkpoint (a save that did not finish)")
         dist.barrier()
-        path = ckpt.choose_checkpoint(self.run_dir, self.resume, self.log)
+        return ckpt.choose_checkpoint(self.run_dir, self.resume, self.log)
+
+    def _check_global_batch(self) -> None:
+        """A resume with another global batch (samples per optimizer step): allowed, with a
+        warning naming both, when the schedule is in steps (it is kept; the data continue from
+        the same sample); refused when stages are in epochs (their steps would move)."""
+        ds, path = self.ds, self.resume_path
+        accumulation = ds.gradient_accumulation_steps
+        self.global_batch = self.world * ds.micro_batch_size * accumulation
+        saved = ckpt.saved_global_batch(path, accumulation) if path is not None else None
+        if saved in (None, self.global_batch):
+            return
+        now = (
+            f"{self.global_batch} ({self.world} ranks x micro-batch {ds.micro_batch_size} x "
+            f"accumulation {accumulation})"
+        )
+        in_epochs = [
+            f"train.stages.{i}"
+            for i, stage in enumerate(self.recipe.train.stages)
+            if stage.epochs is not None or stage.warmup_epochs is not None
+        ]
+        if in_epochs:
+            raise ValueError(
+                f"checkpoint {path} trained with a global batch of {saved} samples per step; "
+                f"this run has {now}. The schedule is in epochs ({', '.join(in_epochs)}), and "
+                f"its steps would move with the global batch: keep {saved} samples per step"
+                f"{_keeping_batch(saved, self.world, ds.micro_batch_size, accumulation)}, or "
+                "start a new run (--resume none, or another --run-dir)"
+            )
+        self.log(
+            f"WARNING: checkpoint {path} trained with a global batch of {saved} samples per "
+            f"step; this run has {now}. The schedule (in optimizer steps) is kept, so each "
+            "step from here on sees that many samples; the data continue from the same sample"
+        )
+
+    def _resume(self) -> None:
+        path = self.resume_path
         if path is None:
             return
         start = time.perf_counter()
-        client, rank_state = ckpt.load_checkpoint(self.engine, path)
+        client, rank_state = ckpt.load_checkpoint(self.engine, path, self.log)
         self.load_seconds = time.perf_counter() - start
         self.step = int(client["step"])
         self.stage = client.get("stage")
+        # On another number of ranks the position is rank 0's (it does not depend on the ranks).
+        state = rank_state["loader"] if rank_state is not None else client["loader"]
+        repeated = self.loader.load_state_dict(state, self.ds.gradient_accumulation_steps)
+        if repeated:
+            self.log(
+                f"WARNING: the data position rounded down to whole steps of the new global "
+                f"batch: {repeated} samples of epoch {self.loader.epoch} are served again"
+            )
         if rank_state is not None:
-            self.loader.load_state_dict(rank_state["loader"])
             ckpt.set_rng_state(rank_state["rng"])
-        else:  # another world size (ZeRO-0): the loader position is world-size independent,
-            # for the same global batch, which the loader checks against the saved ranks x batch
-            self.loader.load_state_dict(client["loader"])
         self.resumed_from = str(path)
 
     def _write_resolved_config(self) -> None:
@@ -394,7 +449,7 @@ class Trainer:
         due_steps = cadence.every_steps is not None and self.step % cadence.every_steps == 0
         if not (stop or timed or due_steps):
             return False, False
-        self.save()
+        self.save(detached=bool(stop))
         self.last_save_time = time.monotonic()
         return bool(stop), True
 
@@ -478,7 +533,9 @@ class Trainer:
             record["mfu"] = flops * gas / step_time / peak_flops(self.device)
         return record
 
-    def save(self) -> Path:
+    def save(self, detached: bool = False) -> Path:
+        """A checkpoint of this step; `detached` (a stop): written by a process that outlives
+        this one (`runs/detached.py`)."""
         self._flush_records()  # metrics.jsonl holds every step a checkpoint holds
         client = {
             "step": self.step,
@@ -487,6 +544,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "recipe": self.raw_recipe,
             "world_size": self.world,
+            "global_batch": self.global_batch,
             "deepspeed_config": self.ds.raw,
         }
         rank_state = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
@@ -498,8 +556,10 @@ class Trainer:
             client,
             rank_state,
             self.recipe.checkpoint.keep_last,
+            detached,
         )
-        self.log(f"checkpoint {path} ({time.perf_counter() - start:.2f} s)")
+        how = ", written by a detached writer" if detached else ""
+        self.log(f"checkpoint {path} ({time.perf_counter() - start:.2f} s{how})")
         return path
 
     # -- evaluation -----------------------------------------------------------------------
