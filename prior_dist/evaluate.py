@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from prior_dist.atomic import write_json
 from prior_dist.data.labels import CHEXPERT_COMPETITION
-from prior_dist.data.shards import atomic_write_json
 from prior_dist.evaluation.datasets import write_split_file
 from prior_dist.evaluation.dense import dense_task
 from prior_dist.evaluation.inputs import (
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.task)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, result)
+        write_json(out, result, indent=1)
     except OSError as err:
         print(f"evaluate: error: could not write {out}: {err} (pass --out)", file=sys.stderr)
         return 2

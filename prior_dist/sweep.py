@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from prior_dist import pretrain
-from prior_dist.data.shards import atomic_write_json
+from prior_dist.atomic import write_json
 from prior_dist.evaluate import main as evaluate
 from prior_dist.evaluation.seeds import format_summary, read_sweep, summarize
 
@@ -100,7 +100,7 @@ def write_summary(args) -> dict:
     tasks = [t for t in args.tasks.split(",") if t]
     per_seed = read_sweep(args.out, tasks)
     summary = {"seeds": sorted(per_seed), "numbers": summarize(per_seed)}
-    atomic_write_json(Path(args.out) / "summary.json", summary)
+    write_json(Path(args.out) / "summary.json", summary, indent=1)
     print("\n".join(format_summary(summary["numbers"])))
     return summary
 

@@ -101,6 +101,26 @@ def test_functions_fit_on_a_screen():
     assert not long, "\n".join(long)
 
 
+def test_files_are_renamed_into_place_by_the_atomic_helper_alone():
+    """A file others may find appears whole or not at all: `prior_dist/atomic.py` writes,
+    fsyncs and renames it (and the directory). No other module calls `os.replace` or
+    `os.rename`, where that rule would be written a second time, and forgotten."""
+    found = []
+    for path, _, tree in _modules():
+        if path.name == "atomic.py":
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("replace", "rename")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "os"
+            ):
+                found.append(f"{path}:{node.lineno} os.{node.func.attr}")
+    assert not found, "use prior_dist.atomic:\n" + "\n".join(found)
+
+
 # Where a config object is reached: the attribute names that hold one (`recipe.eval`,
 # `cfg.heads`, `span.config`) and those that hold a sequence of them (`train.stages`).
 HOLDERS = {

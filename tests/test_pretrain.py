@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from prior_dist.runs.checkpoints import file_records
+from prior_dist.runs.lock import process_running
 from tests.pretrain_runs import (
     LONG,
     assert_traces_close,
@@ -234,11 +235,9 @@ def _stopped_by(run, shards, after: int, send, overrides=LONG) -> tuple[int, str
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether `pid` still runs. A zombie does not: a rank whose agent or launcher exited
+    without reaping it waits for PID 1, which on some machines reaps after minutes."""
+    return process_running(pid)
 
 
 def test_three_signals_stop_the_run_and_it_resumes_to_the_uninterrupted_trace(
@@ -282,7 +281,6 @@ def test_a_stop_checkpoint_outlives_the_launchers_kill(long_run, reference, tiny
     import psutil
 
     from prior_dist.runs.detached import live_writers, wait_until
-    from prior_dist.runs.lock import process_running
 
     run, gate = reference["tmp"] / "outlives", tmp_path / "gate"
     config = ds_config(run.parent, 8)
@@ -293,7 +291,7 @@ def test_a_stop_checkpoint_outlives_the_launchers_kill(long_run, reference, tiny
     rank0 = int((run / "pids" / "rank0.pid").read_text())
     os.kill(psutil.Process(rank0).ppid(), signal.SIGTERM)  # launch.py: its ranks, then SIGKILL
     output, _ = proc.communicate(timeout=540)
-    wait_until(lambda: not process_running(rank0), timeout_s=120)  # the launcher's SIGKILL
+    wait_until(lambda: not _alive(rank0), timeout_s=120)  # the launcher's SIGKILL
     stopped = metrics(run)[-1]["step"]
     checkpoint = run / "checkpoints" / f"step{stopped:08d}"
     assert not (checkpoint / "complete.json").exists() and live_writers(checkpoint), output[-3000:]
@@ -531,13 +529,14 @@ def test_two_nodes_train_stop_and_resume_like_one(long_run, reference, tiny_shar
     os.kill(agents[1].pid, signal.SIGTERM)  # node b's agent (it forwards to its rank)
     output = agents[1].communicate(timeout=540)[0]  # a bounded wait for the exit
     # Every rank checkpoints at one step and exits. Node a's agent then waits in torchrun's
-    # exit barrier for node b's agent, which is gone: stop it once both ranks have exited.
+    # exit barrier (300 s) for node b's agent, which is gone: end it once both ranks have
+    # exited, with SIGKILL (inside the barrier's C++ wait a SIGTERM waits for the timeout).
     ranks = [int((run / "pids" / f"rank{r}.pid").read_text()) for r in range(2)]
     deadline = time.time() + 540
     while any(_alive(pid) for pid in ranks) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in ranks), output[-3000:]
-    os.kill(agents[0].pid, signal.SIGTERM)
+    os.kill(agents[0].pid, signal.SIGKILL)
     output += agents[0].communicate(timeout=540)[0]
     stopped = int((run / "PREEMPTED").read_text())
     assert (run / "checkpoints" / f"step{stopped:08d}" / "complete.json").is_file(), output[-3000:]

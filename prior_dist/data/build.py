@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from prior_dist import __version__
+from prior_dist.atomic import write_json
 from prior_dist.data.compact import (
     build_compact,
     check_compact,
@@ -35,7 +36,6 @@ from prior_dist.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
     SkipCounter,
-    atomic_write_json,
     index_path,
     load_index,
     load_manifest,
@@ -100,7 +100,7 @@ def _build_one(job: tuple[Path, str, list[StudyRecord], PrepareSettings, str]) -
             "notes": notes.to_dict(),
         }
     )
-    atomic_write_json(index_path(out_dir, name), index)
+    write_json(index_path(out_dir, name), index, indent=1)
     return index
 
 
@@ -211,7 +211,7 @@ def build_shards(
         "enumeration_skipped": enumeration_skips.to_dict(),
         "tool_version": __version__,
     }
-    atomic_write_json(_part_path(out, task_index, num_tasks), part)
+    write_json(_part_path(out, task_index, num_tasks), part, indent=1)
     summary = {
         "shards_written": len(todo),
         "shards_reused": reused,
@@ -299,7 +299,7 @@ def finalize(out_dir: str | Path) -> dict:
     manifest["totals"]["studies_seen"] = (
         manifest["totals"]["samples"] + manifest["totals"]["skipped"]
     )
-    atomic_write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest, indent=1)
     reindex(out, manifest)
     return {
         "samples": manifest["totals"]["samples"],

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prior_dist.data.shards import atomic_file, load_index
+from prior_dist.atomic import atomic_file
+from prior_dist.data.shards import load_index
 
 MAGIC = b"PRIORIDX"
 VERSION = 1

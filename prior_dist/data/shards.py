@@ -8,17 +8,16 @@ written (image bytes, JSON, text); nothing is pickled.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+
+from prior_dist.atomic import atomic_file
 
 MANIFEST = "manifest.json"
 FORMAT = "prior_dist-shards"
@@ -38,30 +37,6 @@ def sanitize_key(raw: str) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file to write that appears at `path` only whole: written under a temporary name in the
-    same directory, fsynced, then renamed into place; removed if the writing fails."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as handle:
-        handle.write(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -110,9 +85,8 @@ def write_shard(out_dir: Path, name: str, samples: Iterable[tuple[str, dict[str,
     the same sha256 on every machine.
     """
     tar_path = out_dir / f"{name}.tar"
-    tmp_path = out_dir / f".{name}.tar.tmp.{os.getpid()}"
     entries = []
-    with open(tmp_path, "wb") as raw:
+    with atomic_file(tar_path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, members in samples:
                 offsets = {}
@@ -131,9 +105,6 @@ def write_shard(out_dir: Path, name: str, samples: Iterable[tuple[str, dict[str,
                     )
                     offsets[ext] = [header_at + header_len, len(data)]
                 entries.append({"key": key, "members": offsets})
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp_path, tar_path)
     return {
         "name": name,
         "file": tar_path.name,

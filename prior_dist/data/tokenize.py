@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import normalizers, pre_tokenizers
 
+from prior_dist.atomic import publish
 from prior_dist.data.hub import resolve_pretrained
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -96,7 +97,7 @@ def build_wordpiece(
         # save_pretrained writes the config files AutoTokenizer needs; vocab.txt goes last so
         # its presence means the directory is complete.
         tokenizer.save_pretrained(str(out))
-        os.replace(tmp, vocab)
+        publish(tmp, vocab)
     return BertTokenizer.from_pretrained(str(out))
 
 

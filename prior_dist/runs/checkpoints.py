@@ -19,7 +19,6 @@ import contextlib
 import errno
 import io
 import json
-import os
 import random
 import shutil
 import time
@@ -29,9 +28,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
+from prior_dist.atomic import publish, write_bytes, write_json, write_text
 from prior_dist.data.shards import sha256_file
 from prior_dist.runs.detached import (
     failed_writers,
@@ -124,7 +124,7 @@ def file_records(directory: Path, rank: int = 0, world: int = 1) -> dict:
     names = sorted(
         p.name
         for p in directory.iterdir()
-        if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+        if p.is_file() and p.name != MARKER and not p.name.startswith(".")  # in the making
     )
     return {name: _digest(directory / name) for name in names[rank::world]}
 
@@ -247,19 +247,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _save_rank_state(checkpoint: Path, rank: int, rank_state: dict) -> None:
     """`{"loader": ..., "rng": rng_state()}` as JSON + safetensors; the JSON is written last."""
     values, tensors = rank_files(checkpoint, rank)
     rng = {k: v for k, v in rank_state["rng"].items() if k != "tensors"}
-    _atomic(tensors, lambda tmp: save_file(rank_state["rng"]["tensors"], str(tmp)))
-    text = json.dumps({"loader": rank_state["loader"], "rng": rng})
-    _atomic(values, lambda tmp: tmp.write_text(text))
+    write_bytes(tensors, save_bytes(rank_state["rng"]["tensors"]))
+    write_text(values, json.dumps({"loader": rank_state["loader"], "rng": rng}))
 
 
 def _load_rank_state(checkpoint: Path, rank: int) -> dict | None:
@@ -325,7 +318,7 @@ def save_checkpoint(
     if rank == 0:
         marker[FILES] = records
         try:
-            _atomic(root / tag / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=2)))
+            write_json(root / tag / MARKER, marker)
         except OSError as err:
             raise _write_error(root / tag, rank, err) from err
         _prune(root, keep_last)
@@ -471,7 +464,7 @@ def convert_to_universal(path: Path, target: Path) -> float:
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             ds_to_universal.main(args)  # prints its progress; we say one line instead
-        os.replace(tmp, target)
+        publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         (path / "latest_universal").unlink(missing_ok=True)  # its pointer; we name the folder

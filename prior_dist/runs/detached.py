@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from prior_dist.atomic import write_bytes
 from prior_dist.runs.layout import MARKER
 from prior_dist.runs.lock import (
     HEARTBEAT_S,
@@ -72,18 +73,9 @@ def snapshot_deepspeed_save(engine, save: Callable[[], None]) -> dict[str, bytes
     return snapshot.files
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_file(path: Path, data: bytes) -> dict:
     """One file of the checkpoint on disk (atomically); its record for `complete.json`."""
-    _write_atomically(path, data)
+    write_bytes(path, data)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -105,7 +97,7 @@ def _write_all(
 ) -> None:
     """The writer's work: this rank's files, its records, and the marker if it is the last."""
     records = {name: write_file(directory / name, data) for name, data in files.items()}
-    _write_atomically(directory / f"{RECORDS_PREFIX}{rank}.json", json.dumps(records).encode())
+    write_bytes(directory / f"{RECORDS_PREFIX}{rank}.json", json.dumps(records).encode())
     parts = [directory / f"{RECORDS_PREFIX}{r}.json" for r in range(world)]
     if not all(p.is_file() for p in parts):
         return  # a later writer completes the checkpoint
@@ -117,7 +109,7 @@ def _write_all(
     for part in parts:
         merged.update(json.loads(part.read_text()))
     marker = dict(marker, files=dict(sorted(merged.items())))
-    _write_atomically(directory / MARKER, json.dumps(marker, indent=2).encode())
+    write_bytes(directory / MARKER, json.dumps(marker, indent=2).encode())
     for path in [*parts, directory / _CLAIM]:
         path.unlink(missing_ok=True)
     on_complete()
@@ -129,14 +121,14 @@ def _writer_main(directory, files, rank, world, marker, on_complete) -> None:
     me = directory / f"{WRITER_PREFIX}{rank}.json"
     done = threading.Event()
     try:
-        _write_atomically(me, json.dumps(owner_record("writer")).encode())
+        write_bytes(me, json.dumps(owner_record("writer")).encode())
         threading.Thread(target=_beat, args=(me, done), daemon=True).start()
         _write_all(directory, files, rank, world, marker, on_complete)
     except BaseException as err:  # the writer has nobody to raise to: leave the reason
         code = 1
         try:
             text = f"rank {rank}'s writer (pid {os.getpid()}): {type(err).__name__}: {err}"
-            _write_atomically(directory / f"{FAILED_PREFIX}{rank}.txt", text.encode())
+            write_bytes(directory / f"{FAILED_PREFIX}{rank}.txt", text.encode())
         except BaseException:
             pass
     finally:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from prior_dist.atomic import write_json
 from prior_dist.data.transforms import MIMIC_MEAN, MIMIC_STD
 from prior_dist.models.state_dict import (
     hf_bert_config,
@@ -88,9 +88,7 @@ def export_model(loaded, out_dir: str | Path) -> Path:
         card["timm_vision_transformer"] = timm_arguments(cfg.image)
     else:
         card["image_encoder_constructors"] = resnet_constructors(cfg.image)
-    tmp = out / (CARD_FILE + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2))
-    os.replace(tmp, out / CARD_FILE)
+    write_json(out / CARD_FILE, card)
     (out / "README.md").write_text(_card_markdown(card))
     return out
 

@@ -4,7 +4,6 @@ and the per-rank sample audit. Files are rewritten on resume so they hold each s
 from __future__ import annotations
 
 import json
-import os
 import resource
 import secrets
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from prior_dist.atomic import write_text
 from prior_dist.runs.layout import RESOLVED_CONFIG
 
 
@@ -25,9 +25,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
         for line in path.read_text().splitlines()
         if line.strip() and json.loads(line).get("step", 0) <= last_step
     ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 class JsonlWriter:

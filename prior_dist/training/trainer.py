@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from prior_dist.atomic import publish, write_json
 from prior_dist.data.provision import (
     ensure_phantom_shards,
     first_local_source,
@@ -224,7 +225,7 @@ class Trainer:
         tmp = self.run_dir / f".{RUN_TOKENIZER}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, target)
+        publish(tmp, target)
 
     def _build(self) -> None:
         """The model config for the tokenizer, the engine, the loader and the stage plan."""
@@ -348,9 +349,7 @@ class Trainer:
                 for s in self.spans
             ],
         }
-        tmp = self.run_dir / (RESOLVED_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(resolved, indent=2))
-        os.replace(tmp, self.run_dir / RESOLVED_CONFIG)
+        write_json(self.run_dir / RESOLVED_CONFIG, resolved)
 
     # -- the loop -------------------------------------------------------------------------
     def span_at(self, step: int) -> StageSpan:

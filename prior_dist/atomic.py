@@ -1,0 +1,81 @@
+"""Files that appear whole or not at all: the one place in the package that renames into place.
+
+A file is written under a temporary name beside its target, flushed and fsynced, renamed over
+the target, and the directory is fsynced so that the rename itself survives a crash; a write
+that fails leaves no temporary file behind. `publish` does the same for a file or directory
+that something else wrote (a tokenizer's `save_pretrained`, DeepSpeed's converter). Everything
+the package writes for others to find goes through here (shards and their indexes, manifests,
+checkpoint records, configs, vocabularies, model cards, results); `tests/test_layout.py`
+keeps `os.replace` and `os.rename` out of every other module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform or file system that cannot open directories: best effort
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A name beside `path` for its content in the making (hidden, this process's own)."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at `path` only whole (see the module)."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any, indent: int = 2) -> None:
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Rename the finished file or directory `tmp` (written by other code, beside `target`)
+    to `target`, its contents fsynced first. A directory replaces only a missing or empty
+    `target`."""
+    tmp, target = Path(tmp), Path(target)
+    for root, _, names in os.walk(tmp) if tmp.is_dir() else [(tmp.parent, [], [tmp.name])]:
+        for name in names:
+            with open(Path(root) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if tmp.is_dir():
+            _fsync_directory(Path(root))
+    os.replace(tmp, target)
+    _fsync_directory(target.parent)
