@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
 
-from prior_dist.atomic import publish, write_bytes, write_json, write_text
+from prior_dist.atomic import publish, write_bytes, write_json
 from prior_dist.data.shards import sha256_file
 from prior_dist.runs.detached import (
     failed_writers,
@@ -247,12 +247,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def _save_rank_state(checkpoint: Path, rank: int, rank_state: dict) -> None:
-    """`{"loader": ..., "rng": rng_state()}` as JSON + safetensors; the JSON is written last."""
+def _rank_state_files(checkpoint: Path, rank: int, rank_state: dict) -> dict[Path, bytes]:
+    """`{"loader": ..., "rng": rng_state()}` as the bytes of its safetensors file (RNG tensors)
+    and its JSON file (the rest), in that order: the JSON is written last."""
     values, tensors = rank_files(checkpoint, rank)
     rng = {k: v for k, v in rank_state["rng"].items() if k != "tensors"}
-    write_bytes(tensors, save_bytes(rank_state["rng"]["tensors"]))
-    write_text(values, json.dumps({"loader": rank_state["loader"], "rng": rng}))
+    return {
+        tensors: save_bytes(rank_state["rng"]["tensors"]),
+        values: json.dumps({"loader": rank_state["loader"], "rng": rng}).encode(),
+    }
+
+
+def _save_rank_state(checkpoint: Path, rank: int, rank_state: dict) -> None:
+    for path, data in _rank_state_files(checkpoint, rank, rank_state).items():
+        write_bytes(path, data)
 
 
 def _load_rank_state(checkpoint: Path, rank: int) -> dict | None:
@@ -344,10 +352,8 @@ def _save_detached(engine, root, tag, client_state, rank_state, marker, keep_las
         if Path(path).parent != directory:
             raise RuntimeError(f"DeepSpeed saved {path} outside the checkpoint {directory}")
         files[Path(path).name] = data
-    values, tensors = rank_files(directory, rank)
-    rng = {k: v for k, v in rank_state["rng"].items() if k != "tensors"}
-    files[tensors.name] = save_bytes(rank_state["rng"]["tensors"])
-    files[values.name] = json.dumps({"loader": rank_state["loader"], "rng": rng}).encode()
+    for path, data in _rank_state_files(directory, rank, rank_state).items():
+        files[path.name] = data
     pid = start_writer(directory, files, rank, world, marker, lambda: _prune(root, keep_last))
     wait_until(lambda: not process_running(pid), poll_s=0.2)
     failed = [f for f in failed_writers(directory) if f.startswith(f"rank {rank}'s")]

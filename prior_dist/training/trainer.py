@@ -281,13 +281,17 @@ class Trainer:
         dist.barrier()
         return ckpt.choose_checkpoint(self.run_dir, self.resume, self.log)
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: ranks x micro-batch x accumulation."""
+        return self.world * self.ds.micro_batch_size * self.ds.gradient_accumulation_steps
+
     def _check_global_batch(self) -> None:
         """A resume with another global batch (samples per optimizer step): allowed, with a
         warning naming both, when the schedule is in steps (it is kept; the data continue from
         the same sample); refused when stages are in epochs (their steps would move)."""
         ds, path = self.ds, self.resume_path
         accumulation = ds.gradient_accumulation_steps
-        self.global_batch = self.world * ds.micro_batch_size * accumulation
         saved = ckpt.saved_global_batch(path, accumulation) if path is not None else None
         if saved in (None, self.global_batch):
             return
