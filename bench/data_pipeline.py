@@ -33,11 +33,7 @@ from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image  # noqa: E402
 
 from prior_dist.data import images as imgs  # noqa: E402
-from prior_dist.data.build import build_shards  # noqa: E402
 from prior_dist.data.loader import PriorLoader  # noqa: E402
-from prior_dist.data.phantom import make_study  # noqa: E402
-from prior_dist.data.prepare import PrepareSettings  # noqa: E402
-from prior_dist.data.sources import enumerate_phantom  # noqa: E402
 from prior_dist.data.tokenize import build_wordpiece  # noqa: E402
 from prior_dist.data.transforms import (  # noqa: E402
     MIMIC_MEAN,
@@ -45,6 +41,10 @@ from prior_dist.data.transforms import (  # noqa: E402
     TransformConfig,
     apply_geometry,
 )
+from prior_dist.preparation.build import build_shards  # noqa: E402
+from prior_dist.preparation.phantom import make_study  # noqa: E402
+from prior_dist.preparation.sources import enumerate_phantom  # noqa: E402
+from prior_dist.preparation.study import PrepareSettings  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -85,13 +85,13 @@ def bench_loader_vs_raw_decode(shards: Path, tokenizer, batch: int, size: int) -
     out = {"raw_decode_samples_per_s": raw, "image_size": size, "settings": {}}
     for geometry in ("loader", "step"):
         for decoder in ("pil", "torchvision"):
-            transform = TransformConfig(image_size=size, geometry=geometry, decoder=decoder)
+            transform = TransformConfig(image_size=size, augment_in=geometry, decoder=decoder)
             loader = PriorLoader(
                 shards, tokenizer, batch, rank=0, world_size=1, num_workers=0, transform=transform
             )
             n = len(loader.index)
             rate = n / best_of(lambda loader=loader: [None for _ in loader])
-            out["settings"][f"geometry={geometry}, decoder={decoder}"] = {
+            out["settings"][f"augment_in={geometry}, decoder={decoder}"] = {
                 "loader_samples_per_s": rate,
                 "ratio_to_pil_decode": rate / raw["pil"],
                 "ratio_to_torchvision_decode": rate / raw["torchvision"],
@@ -101,7 +101,7 @@ def bench_loader_vs_raw_decode(shards: Path, tokenizer, batch: int, size: int) -
     angles, flips = torch.empty(batch).uniform_(-5, 5), torch.zeros(batch, dtype=torch.bool)
     seconds = best_of(lambda: apply_geometry(images, angles, flips, MIMIC_MEAN, MIMIC_STD), 5)
     out["step_geometry_cpu_ms_per_sample"] = 1000 * seconds / batch
-    out["target"] = "loader (geometry=step) / raw PIL decode >= 0.75"
+    out["target"] = "loader (augment_in=step) / raw PIL decode >= 0.75"
     return out
 
 

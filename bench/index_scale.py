@@ -122,9 +122,9 @@ def base_shard(work: Path) -> Path:
     base = work / "base"
     if (base / "manifest.json").is_file():
         return base
-    from prior_dist.data.build import build_shards
-    from prior_dist.data.prepare import PrepareSettings
-    from prior_dist.data.sources import enumerate_phantom
+    from prior_dist.preparation.build import build_shards
+    from prior_dist.preparation.sources import enumerate_phantom
+    from prior_dist.preparation.study import PrepareSettings
 
     records, skipped, source = enumerate_phantom(1400, seed=5)
     records = [r for r in records if r.split == "train"][:BASE_SAMPLES]
@@ -208,7 +208,7 @@ def measure(directory: Path, code: Path | None, args) -> dict:
 
 
 def reindex_seconds(directory: Path) -> float:
-    from prior_dist.data.build import reindex
+    from prior_dist.preparation.build import reindex
 
     for stale in directory.glob("*.index.bin"):
         stale.unlink()

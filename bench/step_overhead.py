@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prior_dist.preparation.provision import provide_phantom_shards  # noqa: E402
 from prior_dist.task import stage_plan  # noqa: E402
 from prior_dist.testing.dispatch_count import StepCounter  # noqa: E402
 from prior_dist.training.ds_config import read_deepspeed_config  # noqa: E402
@@ -221,7 +222,13 @@ def main() -> None:
         settings = [*TOY_PAPER, f"data.path={tmp}/shards", *args.overrides, *args.candidate]
         recipe, _ = load_recipe("paper", settings)
         recipe = dataclasses.replace(recipe, deepspeed_expect={})
-        trainer = Trainer(recipe, read_deepspeed_config(config), Path(tmp, "run"), resume="none")
+        trainer = Trainer(
+            recipe,
+            read_deepspeed_config(config),
+            Path(tmp, "run"),
+            resume="none",
+            prepare_data=provide_phantom_shards,
+        )
         trainer.setup()
         trainer.engine.train()
         try:

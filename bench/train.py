@@ -96,14 +96,15 @@ def main() -> int:
         f"date {date.today()}  machine {platform.processor() or platform.machine()}, "
         "2 CPU ranks (gloo), recipe tiny, fp32"
     )
-    from prior_dist.data.provision import ensure_phantom_shards, load_training_tokenizer
+    from prior_dist.data.run_data import load_training_tokenizer
+    from prior_dist.preparation.provision import provide_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shards = tmp / "shards"
         recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=1600"])
-        ensure_phantom_shards(recipe.data, log=lambda _: None)
+        provide_phantom_shards(recipe.data, log=lambda _: None)
         load_training_tokenizer(recipe.data, shards)
         rows = []
         for stage in [int(s) for s in args.stages.split(",")]:

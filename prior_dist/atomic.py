@@ -6,12 +6,14 @@ that fails leaves no temporary file behind. `publish` does the same for a file o
 that something else wrote (a tokenizer's `save_pretrained`, DeepSpeed's converter). Everything
 the package writes for others to find goes through here (shards and their indexes, manifests,
 checkpoint records, configs, vocabularies, model cards, results); `tests/test_layout.py`
-keeps `os.replace` and `os.rename` out of every other module.
+keeps `os.replace` and `os.rename` out of every other module. `file_lock` lets one process at
+a time make what the others would make the same (phantom shards, a vocabulary, an index).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -79,3 +81,25 @@ def publish(tmp: Path, target: Path) -> None:
             _fsync_directory(Path(root))
     os.replace(tmp, target)
     _fsync_directory(target.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock `path` (made when missing): processes that would make the same
+    files (every rank of a node, nodes sharing the file system) wait for the first one and
+    then find its work done. Where the lock cannot be made or the file system has no locks,
+    everyone goes on: what they write is the same and goes through this module, so no reader
+    sees a half-written file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield

@@ -60,7 +60,7 @@ def run_task(task: str, loaded, data: str, args) -> dict:
         if ":" in data and not Path(data).exists():
             raise ValueError(f"retrieval needs reports; {data} has none (use pretraining shards)")
         classes = args.classes.split(",") if args.classes else CHEXPERT_COMPETITION
-        return retrieval(loaded, data, args.split, classes)
+        return retrieval(loaded, data, args.split, classes, through_bank=args.bank == "on")
     fractions = tuple(float(f) for f in args.fractions.split(","))
     seeds = tuple(int(s) for s in args.seeds.split(","))
     if task == "linear-probe":
@@ -89,7 +89,7 @@ def _prompt_options(args) -> PromptOptions:
     form = "pos_neg" if args.multi_label or args.form == "pos-neg" else "classes"
     named = PromptOptions.named(args.prompt_set, form)
     templates = tuple(args.prompt) if args.prompt else named.templates
-    return PromptOptions(templates, named.phrases, form, through_bank=args.prompt_bank == "on")
+    return PromptOptions(templates, named.phrases, form, through_bank=args.bank == "on")
 
 
 def _pm(summary: dict, key: str) -> str:
@@ -145,9 +145,10 @@ def _headline(task: str, result: dict) -> str:
         )
     if task == "retrieval":
         i2t, t2i = result["image_to_text"], result["text_to_image"]
+        precision = f" P@5 {i2t['precision@5']:.3f}" if "precision@5" in i2t else " (no P@K)"
         return (
             f"i2t R@1/5/10 {i2t['recall@1']:.3f}/{i2t['recall@5']:.3f}/{i2t['recall@10']:.3f}"
-            f" P@5 {i2t['precision@5']:.3f}; t2i R@1/5/10 {t2i['recall@1']:.3f}/"
+            f"{precision}; t2i R@1/5/10 {t2i['recall@1']:.3f}/"
             f"{t2i['recall@5']:.3f}/{t2i['recall@10']:.3f}"
         )
     if task == "segmentation":
@@ -211,12 +212,14 @@ def _zero_shot_options(parser: argparse.ArgumentParser) -> None:
         "paper's 0.5 when that split cannot score it); the paper uses 0.5",
     )
     zero.add_argument(
+        "--bank",
         "--prompt-bank",
+        dest="bank",
         default="off",
         choices=("on", "off"),
-        help="on: prompt sentences through the prototype bank, as stage 2-3 training sees "
-        "sentences; off (default): their own embeddings (the bank can map several classes' "
-        "prompts onto one prototype)",
+        help="zero-shot and retrieval: on: prompt and report sentences through the prototype "
+        "bank, as stage 2-3 training sees sentences; off (default): their own embeddings (the "
+        "bank can map several classes' prompts onto one prototype)",
     )
     zero.add_argument("--select-split", default="validate", help="where --local-weight auto looks")
     zero.add_argument(

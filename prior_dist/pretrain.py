@@ -9,7 +9,14 @@ its own as one process. The same command line as `launch/pretrain.py` in a check
 
 import sys
 
-from prior_dist.training.cli import main
+from prior_dist.preparation.provision import provide_phantom_shards
+from prior_dist.training import cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The pretraining command, phantom shards generated on first use where a recipe asks."""
+    return cli.main(argv, prepare_data=provide_phantom_shards)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,8 +16,10 @@ owner of its keys.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -32,6 +34,38 @@ Probability = Annotated[float, Field(ge=0, lt=1)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 T = TypeVar("T")
+
+# Recipe fields that moved: old dotted name -> new. What a user wrote and what a run directory
+# saved under an old name is read under the new one (`upgrade_moved_fields`).
+MOVED_FIELDS = {
+    "data.eval_split": "eval.final_split",
+    "model.init_from": "init_from",
+    "eval.prompt_bank": "eval.bank",
+}
+
+
+def upgrade_moved_fields(raw: dict, warn: bool = True) -> dict:
+    """A copy of the recipe mapping `raw` with each field of `MOVED_FIELDS` under its new name
+    (one line on stderr per old name used when `warn`); both names set to different values is
+    an error naming both."""
+    out = copy.deepcopy(raw)
+    for old, new in MOVED_FIELDS.items():
+        section, name = old.split(".")
+        holder = out.get(section)
+        if not isinstance(holder, dict) or name not in holder:
+            continue
+        value = holder.pop(name)
+        *parent, field = new.split(".")
+        target = out.setdefault(parent[0], {}) if parent else out
+        if target.get(field) not in (None, value):
+            raise ValueError(
+                f"{old} ({value!r}) and {new} ({target[field]!r}) are both set; {old} is the "
+                f"old name of {new}: keep {new} only"
+            )
+        target[field] = value
+        if warn:
+            print(f"[prior_dist] {old} is now {new}: read as {new}", file=sys.stderr, flush=True)
+    return out
 
 
 def build(kind: type[T], values, where: str) -> T:

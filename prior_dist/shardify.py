@@ -11,17 +11,17 @@ import json
 import os
 import sys
 
-from prior_dist.data.build import build_shards, finalize, reindex, verify
 from prior_dist.data.images import MAX_PIXELS
-from prior_dist.data.prepare import PrepareSettings
 from prior_dist.data.shards import load_manifest
-from prior_dist.data.sources import (
+from prior_dist.preparation.build import build_shards, finalize, reindex, verify
+from prior_dist.preparation.sources import (
     FRONTAL_VIEWS,
     enumerate_manifest,
     enumerate_mimic,
     enumerate_openi,
     enumerate_phantom,
 )
+from prior_dist.preparation.study import PrepareSettings
 
 
 def _env_int(name: str, default: int) -> int:

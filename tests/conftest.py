@@ -49,9 +49,9 @@ def run_cli(
 def phantom_dir(tmp_path_factory) -> Path:
     """61 phantom studies in shards of 7: counts that divide neither the shards nor the batches."""
     out = tmp_path_factory.mktemp("phantom")
-    from prior_dist.data.build import build_shards
-    from prior_dist.data.prepare import PrepareSettings
-    from prior_dist.data.sources import enumerate_phantom
+    from prior_dist.preparation.build import build_shards
+    from prior_dist.preparation.sources import enumerate_phantom
+    from prior_dist.preparation.study import PrepareSettings
 
     records, skipped, source = enumerate_phantom(61, seed=3)
     build_shards(

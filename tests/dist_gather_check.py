@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from prior_dist.distributed import AllGather
 from prior_dist.distributed.sync_bn import convert_batchnorm
-from prior_dist.losses import LocalGather, global_contrastive_loss, prototype_l1_loss
+from prior_dist.losses import SingleProcessGather, global_contrastive_loss, prototype_l1_loss
 from prior_dist.task.task import rows_per_rank
 from prior_dist.testing.dispatch_count import StepCounter
 
@@ -68,7 +68,7 @@ def _pooled_sentence_mean(rank: int, world: int) -> dict:
     lengths = torch.tensor([1, 5, 4, 2][: world * 2])
     mask = torch.arange(6)[None, :] < lengths[:, None]
 
-    full = prototype_l1_loss(proj(x), q, mask, rows_per_rank(mask, LocalGather()))
+    full = prototype_l1_loss(proj(x), q, mask, rows_per_rank(mask, SingleProcessGather()))
     by_sentence = (proj(x) - q).abs().mean(-1)[mask].mean()  # the slow, obvious formula
     full_grads = torch.autograd.grad(full, list(proj.parameters()))
     rows = slice(rank * 2, rank * 2 + 2)

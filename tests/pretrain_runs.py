@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from prior_dist.data.provision import ensure_phantom_shards, load_training_tokenizer
+from prior_dist.data.run_data import load_training_tokenizer
+from prior_dist.preparation.provision import provide_phantom_shards
 from prior_dist.runs.safe_load import safe_torch_load
 from prior_dist.task import LOSS_NAMES
 from prior_dist.training.recipe import load_recipe
@@ -249,7 +250,7 @@ def wait_for_step(run_dir, step, proc, timeout=540):
 def make_tiny_shards(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={path}"])
-    ensure_phantom_shards(recipe.data, log=lambda _: None)
+    provide_phantom_shards(recipe.data, log=lambda _: None)
     load_training_tokenizer(recipe.data, path)
     return path
 

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from prior_dist.data.build import verify
 from prior_dist.data.compact import compact_name, open_compact, shards_digest
 from prior_dist.data.index import ShardReader, ShardSource, SplitIndex
 from prior_dist.data.shards import load_index, load_manifest
+from prior_dist.preparation.build import verify
 from tests.conftest import REPO
 
 

@@ -39,13 +39,13 @@ def test_retrieval_and_precision_and_f1():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from prior_dist.data.provision import ensure_phantom_shards
+    from prior_dist.preparation.provision import provide_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     tmp = tmp_path_factory.mktemp("evaluate")
     shards = tmp / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={shards}", "data.phantom_studies=200"])
-    ensure_phantom_shards(recipe.data, log=lambda _: None)
+    provide_phantom_shards(recipe.data, log=lambda _: None)
     run = tmp / "run"
     # The data path as a user types it: relative to where training starts (the repository).
     relative = os.path.relpath(shards, REPO)
@@ -314,7 +314,9 @@ def test_evaluate_on_public_layouts(tiny_run, tmp_path):
     assert bad.returncode == 2 and "retrieval needs reports" in bad.stderr
 
 
-def test_retrieval_uses_the_given_classes_and_refuses_labels_no_sample_has(tiny_run):
+def test_retrieval_uses_the_given_classes_and_needs_no_labels_for_recall(tiny_run):
+    """Precision@K over the given classes; shards without those labels (a hospital's own
+    reports) still get Recall@K, with Precision@K left out and a note saying why."""
     from prior_dist.evaluation.retrieval import retrieval
     from prior_dist.runs.load import load_run
 
@@ -322,19 +324,38 @@ def test_retrieval_uses_the_given_classes_and_refuses_labels_no_sample_has(tiny_
     result = retrieval(loaded, loaded.data_path, "test", ["Edema", "Pleural Effusion"])
     precision = result["image_to_text"]["precision@10"]
     assert 0 < precision <= 1, result  # was 0.000 for every model: unlabelled classes never matched
-    try:
-        retrieval(loaded, loaded.data_path, "test", ["No Such Finding"])
-    except ValueError as err:
-        assert "No Such Finding" in str(err) and "--classes" in str(err)
-    else:
-        raise AssertionError("retrieval over labels no sample has was not refused")
+    assert "note" not in result
+    unlabelled = retrieval(loaded, loaded.data_path, "test", ["No Such Finding"])
+    assert "No Such Finding" in unlabelled["note"] and "--classes" in unlabelled["note"]
+    for way in ("image_to_text", "text_to_image"):
+        assert not any(k.startswith("precision@") for k in unlabelled[way])
+        for key, value in unlabelled[way].items():  # the same embeddings, the same recall
+            assert value == result[way][key], key
+
+
+def test_retrieval_and_zero_shot_make_one_choice_about_the_bank(tiny_run):
+    """Report sentences go through the prototype bank exactly when zero-shot's prompts do:
+    off by default for both, on with `through_bank` / `--bank on`."""
+    from prior_dist.evaluation.retrieval import embeddings, retrieval
+    from prior_dist.evaluation.zero_shot import PromptOptions
+    from prior_dist.runs.load import load_run
+
+    loaded = load_run(tiny_run)
+    default = retrieval(loaded, loaded.data_path, "test")
+    assert default["through_bank"] is PromptOptions().through_bank is False
+    own = embeddings(loaded, loaded.data_path, "test", ["Edema"])[1]
+    banked = embeddings(loaded, loaded.data_path, "test", ["Edema"], through_bank=True)[1]
+    assert not torch.allclose(own, banked)
 
 
 def test_results_are_written_beside_the_run_by_default_with_the_full_table(tiny_run):
-    proc = run_cli("prior_dist.evaluate", "retrieval", "--checkpoint", str(tiny_run))
+    proc = run_cli(
+        "prior_dist.evaluate", "retrieval", "--checkpoint", str(tiny_run), "--bank", "on"
+    )
     out = tiny_run / "eval" / "retrieval.json"
     assert f"results in {out}" in proc.stdout
-    assert json.loads(out.read_text())["pretrained"]["pairs"] > 0
+    written = json.loads(out.read_text())["pretrained"]
+    assert written["pairs"] > 0 and written["through_bank"] is True
     assert "image_to_text.recall@10" in proc.stdout and "text_to_image.median_rank" in proc.stdout
 
 

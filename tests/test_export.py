@@ -17,12 +17,12 @@ from tests.pretrain_runs import ds_config, launch
 
 
 def test_export_of_a_run_round_trips(tmp_path, tokenizer):
-    from prior_dist.data.provision import ensure_phantom_shards
+    from prior_dist.preparation.provision import provide_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     shards = tmp_path / "shards"
     recipe, _ = load_recipe("tiny", [f"data.path={shards}"])
-    ensure_phantom_shards(recipe.data, log=lambda _: None)
+    provide_phantom_shards(recipe.data, log=lambda _: None)
     run = tmp_path / "run"
     launch(1, ds_config(tmp_path, 8), run, shards, "--max-steps", "2")
     out = tmp_path / "export"

@@ -14,7 +14,7 @@ from prior_dist.models import build_model
 from prior_dist.models.config import model_config
 from prior_dist.task import PriorTask, stage_plan
 from prior_dist.task.noise import SampleNoise, noise_seeds
-from prior_dist.training.parallelize import COMPILED_MODULES, compile_towers_and_heads
+from prior_dist.training.engine import COMPILED_MODULES, compile_towers_and_heads
 from tests.model_batch import ragged_batch
 
 

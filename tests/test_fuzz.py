@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prior_dist.data.loader import PriorLoader
-from prior_dist.data.reports import decode_report_bytes, extract_sections, split_sentences
 from prior_dist.data.shards import load_index, load_manifest
-from prior_dist.data.sources import enumerate_manifest
 from prior_dist.data.transforms import CorruptSample, SampleTransform, TransformConfig
+from prior_dist.preparation.reports import decode_report_bytes, extract_sections, split_sentences
+from prior_dist.preparation.sources import enumerate_manifest
 from tests.imaging import gradient, png_bytes
 
 FUZZ = settings(

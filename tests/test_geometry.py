@@ -16,7 +16,6 @@ from prior_dist.data.transforms import (
     apply_geometry,
     squash_rotate,
 )
-from prior_dist.training.step import to_device
 
 MEAN, STD = 0.5, 0.25
 
@@ -83,24 +82,26 @@ def test_torchvision_decoder_agrees_with_pil_and_rejects_corrupt_bytes(tokenizer
 def test_step_geometry_gives_the_loader_geometry_batches(phantom_dir, tokenizer, decoder):
     """Same samples, same draws: the step finishes uint8 batches into what the loader made."""
     cfg = dict(image_size=64, rotation_degrees=5.0, flip_probability=0.5, decoder=decoder)
-    batches = {}
-    for geometry in ("loader", "step"):
-        transform = TransformConfig(geometry=geometry, **cfg)
-        loader = PriorLoader(
+    batches, loaders = {}, {}
+    for place in ("loader", "step"):
+        transform = TransformConfig(augment_in=place, **cfg)
+        loaders[place] = PriorLoader(
             phantom_dir, tokenizer, 8, rank=0, world_size=1, seed=3, transform=transform
         )
-        batches[geometry] = next(iter(loader))
+        batches[place] = next(iter(loaders[place]))
     step = batches["step"]
     assert step["image"].dtype == torch.uint8 and step["angle"].abs().max() <= 5.0
     assert step["flipped"].any() and (step["angle"] != 0).all()
     assert step["key"] == batches["loader"]["key"]
     assert step["sentences"] == batches["loader"]["sentences"]  # laterality swapped alike
-    finished = to_device(step, torch.device("cpu"), torch.float32, TransformConfig(**cfg))
+    cpu = torch.device("cpu")
+    finished = loaders["step"].finish(step, cpu, torch.float32)
     diff = (finished["image"] - batches["loader"]["image"]).abs()[..., 6:-6, 6:-6]
     grey = diff * TransformConfig().std * 255
     if decoder == "torchvision":  # one function on both paths
         assert grey.max() < 1e-3
     else:
         assert grey.mean() < 1.0
-    with pytest.raises(ValueError, match="needs the transform"):
-        to_device(step, torch.device("cpu"), torch.float32)
+    # A batch the workers finished passes through with its pixels as they are.
+    done = loaders["loader"].finish(batches["loader"], cpu, torch.float32)
+    assert torch.equal(done["image"], batches["loader"]["image"])

@@ -109,7 +109,7 @@ def test_workers_are_kept_across_epochs_and_resume_stays_exact(phantom_dir, toke
     assert not any(w.is_alive() for w in workers)
     resumed = make(phantom_dir, tokenizer, 4, num_workers=2)
     resumed.load_state_dict(state)
-    position = state["epoch"] * len(loader) + state["step"]
+    position = state["epoch"] * len(loader) + state["batch"]
     assert [b["key"] for b in resumed] == expected[position:]
     resumed.close()
 
@@ -150,7 +150,7 @@ def test_resume_with_another_global_batch_continues_from_the_same_sample(phantom
     three = make(phantom_dir, tokenizer, 3)
     assert three.load_state_dict(state) == 2
     assert [k for b in three for k in b["key"]] == order[6:]
-    assert make(phantom_dir, tokenizer, 3).load_state_dict(state, whole_steps=4) == 8
+    assert make(phantom_dir, tokenizer, 3).load_state_dict(state, batches_per_step=4) == 8
     list(it)
     finished = make(phantom_dir, tokenizer, 3)
     assert finished.load_state_dict(one.state_dict()) == 0
@@ -159,11 +159,11 @@ def test_resume_with_another_global_batch_continues_from_the_same_sample(phantom
 
 def test_last_batch_rules():
     plan = BatchPlan(10, 3, 2, "uneven")
-    assert plan.num_steps == 2
+    assert plan.num_batches == 2
     assert [plan.rank_slice(1, r) for r in range(2)] == [(6, 8), (8, 10)]
     tiny = BatchPlan(7, 3, 2, "uneven")
     assert [tiny.rank_slice(1, r) for r in range(2)] == [(6, 6), (6, 7)]  # a rank may get none
-    assert BatchPlan(10, 3, 2, "drop").num_steps == 1
+    assert BatchPlan(10, 3, 2, "drop").num_batches == 1
     with pytest.raises(ValueError, match="last_batch"):
         BatchPlan(10, 3, 2, "pad")
 
@@ -223,9 +223,9 @@ def test_resampled_mode_and_weighted_mixture(phantom_dir, tokenizer, tmp_path):
     loader = make(phantom_dir, tokenizer, 4, mode="resampled", samples_per_epoch=20)
     keys = [k for b in loader for k in b["key"]]
     assert len(keys) == 20 and set(keys) <= set(all_keys(phantom_dir))
-    from prior_dist.data.build import build_shards
-    from prior_dist.data.prepare import PrepareSettings
-    from prior_dist.data.sources import enumerate_phantom
+    from prior_dist.preparation.build import build_shards
+    from prior_dist.preparation.sources import enumerate_phantom
+    from prior_dist.preparation.study import PrepareSettings
 
     other = tmp_path / "other"
     records, skipped, source = enumerate_phantom(30, seed=9)
@@ -337,8 +337,8 @@ def test_stream_cli_reports_exactly_once(phantom_dir):
 def test_fused_squash_rotate_matches_two_step():
     from PIL import Image
 
-    from prior_dist.data.phantom import make_study
     from prior_dist.data.transforms import squash_rotate
+    from prior_dist.preparation.phantom import make_study
 
     image = Image.fromarray(make_study(1, seed=2, size=160).images[0]).resize((160, 200))
     for angle in (0.0, 4.5, -3.0):

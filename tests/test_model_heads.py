@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from prior_dist.losses import (
-    align_to_targets,
     global_contrastive_loss,
-    hungarian_assignment,
     intra_report_contrastive_loss,
 )
 from prior_dist.models import build_model, model_config
+from prior_dist.models.matching import align_to_targets, hungarian_assignment
 from prior_dist.models.pooling import AttentionPool, sentence_means
 from prior_dist.ops.local_attention import local_attention, local_attention_reference
 from prior_dist.task import PriorTask, stage_plan

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prior_dist.data.openi import (
+from prior_dist.data.shards import load_manifest
+from prior_dist.preparation.openi import (
     IU_LABELS,
     findings_from_mesh,
     frontal_images,
@@ -21,8 +22,7 @@ from prior_dist.data.openi import (
     read_views,
     report_text,
 )
-from prior_dist.data.phantom import FINDINGS
-from prior_dist.data.shards import load_manifest
+from prior_dist.preparation.phantom import FINDINGS
 from prior_dist.shardify import main
 from tests.imaging import png_bytes
 

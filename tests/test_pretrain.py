@@ -549,12 +549,14 @@ def test_two_nodes_train_stop_and_resume_like_one(long_run, reference, tiny_shar
 
 
 def test_evaluation_during_pretraining_is_logged(reference, tiny_shards):
+    """Training on the shards at weight 2 (each sample twice an epoch), periodic evaluation
+    still reads the validation split's samples once each, for retrieval as for zero-shot."""
     run = reference["tmp"] / "periodic_eval"
     launch(
         1,
         ds_config(reference["tmp"], 16),
         run,
-        tiny_shards,
+        f"{tiny_shards}:2",
         "--max-steps",
         "4",
         overrides=["eval.every_steps=2"],
@@ -563,6 +565,8 @@ def test_evaluation_during_pretraining_is_logged(reference, tiny_shards):
     assert [("eval_i2t_recall@5" in line) for line in lines] == [False, True, False, True]
     assert 0 <= lines[1]["eval_i2t_recall@5"] <= 1 and 0 <= lines[3]["eval_t2i_recall@5"] <= 1
     assert "eval_zero_shot_accuracy" in lines[3]
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert lines[3]["eval_pairs"] == manifest["splits"]["validate"]["num_samples"]
 
 
 def test_sentence_initialised_bank_is_rank_independent(reference, tiny_shards):

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from prior_dist.training.cli import main, runtime_failure
+from prior_dist.pretrain import main
+from prior_dist.training.cli import runtime_failure
 from prior_dist.training.ds_config import engine_config, read_deepspeed_config
-from prior_dist.training.parallelize import precision_dtype, wants_compile
+from prior_dist.training.engine import precision_dtype, wants_compile
 from prior_dist.training.recipe import CONFIG_DIR, load_recipe
 from prior_dist.training.schedule import learning_rate, plan_stages
 from tests.conftest import REPO
@@ -184,8 +185,9 @@ def test_missing_data_source_is_named(tmp_path):
 def test_stale_phantom_shards_are_refused(tmp_path):
     import json
 
-    from prior_dist.data.phantom import GENERATOR_VERSION
-    from prior_dist.data.provision import ensure_phantom_shards
+    from prior_dist.data.run_data import shard_directory
+    from prior_dist.preparation.phantom import GENERATOR_VERSION
+    from prior_dist.preparation.provision import provide_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     recipe, _ = load_recipe("tiny", [f"data.path={tmp_path}"])
@@ -199,11 +201,12 @@ def test_stale_phantom_shards_are_refused(tmp_path):
     ):
         (tmp_path / "manifest.json").write_text(json.dumps({"source": source}))
         with pytest.raises(ValueError, match=f"phantom shards with .*{problem}.*delete"):
-            ensure_phantom_shards(recipe.data, log=lambda _: None)
+            provide_phantom_shards(recipe.data, log=lambda _: None)
     (tmp_path / "manifest.json").write_text(
         json.dumps({"source": dict(source, num=num, generator=GENERATOR_VERSION)})
     )
-    assert ensure_phantom_shards(recipe.data, log=lambda _: None) == tmp_path
+    provide_phantom_shards(recipe.data, log=lambda _: None)
+    assert shard_directory(recipe.data) == tmp_path
 
 
 def test_the_end_of_a_run_prints_a_summary_and_the_next_commands(tmp_path):
@@ -400,3 +403,15 @@ def test_the_command_line_hint_is_for_the_command_line_only():
     assert str(caught.value) == (
         "x/model_card.json: model_config.image.layers: input should be a valid array, got 3"
     )
+
+
+def test_a_moved_field_is_read_under_its_new_name(capsys):
+    """`model.init_from` and `data.eval_split` moved (`MOVED_FIELDS`): the old names still read,
+    with one line naming the new one; both names with different values are refused."""
+    recipe, _ = load_recipe("tiny", ["model.init_from=a/run", "data.eval_split=validate"])
+    assert recipe.init_from == "a/run" and recipe.eval.final_split == "validate"
+    err = capsys.readouterr().err
+    assert "model.init_from is now init_from" in err and "data.eval_split is now" in err
+    assert load_recipe("tiny", ["init_from=a/run"])[0].init_from == "a/run"
+    with pytest.raises(ValueError, match="data.eval_split .* and eval.final_split .* both set"):
+        load_recipe("tiny", ["data.eval_split=validate", "eval.final_split=test"])

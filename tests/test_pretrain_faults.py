@@ -72,12 +72,12 @@ def test_a_full_disk_during_a_save_names_the_path_and_the_cause(reference, tiny_
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory):
-    from prior_dist.data.provision import ensure_phantom_shards
+    from prior_dist.preparation.provision import provide_phantom_shards
     from prior_dist.training.recipe import load_recipe
 
     path = tmp_path_factory.mktemp("demo") / "shards"
     recipe, _ = load_recipe("demo", [f"data.path={path}", *DEMO_SMALL])
-    ensure_phantom_shards(recipe.data, log=lambda _: None)
+    provide_phantom_shards(recipe.data, log=lambda _: None)
     return path
 
 

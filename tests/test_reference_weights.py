@@ -215,10 +215,10 @@ def test_the_authors_image_encoder_file_gives_a_backbone(prefix):
 
 
 def test_pretraining_starts_from_the_authors_weights(tiny_shards, tmp_path):
-    """`--set model.init_from=CKPT` on the tiny recipe in the reference layout: with the
+    """`--set init_from=CKPT` on the tiny recipe in the reference layout: with the
     learning rate at 1e-30, the weights after one step are the file's (so they were loaded), and the
     log reports the strict load. The default layout (other keys) is refused by name."""
-    from prior_dist.data.provision import load_training_tokenizer
+    from prior_dist.data.run_data import load_training_tokenizer
     from prior_dist.training.recipe import load_recipe
     from tests.pretrain_runs import ds_config, final_state, launch
 
@@ -231,12 +231,12 @@ def test_pretraining_starts_from_the_authors_weights(tiny_shards, tmp_path):
     torch.save({"state_dict": prior_to_reference(source.state_dict())}, ckpt)
     # A step of size 1e-30 leaves every fp32 weight as it was.
     frozen = ["train.stages.0.lr=1.0e-30", "train.stages.0.warmup_start_lr=0.0"]
-    options = ["model.compat_preset=reference", f"model.init_from={ckpt}", *frozen]
+    options = ["model.compat_preset=reference", f"init_from={ckpt}", *frozen]
     run = tmp_path / "run"
     proc = launch(
         1, ds_config(tmp_path, 16), run, tiny_shards, "--max-steps", "1", overrides=options
     )
-    assert f"model.init_from {ckpt} (the authors' checkpoint): all" in proc.stdout
+    assert f"init_from {ckpt} (the authors' checkpoint): all" in proc.stdout
     after = final_state(run, 1)
     for key, value in source.state_dict().items():
         if value.is_floating_point() and "running_" not in key:
@@ -248,7 +248,7 @@ def test_pretraining_starts_from_the_authors_weights(tiny_shards, tmp_path):
         tiny_shards,
         "--max-steps",
         "1",
-        overrides=[f"model.init_from={ckpt}"],
+        overrides=[f"init_from={ckpt}"],
         check=False,
     )
     assert refused.returncode == 2 and "does not fit" in refused.stderr, refused.stderr[-2000:]

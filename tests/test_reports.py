@@ -1,4 +1,4 @@
-from prior_dist.data.reports import clean_whitespace, extract_sections, split_sentences
+from prior_dist.preparation.reports import clean_whitespace, extract_sections, split_sentences
 
 MIMIC = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)

@@ -16,8 +16,6 @@ A header whose digest does not match the manifest is stale: the index is rebuilt
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import mmap
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prior_dist.atomic import atomic_file
+from prior_dist.atomic import atomic_file, file_lock
 from prior_dist.data.shards import load_index
 
 MAGIC = b"PRIORIDX"
@@ -234,24 +232,6 @@ def _current(path: Path, digest: str) -> tuple[CompactIndex | None, str]:
     return index, ""
 
 
-@contextlib.contextmanager
-def _build_lock(path: Path):
-    """One builder at a time per index file: ranks that start together wait for the first one
-    instead of each rebuilding. Where the file system has no locks, everyone builds (the same
-    bytes, written atomically)."""
-    try:
-        handle = open(path.with_name(f".{path.name}.lock"), "a")
-    except OSError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-
-
 def load_compact(manifest_dir: str | Path, split: str, shards: list[dict]) -> CompactIndex:
     """The split's index: mapped from ``{split}.index.bin`` when it matches the manifest, else
     built from the `.idx.json` files and written there (atomically, one process at a time). A
@@ -261,7 +241,8 @@ def load_compact(manifest_dir: str | Path, split: str, shards: list[dict]) -> Co
     index, problem = _current(path, digest)
     if index is not None:
         return index
-    with _build_lock(path):
+    # One builder at a time: ranks that start together wait for the first one.
+    with file_lock(path.with_name(f".{path.name}.lock")):
         index, problem = _current(path, digest)  # another process may have built it meanwhile
         if index is not None:
             return index

@@ -11,7 +11,8 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt
 from pydantic.dataclasses import dataclass
 
 from prior_dist.data.index import Mode, parse_sources
-from prior_dist.data.transforms import Decoder, Geometry, TransformConfig
+from prior_dist.data.tokenize import MAX_TOKENS
+from prior_dist.data.transforms import AugmentIn, Decoder, TransformConfig
 from prior_dist.schema import SECTION, Fraction
 
 
@@ -29,7 +30,7 @@ class DataConfig:
     tokenizer: str = "auto"
     vocab_size: PositiveInt = 4096
     # [CLS], one token, [SEP] at least.
-    max_tokens: Annotated[int, Field(ge=3)] = 256
+    max_tokens: Annotated[int, Field(ge=3)] = MAX_TOKENS
     # Fixed batch shapes (compiled towers recompile per shape): reports padded to a multiple
     # of `token_bucket` tokens (at most max_tokens) and `sentence_bucket` sentence slots; 0 pads
     # to the batch's longest. Padding is masked: the losses do not change.
@@ -39,7 +40,7 @@ class DataConfig:
     flip_probability: Fraction = 0.0
     # Where training applies rotation and flip: "step" (the training step, one batched affine
     # on the accelerator; the loader ships uint8) or "loader" (PIL in the DataLoader workers).
-    augment_in: Geometry = "step"
+    augment_in: AugmentIn = "step"
     # "pil" or "torchvision" (libjpeg-turbo) image decoding in the loader.
     decoder: Decoder = "pil"
     # DataLoader workers per rank; "auto": the rank's share of the node's cores less one for
@@ -47,7 +48,6 @@ class DataConfig:
     workers: NonNegativeInt | Literal["auto"] = "auto"
     # null: stream for remote sources, indexed otherwise.
     mode: Mode | None = None
-    eval_split: str = "test"
 
     def sources(self) -> list[str]:
         """`path` as a list of loader sources: `DIR`, `DIR:WEIGHT`, comma-separated."""
@@ -84,7 +84,7 @@ class DataConfig:
             token_bucket=self.token_bucket,
             sentence_bucket=self.sentence_bucket,
             shuffle_sentences=train,
-            geometry=self.augment_in if train else "loader",
+            augment_in=self.augment_in if train else "loader",
             decoder=self.decoder,
         )
 

@@ -4,7 +4,7 @@ A source is a prepared shard directory (or a URL prefix for streaming) with a we
 split index lists every sample of one split over all sources with its shard and the byte
 offsets of its members (the consolidated, memory-mapped index of `prior_dist.data.compact`).
 The epoch order is a permutation of sample ids drawn from (seed, epoch) only; the batch plan
-cuts it into global batches and gives each (step, rank) its positions. See
+cuts it into global batches and gives each (batch index, rank) its positions. See
 `prior_dist.data.loader` for the rule these serve.
 """
 
@@ -172,7 +172,8 @@ def epoch_order(
 
 
 class BatchPlan:
-    """Which positions of the epoch order each (step, rank) takes."""
+    """Which positions of the epoch order each (batch index, rank) takes: batch index t of an
+    epoch is its t-th global batch (one micro-batch on every rank)."""
 
     def __init__(
         self, num_samples: int, micro_batch_size: int, world_size: int, last_batch: LastBatch
@@ -188,10 +189,10 @@ class BatchPlan:
         self.world_size = world_size
         self.global_batch = micro_batch_size * world_size
         full, rest = divmod(num_samples, self.global_batch)
-        self.num_steps = full + (1 if rest and last_batch == "uneven" else 0)
+        self.num_batches = full + (1 if rest and last_batch == "uneven" else 0)
 
-    def rank_slice(self, step: int, rank: int) -> tuple[int, int]:
-        start = step * self.global_batch
+    def rank_slice(self, batch_index: int, rank: int) -> tuple[int, int]:
+        start = batch_index * self.global_batch
         size = min(self.global_batch, self.num_samples - start)
         if size == self.global_batch:
             return start + rank * self.micro_batch_size, start + (rank + 1) * self.micro_batch_size

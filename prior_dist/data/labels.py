@@ -10,6 +10,19 @@ CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
 # The linear probe's default classes on multi-label sets that carry all of them.
 PROBE_CLASSES = CHEXPERT_COMPETITION + ("Pneumothorax", "Lung Lesion", "Support Devices")
 
+# The phantom data set's findings, in the bit order of its stored masks, with their CheXpert
+# names (its `labels` member, zero-shot prompts, segmentation classes).
+PHANTOM_FINDINGS = {
+    "atelectasis": "Atelectasis",
+    "cardiomegaly": "Cardiomegaly",
+    "consolidation": "Consolidation",
+    "edema": "Edema",
+    "pleural_effusion": "Pleural Effusion",
+    "pneumothorax": "Pneumothorax",
+    "nodule": "Lung Lesion",
+    "support_devices": "Support Devices",
+}
+
 Uncertain = Literal["keep", "ignore", "ones", "zeros"]
 _UNCERTAIN = {"keep": -1.0, "ignore": math.nan, "ones": 1.0, "zeros": 0.0}
 

@@ -1,21 +1,26 @@
 """The exactly-once, world-size-independent, resumable loader.
 
 The rule (indexed mode, the default for local shards): one epoch is a permutation of every
-sample id, drawn from (seed, epoch) only. Global step t covers positions [t*G, (t+1)*G) of that
-permutation, G = micro_batch * world_size, and rank r takes the r-th block of B of them. So
-every sample is served exactly once per epoch, every rank yields the same number of batches,
-and 2 ranks of micro-batch B see, step by step, exactly the samples of 1 rank of micro-batch 2B.
-Samples are read by byte offset (the `.idx.json` written by shardify), so any rank or worker
-can serve any sample; batches are built whole inside DataLoader workers.
+sample id, drawn from (seed, epoch) only. Global batch t (the loader's batch index; one
+micro-batch on every rank, not the trainer's optimizer step, which takes
+`gradient_accumulation_steps` of them) covers positions [t*G, (t+1)*G) of that permutation,
+G = micro_batch * world_size, and rank r takes the r-th block of B of them. So every sample is
+served exactly once per epoch, every rank yields the same number of batches, and 2 ranks of
+micro-batch B see, batch by batch, exactly the samples of 1 rank of micro-batch 2B.
+Samples are read by byte offset (the split's `{split}.index.bin`, one memory-mapped array of
+every sample's shard and offsets, `data/compact.py`), so any rank or worker can serve any
+sample; batches are built whole inside DataLoader workers, and `finish` completes them on the
+training device.
 
 The last, partial global batch (N not a multiple of G): `last_batch="uneven"` (default) splits
 it as evenly as possible over ranks (sizes differ by at most one, possibly zero), so nothing is
 dropped; `"drop"` leaves it out. Either way all ranks yield the same number of batches.
 
-Stream mode (`pipe:` commands, http/https: sources that cannot seek) keeps exactly-once and
-equal batch counts (each rank streams a contiguous range of the epoch's shard-order
-concatenation, skipping into its first shard), but the batches then depend on the world size
-and the number of workers. Resampled mode draws every epoch's samples with replacement.
+Stream mode (the only mode for remote sources: `pipe:` commands, http/https, s3/gs object
+stores, which are read front to back) keeps exactly-once and equal batch counts (each rank
+streams a contiguous range of the epoch's shard-order concatenation, skipping into its first
+shard), but the batches then depend on the world size and the number of workers. Resampled
+mode draws every epoch's samples with replacement.
 """
 
 from __future__ import annotations
@@ -45,13 +50,18 @@ from prior_dist.data.transforms import (
     CorruptSample,
     SampleTransform,
     TransformConfig,
+    apply_geometry,
     collate,
     sample_rng,
 )
 
+# What `finish` moves to the device: the tensors the model reads there.
+DEVICE_TENSORS = ("image", "input_ids", "attention_mask", "sentence_index", "angle", "flipped")
+
 
 class IndexedBatches(Dataset):
-    """Map-style dataset of whole batches, indexed by (epoch, step): any worker builds any batch."""
+    """Map-style dataset of whole batches, indexed by (epoch, batch index): any worker builds
+    any batch."""
 
     def __init__(
         self,
@@ -81,7 +91,7 @@ class IndexedBatches(Dataset):
         return self._order
 
     def __len__(self) -> int:
-        return self.plan.num_steps
+        return self.plan.num_batches
 
     def load(self, sample_id: int, epoch: int) -> dict:
         key = self.index.key(sample_id)
@@ -92,8 +102,8 @@ class IndexedBatches(Dataset):
         return self.transform(key, members, epoch)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
-        epoch, step = item
-        start, end = self.plan.rank_slice(step, self.rank)
+        epoch, index = item
+        start, end = self.plan.rank_slice(index, self.rank)
         samples, skipped = [], []
         for sample_id in self.order(epoch)[start:end]:
             try:
@@ -102,14 +112,15 @@ class IndexedBatches(Dataset):
                 skipped.append(str(exc))
         cfg = self.transform.config
         labels = len(self.transform.label_names) if self.transform.label_names else None
-        batch = collate(samples, self.pad_token_id, cfg.image_size, labels, cfg.geometry, cfg)
-        batch.update({"epoch": epoch, "step": step, "skipped": skipped})
+        batch = collate(samples, self.pad_token_id, cfg.image_size, labels, cfg.augment_in, cfg)
+        batch.update({"epoch": epoch, "batch_index": index, "skipped": skipped})
         return batch
 
 
-class _StepSampler(Sampler):
-    """Steps `start..stop` of `epoch`. A persistent DataLoader keeps one sampler for its life:
-    the loader moves it to the next epoch or a resumed step before each iteration."""
+class _BatchSampler(Sampler):
+    """Batch indexes `start..stop` of `epoch`. A persistent DataLoader keeps one sampler for its
+    life: the loader moves it to the next epoch or a resumed batch index before each
+    iteration."""
 
     def __init__(self, epoch: int, start: int, stop: int):
         self.epoch, self.start, self.stop = epoch, start, stop
@@ -177,7 +188,10 @@ def _choose_mode(sources: list, mode: Mode | None) -> Mode:
     if chosen not in ("indexed", "stream", "resampled"):
         raise ValueError(f"mode must be 'indexed', 'stream' or 'resampled', got {chosen!r}")
     if remote and chosen != "stream":
-        raise ValueError("remote sources (pipe:, http(s)://) cannot seek: use mode='stream'")
+        raise ValueError(
+            "remote sources (pipe:, http(s)://, s3://, gs://) are read front to back: use "
+            "mode='stream'"
+        )
     if chosen == "stream" and any(s.weight != 1.0 for s in sources):
         raise ValueError(
             "stream mode reads each shard once: source weights other than 1 need "
@@ -190,8 +204,8 @@ def _stream_plan(total: int, micro_batch_size: int, world_size: int, last_batch:
     """Stream mode's plan: every rank yields the same number of whole batches per epoch."""
     uneven = last_batch == "uneven"
     per_rank = -(-total // world_size) if uneven else total // world_size
-    steps = -(-per_rank // micro_batch_size) if uneven else per_rank // micro_batch_size
-    return BatchPlan(steps * micro_batch_size * world_size, micro_batch_size, world_size, "drop")
+    batches = -(-per_rank // micro_batch_size) if uneven else per_rank // micro_batch_size
+    return BatchPlan(batches * micro_batch_size * world_size, micro_batch_size, world_size, "drop")
 
 
 class PriorLoader:
@@ -199,8 +213,8 @@ class PriorLoader:
 
     `pin_memory`: page-locked batches for a CUDA consumer, whose non_blocking copies then
     overlap the step. `persistent_workers`: indexed mode keeps its workers from one epoch to the
-    next (no fork and start-up stall at each boundary); a batch depends on (epoch, step) only,
-    so which process builds it changes nothing. Stream-mode workers hold their epoch's shard
+    next (no fork and start-up stall at each boundary); a batch depends on (epoch, batch index)
+    only, so which process builds it changes nothing. Stream-mode workers hold their epoch's shard
     ranges and are forked again each epoch.
     """
 
@@ -237,9 +251,8 @@ class PriorLoader:
         self.mode = _choose_mode(self.sources, mode)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.transform = SampleTransform(
-            tokenizer, transform or TransformConfig(), seed, label_names
-        )
+        self.config = transform or TransformConfig()
+        self.sample_transform = SampleTransform(tokenizer, self.config, seed, label_names)
         self.index = SplitIndex(self.sources, split, need_offsets=self.mode != "stream")
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -259,7 +272,7 @@ class PriorLoader:
                 self.index,
                 self.rank,
                 self.world_size,
-                self.transform,
+                self.sample_transform,
                 seed,
                 shuffle,
                 stream_chunk,
@@ -273,7 +286,7 @@ class PriorLoader:
                 self.index,
                 self.plan,
                 self.rank,
-                self.transform,
+                self.sample_transform,
                 seed,
                 shuffle,
                 self.mode,
@@ -281,19 +294,42 @@ class PriorLoader:
                 self.pad_token_id,
             )
         self.epoch = 0
-        self.step = 0
+        self.batch_index = 0
         self.worker_consumed: list[int] = []
         self.skipped = Counter()
         self.skipped_examples: list[str] = []
         self.io_retries = 0  # object-store transfers resumed after a transient error
 
     def __len__(self) -> int:
-        return self.plan.num_steps
+        return self.plan.num_batches
+
+    def finish(self, batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+        """One of this loader's batches as the model takes it, on `device`: the tensors the
+        model reads moved there (non-blocking: `pin_memory` pins them for CUDA); the rotation
+        and flip the workers left to the step (`augment_in="step"`: uint8 images with each
+        sample's `angle`) applied there as one batched affine and normalised with this loader's
+        mean and std; images in `dtype` (the engine's weights') and, on CUDA, in the
+        channels_last layout the convolutions run in. Host values (keys, sentences, the
+        sentence-slot count, labels) stay on the host: nothing here reads the device."""
+        out = {
+            k: (v.to(device, non_blocking=True) if k in DEVICE_TENSORS else v)
+            for k, v in batch.items()
+        }
+        if "angle" in batch:
+            # Decided on the host's copies: no device read.
+            turn = bool((batch["angle"] != 0).any()) or bool(batch["flipped"].any())
+            cfg = self.config
+            out["image"] = apply_geometry(
+                out["image"], out["angle"], out["flipped"], cfg.mean, cfg.std, turn
+            )
+        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        out["image"] = out["image"].to(dtype, memory_format=layout)
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         """Move to `epoch` (position 0) unless already there, so a resumed position is kept."""
         if epoch != self.epoch:
-            self.epoch, self.step, self.worker_consumed = epoch, 0, []
+            self.epoch, self.batch_index, self.worker_consumed = epoch, 0, []
 
     def _count_skips(self, errors: list[str]) -> None:
         for error in errors:
@@ -319,8 +355,8 @@ class PriorLoader:
         }
 
     def __iter__(self) -> Iterator[dict]:
-        if self.step >= self.plan.num_steps:
-            self.epoch, self.step, self.worker_consumed = self.epoch + 1, 0, []
+        if self.batch_index >= self.plan.num_batches:
+            self.epoch, self.batch_index, self.worker_consumed = self.epoch + 1, 0, []
         if self.mode == "stream":
             yield from self._iter_stream()
         else:
@@ -328,19 +364,20 @@ class PriorLoader:
                 batches = iter(self._indexed_dataloader())  # forks the workers (once if kept)
             for batch in batches:
                 self._count_skips(batch["skipped"])
-                self.step += 1
+                self.batch_index += 1
                 yield batch
 
     def _indexed_dataloader(self) -> DataLoader:
-        """The DataLoader for the current (epoch, step): a kept one moved there, or a new one."""
+        """The DataLoader for the current (epoch, batch index): a kept one moved there, or a new
+        one."""
         kept = self._dataloader
         if kept is not None and kept.persistent_workers:
-            kept.sampler.epoch, kept.sampler.start = self.epoch, self.step
+            kept.sampler.epoch, kept.sampler.start = self.epoch, self.batch_index
             return kept
         # The epoch's order, drawn here before the workers fork: they share its pages
         # instead of each drawing (and holding) its own copy. Kept workers draw later epochs'.
         self.batches.order(self.epoch)
-        sampler = _StepSampler(self.epoch, self.step, self.plan.num_steps)
+        sampler = _BatchSampler(self.epoch, self.batch_index, self.plan.num_batches)
         self._dataloader = DataLoader(
             self.batches,
             batch_size=None,
@@ -371,11 +408,13 @@ class PriorLoader:
         loader = DataLoader(
             self.stream, batch_size=None, collate_fn=_identity, **self._loader_kwargs()
         )
-        labels = len(self.transform.label_names) if self.transform.label_names else None
+        labels = (
+            len(self.sample_transform.label_names) if self.sample_transform.label_names else None
+        )
         pending, errors = [], []
         with _stop_signals_held(self.num_workers):
             items = iter(loader)  # forks the workers
-        while self.step < self.plan.num_steps:
+        while self.batch_index < self.plan.num_batches:
             taken = 0
             for item in items:
                 self.worker_consumed[item["worker"]] += 1
@@ -387,19 +426,19 @@ class PriorLoader:
                     pending.append(item["sample"])
                 if taken == self.micro_batch_size:
                     break
-            cfg = self.transform.config
-            batch = collate(pending, self.pad_token_id, cfg.image_size, labels, cfg.geometry, cfg)
-            batch.update({"epoch": self.epoch, "step": self.step, "skipped": errors})
+            cfg = self.config
+            batch = collate(pending, self.pad_token_id, cfg.image_size, labels, cfg.augment_in, cfg)
+            batch.update({"epoch": self.epoch, "batch_index": self.batch_index, "skipped": errors})
             self._count_skips(errors)
             pending, errors = [], []
-            self.step += 1
+            self.batch_index += 1
             yield batch
 
     def state_dict(self) -> dict:
         """The exact position: the next batch a resumed loader yields is the one not yet seen."""
         return {
             "epoch": self.epoch,
-            "step": self.step,
+            "batch": self.batch_index,
             "seed": self.seed,
             "mode": self.mode,
             "world_size": self.world_size,
@@ -410,10 +449,10 @@ class PriorLoader:
             "io_retries": self.io_retries,
         }
 
-    def load_state_dict(self, state: dict, whole_steps: int = 1) -> int:
+    def load_state_dict(self, state: dict, batches_per_step: int = 1) -> int:
         """Continue from a saved position. One saved with another global batch (ranks x
         micro-batch; indexed and resampled modes) continues from the same sample of the epoch
-        order, rounded down to a multiple of `whole_steps` batches (the gradient accumulation:
+        order, rounded down to a multiple of `batches_per_step` batches (the gradient accumulation:
         a resume starts an optimizer step); returns how many samples of the epoch are
         therefore served again (0 when the position maps exactly)."""
         if state.get("seed") != self.seed or state.get("mode") != self.mode:
@@ -433,15 +472,16 @@ class PriorLoader:
             self.micro_batch_size,
         ):
             raise ValueError("stream-mode state cannot move to another world size or micro-batch")
-        step, repeated = int(state["step"]), 0
+        # "step" in checkpoints written before the loader's position was named "batch".
+        step, repeated = int(state["batch"] if "batch" in state else state["step"]), 0
         if saved_global != global_batch:
             done = min(step * saved_global, self.samples_per_epoch)
             if done >= self.samples_per_epoch:  # the epoch was finished
-                step = self.plan.num_steps
+                step = self.plan.num_batches
             else:
-                step = done // global_batch // whole_steps * whole_steps
+                step = done // global_batch // batches_per_step * batches_per_step
                 repeated = done - step * global_batch
-        self.epoch, self.step = int(state["epoch"]), step
+        self.epoch, self.batch_index = int(state["epoch"]), step
         self.worker_consumed = list(state.get("worker_consumed", []))
         self.skipped = Counter(state.get("skipped", {}))
         self.io_retries = int(state.get("io_retries", 0))

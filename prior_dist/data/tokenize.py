@@ -129,10 +129,15 @@ def resolve_tokenizer(
         return build_wordpiece(shard_dir, Path(tmp) / "wordpiece")
 
 
+# A report's length in tokens, [CLS] and [SEP] included: the paper's (and the reference's)
+# truncation, the default of training (`data.max_tokens`) and of evaluation (reports, prompts).
+MAX_TOKENS = 256
+
+
 def tokenize_sentences(
     tokenizer,
     sentences: list[str],
-    max_tokens: int = 256,
+    max_tokens: int = MAX_TOKENS,
     cache: dict[str, list[int]] | None = None,
 ) -> tuple[list[int], list[int]]:
     """[CLS] s1 s2 ... [SEP], tokenised sentence by sentence so boundaries are exact.

@@ -6,7 +6,6 @@ sample comes out identical whichever rank or worker serves it, and resumed runs 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -20,14 +19,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from prior_dist.data.images import check_pixels
-from prior_dist.data.tokenize import tokenize_sentences
+from prior_dist.data.tokenize import MAX_TOKENS, tokenize_sentences
+from prior_dist.seeding import stable_hash
 
 MIMIC_MEAN, MIMIC_STD = 0.4755, 0.3011
 _IMAGE_EXT = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png)$")
 _LATERALITY = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
-Geometry = Literal["loader", "step"]
+AugmentIn = Literal["loader", "step"]
 Decoder = Literal["pil", "torchvision"]
 
 
@@ -44,7 +44,7 @@ class TransformConfig:
     flip_probability: float = 0.0
     mean: float = MIMIC_MEAN
     std: float = MIMIC_STD
-    max_tokens: int = 256
+    max_tokens: int = MAX_TOKENS
     max_sentences: int | None = None
     shuffle_sentences: bool = True
     # Batch shapes from a few sizes only (what compiled towers and CUDA graphs need): tokens
@@ -52,11 +52,13 @@ class TransformConfig:
     # multiple of `sentence_bucket`; 0 pads to the batch's own longest. Masks keep the maths.
     token_bucket: int = 0
     sentence_bucket: int = 0
-    # Where the rotation and flip are applied. "loader": in the DataLoader worker, which ships
-    # normalised float images. "step": the worker ships uint8 pixels at the training size with
-    # each sample's angle (`batch["angle"]`, drawn as before from the sample's seed), and the
-    # training step applies them as one batched affine on its device (`apply_geometry`).
-    geometry: Geometry = "loader"
+    # Where the rotation and flip are applied (the recipe's `data.augment_in`). "loader": in the
+    # DataLoader worker, which ships normalised float images. "step": the worker ships uint8
+    # pixels at the training size with each sample's angle (`batch["angle"]`, drawn as before
+    # from the sample's seed), and `PriorLoader.finish` applies them in the training step as
+    # one batched affine on its device (`apply_geometry`). "loader" here, where a loader made
+    # for evaluation has nothing to rotate; a recipe's training loader defaults to "step".
+    augment_in: AugmentIn = "loader"
     # "pil" (with DCT-domain downscaling of large JPEGs) or "torchvision" (`decode_image`,
     # libjpeg-turbo; resizing in torch).
     decoder: Decoder = "pil"
@@ -76,15 +78,14 @@ class TransformConfig:
             raise ValueError(f"max_sentences must be >= 1 or None, got {self.max_sentences}")
         if self.token_bucket < 0 or self.sentence_bucket < 0:
             raise ValueError("token_bucket and sentence_bucket must be >= 0")
-        if self.geometry not in ("loader", "step"):
-            raise ValueError(f"geometry must be 'loader' or 'step', got {self.geometry!r}")
+        if self.augment_in not in ("loader", "step"):
+            raise ValueError(f"augment_in must be 'loader' or 'step', got {self.augment_in!r}")
         if self.decoder not in ("pil", "torchvision"):
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {self.decoder!r}")
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    digest = hashlib.blake2b(f"{seed}|{epoch}|{key}".encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+    return np.random.default_rng(stable_hash(f"{seed}|{epoch}|{key}"))
 
 
 def swap_laterality(sentence: str) -> str:
@@ -183,7 +184,7 @@ class SampleTransform:
             "sentences": sentences[:kept],
             "flipped": flip,
         }
-        if cfg.geometry == "step":
+        if cfg.augment_in == "step":
             out["angle"] = angle
         if self.label_names is not None:
             labels = meta.get("labels") or {}
@@ -231,11 +232,11 @@ class SampleTransform:
                     align_corners=False,
                 )[0]
                 raw = raw.round_().clamp_(0, 255).to(torch.uint8)
-            if cfg.geometry == "step":
+            if cfg.augment_in == "step":
                 return raw
             angles, flips = torch.tensor([angle]), torch.tensor([flip])
             return apply_geometry(raw[None], angles, flips, cfg.mean, cfg.std)[0]
-        if cfg.geometry == "step":
+        if cfg.augment_in == "step":
             image = squash_rotate(image, size, 0.0)
             return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).unsqueeze(0)
         image = squash_rotate(image, size, angle)
@@ -302,7 +303,7 @@ def collate(
     pad_token_id: int,
     image_size: int,
     num_labels: int | None = None,
-    geometry: Geometry = "loader",
+    augment_in: AugmentIn = "loader",
     cfg: TransformConfig | None = None,
 ) -> dict:
     """Pad a batch to its own longest report, or to `cfg`'s buckets; an empty list gives an
@@ -334,7 +335,7 @@ def collate(
         if samples
         else torch.zeros(
             (0, 1, image_size, image_size),
-            dtype=torch.uint8 if geometry == "step" else torch.float32,
+            dtype=torch.uint8 if augment_in == "step" else torch.float32,
         )
     )
     batch = {
@@ -350,7 +351,7 @@ def collate(
         "sentences": [s["sentences"] for s in samples],
         "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
     }
-    if geometry == "step":
+    if augment_in == "step":
         batch["angle"] = torch.tensor([s["angle"] for s in samples], dtype=torch.float32)
     if num_labels is not None:
         batch["labels"] = (

@@ -19,7 +19,7 @@ class AllGather:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "AllGather needs an initialised process group; use "
-                "prior_dist.losses.LocalGather in a single process"
+                "prior_dist.losses.SingleProcessGather in a single process"
             )
         self.group = group
         self.rank = dist.get_rank(group)

@@ -39,8 +39,7 @@ from PIL import Image
 
 from prior_dist.data.images import ImageDecodeError, decode_grayscale
 from prior_dist.data.index import ShardReader, ShardSource, SplitIndex
-from prior_dist.data.labels import CHEXPERT_COMPETITION, chexpert_value
-from prior_dist.data.phantom import FINDINGS, LABEL_NAMES
+from prior_dist.data.labels import CHEXPERT_COMPETITION, PHANTOM_FINDINGS, chexpert_value
 from prior_dist.data.tables import SPLITS, patient_split, read_csv_rows
 from prior_dist.data.transforms import image_members
 
@@ -136,7 +135,7 @@ def _shard_set(directory: str, split: str) -> DownstreamSet:
     meta = json.loads(probe["json"]) if probe else {}
     classes = tuple(meta.get("labels", {}))
     has_masks = "mask.png" in probe
-    mask_classes = tuple(LABEL_NAMES[f] for f in FINDINGS) if has_masks else ()
+    mask_classes = tuple(PHANTOM_FINDINGS.values()) if has_masks else ()
     box_classes = mask_classes if "boxes" in meta else ()
 
     def loader(i: int) -> Callable[[], Sample]:

@@ -10,6 +10,7 @@ import torch
 
 from prior_dist.data.config import DataConfig
 from prior_dist.data.loader import PriorLoader
+from prior_dist.data.tokenize import MAX_TOKENS
 from prior_dist.evaluation.datasets import DownstreamSet, open_dataset
 from prior_dist.evaluation.tensors import normalise, resized_chunks
 from prior_dist.models import build_model
@@ -39,7 +40,7 @@ def report_loader(
 ) -> PriorLoader:
     """Image-report batches of a shard split in order, without augmentation."""
     cfg = loaded.model.cfg
-    data_cfg = DataConfig(max_tokens=min(256, cfg.text.max_position_embeddings))
+    data_cfg = DataConfig(max_tokens=min(MAX_TOKENS, cfg.text.max_position_embeddings))
     transform = data_cfg.transform(cfg.image.image_size, train=False)
     return PriorLoader(
         data,

@@ -1,5 +1,8 @@
-"""Image-report retrieval on a shard split: Recall@K and median rank both ways, Precision@K by
-label."""
+"""Image-report retrieval on a shard split: Recall@K and median rank both ways (no labels
+needed), and Precision@K by label where the split has labels among the classes.
+
+Report sentences go through the prototype bank only with `through_bank`, the same choice and
+default as zero-shot's prompts (`PromptOptions.through_bank`, `--bank`, `eval.bank`)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,16 @@ from prior_dist.runs import LoadedModel
 
 
 @torch.no_grad()
-def embeddings(loaded: LoadedModel, data: str, split: str, labels, batch_size: int = 64):
-    """(image globals, report embeddings: both normalised; pooled patch tokens; labels)."""
+def embeddings(
+    loaded: LoadedModel,
+    data: str,
+    split: str,
+    labels,
+    batch_size: int = 64,
+    through_bank: bool = False,
+):
+    """(image globals, report embeddings: both normalised; pooled patch tokens; labels, NaN
+    where a sample has none)."""
     model = loaded.model
     device = next(model.parameters()).device
     images, reports, pooled, all_labels = [], [], [], []
@@ -28,7 +39,7 @@ def embeddings(loaded: LoadedModel, data: str, split: str, labels, batch_size: i
             batch["attention_mask"].to(device),
             batch["sentence_index"].to(device),
         )
-        sentences = model.prototype_bank(txt.sentences)
+        sentences = model.prototype_bank(txt.sentences) if through_bank else txt.sentences
         images.append(F.normalize(img.global_embedding.float(), dim=-1).cpu())
         reports.append(
             F.normalize(model.report_embedding(sentences, txt.sentence_mask).float(), dim=-1).cpu()
@@ -39,29 +50,33 @@ def embeddings(loaded: LoadedModel, data: str, split: str, labels, batch_size: i
 
 
 def retrieval(
-    loaded: LoadedModel, data: str, split: str, classes=CHEXPERT_COMPETITION, batch_size: int = 64
+    loaded: LoadedModel,
+    data: str,
+    split: str,
+    classes=CHEXPERT_COMPETITION,
+    batch_size: int = 64,
+    through_bank: bool = False,
 ) -> dict:
-    """Recall@K both ways; Precision@K: the share of the top K whose findings over `classes`
-    equal the query's (a class a report does not mention counts as absent). Refused when no
-    sample of the split carries a label among `classes` (Precision@K would read 0 for any
-    model)."""
+    """Recall@K and median rank both ways; Precision@K: the share of the top K whose findings
+    over `classes` equal the query's (a class a report does not mention counts as absent).
+    Where no sample of the split carries a label among `classes` (a hospital's own reports),
+    Precision@K is left out with a note: it would read 0 for any model."""
     classes = list(classes)
-    images, reports, _, labels = embeddings(loaded, data, split, classes, batch_size)
-    if len(labels) and bool(torch.isnan(labels).all()):
-        raise ValueError(
-            f"retrieval on {data} ({split}): none of its {len(labels)} samples carries a label "
-            f"among {classes}; pass --classes with labels the shards have"
-        )
-    labels = torch.nan_to_num(labels, nan=0.0)
+    images, reports, _, labels = embeddings(loaded, data, split, classes, batch_size, through_bank)
     similarity = images @ reports.t()
-    return {
+    result = {
         "pairs": len(images),
-        "image_to_text": {
-            **retrieval_metrics(similarity),
-            **precision_at_k(similarity, labels, labels),
-        },
-        "text_to_image": {
-            **retrieval_metrics(similarity.t()),
-            **precision_at_k(similarity.t(), labels, labels),
-        },
+        "through_bank": through_bank,
+        "image_to_text": retrieval_metrics(similarity),
+        "text_to_image": retrieval_metrics(similarity.t()),
     }
+    if len(labels) and bool(torch.isnan(labels).all()):
+        result["note"] = (
+            f"precision@K left out: none of the {len(labels)} samples carries a label among "
+            f"{classes} (pass --classes with labels the shards have); Recall@K needs none"
+        )
+        return result
+    labels = torch.nan_to_num(labels, nan=0.0)
+    result["image_to_text"].update(precision_at_k(similarity, labels, labels))
+    result["text_to_image"].update(precision_at_k(similarity.t(), labels, labels))
+    return result

@@ -4,8 +4,9 @@ The paper's setting (`PromptOptions()`): one prompt per class, "<class> is obser
 class = softmax over classes of the global similarities + `local_weight` x softmax of the local
 scores. The local score of a prompt is its intra-report score: the cosine between the prompt
 sentence's image context (sentence-as-query local attention over the image's patches) and the
-sentence itself, at the local logit scale. After stage 1 the prompt sentences go through the
-prototype bank (deterministic at evaluation), as the training losses see them.
+sentence itself, at the local logit scale. The prompt sentences are their own embeddings by
+default; `through_bank` passes them through the prototype bank (deterministic at evaluation),
+as the stage-2/3 losses see sentences, and retrieval makes the same choice for reports.
 
 Options: several phrasings per class averaged in embedding space (CLIP, CheXzero); the
 positive-vs-negative form ("X" against "no X", a softmax over the pair per class, which also
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from prior_dist.data.labels import CHEXPERT_COMPETITION
-from prior_dist.data.tokenize import tokenize_sentences
+from prior_dist.data.tokenize import MAX_TOKENS, tokenize_sentences
 from prior_dist.data.transforms import collate
 from prior_dist.evaluation.inputs import DataOptions, image_batches, open_split
 from prior_dist.evaluation.metrics import macro_auc, macro_f1
@@ -270,7 +271,7 @@ def zero_shot(
         raise ValueError(f"{data}: classes {missing} not in its labels {list(dataset.classes)}")
     columns = [dataset.classes.index(c) for c in classes]
     groups = encode_prompt_groups(
-        model, loaded.tokenizer, prompts.groups(classes), 256, device, prompts.through_bank
+        model, loaded.tokenizer, prompts.groups(classes), MAX_TOKENS, device, prompts.through_bank
     )
     scored = score_split(loaded, dataset, columns, groups, prompts.form, batch_size)
     result = {"classes": list(classes), "prompts": prompts.groups(classes), "form": prompts.form}

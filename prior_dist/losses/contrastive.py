@@ -19,8 +19,8 @@ class Gather(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-class LocalGather:
-    """One process: the gather is the identity."""
+class SingleProcessGather:
+    """The gather of a run in one process: the identity."""
 
     rank = 0
     world_size = 1
@@ -40,7 +40,7 @@ def global_contrastive_loss(
     Labels are offset by the global rank. Every rank must hold the same B (the loader
     guarantees it). Averaged over ranks, the result and its gradients equal the full-batch loss.
     """
-    gather = gather or LocalGather()
+    gather = gather or SingleProcessGather()
     image = F.normalize(fp32(image_BD), dim=-1)
     text = F.normalize(fp32(text_BD), dim=-1)
     all_image, all_text = gather(image), gather(text)

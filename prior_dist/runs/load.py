@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from prior_dist.data.config import DataConfig
-from prior_dist.data.provision import first_local_source
+from prior_dist.data.run_data import first_local_source
 from prior_dist.data.tokenize import build_wordpiece, load_tokenizer
 from prior_dist.models import build_model
 from prior_dist.models.config import ModelConfig, model_config
@@ -36,7 +36,7 @@ from prior_dist.runs.layout import (
     TEXT_DIR,
 )
 from prior_dist.runs.safe_load import check_torch_files, safe_torch_load
-from prior_dist.schema import build
+from prior_dist.schema import build, upgrade_moved_fields
 
 
 @dataclass
@@ -92,7 +92,12 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Loade
     _load_strictly(model, _checkpoint_state(checkpoint), checkpoint)
     model.eval()
     data = _locate_data(
-        build(DataConfig, resolved["recipe"]["data"], f"{resolved_path}: recipe.data"), run_dir
+        build(
+            DataConfig,
+            upgrade_moved_fields(resolved["recipe"], warn=False)["data"],
+            f"{resolved_path}: recipe.data",
+        ),
+        run_dir,
     )
     shards = first_local_source(data)
     tokenizer = _run_tokenizer(run_dir, data, shards)
@@ -245,7 +250,7 @@ def _load_strictly(model, state: dict, path: Path) -> None:
 
 
 def initial_weights(model, path: str | Path) -> str:
-    """Load `model.init_from` into `model`, strictly: a run or checkpoint directory, an export
+    """Load `init_from` into `model`, strictly: a run or checkpoint directory, an export
     directory, or the authors' released checkpoint file. Returns a one-line report."""
     path = Path(path)
     if path.is_file():
@@ -260,10 +265,10 @@ def initial_weights(model, path: str | Path) -> str:
         kind = "an export" if (path / CARD_FILE).is_file() else "a run checkpoint"
     else:
         raise FileNotFoundError(
-            f"model.init_from {path}: not a run, checkpoint or export directory, nor a file"
+            f"init_from {path}: not a run, checkpoint or export directory, nor a file"
         )
     _load_strictly(model, state, path)
-    return f"model.init_from {path} ({kind}): all {len(state)} tensors loaded, strict"
+    return f"init_from {path} ({kind}): all {len(state)} tensors loaded, strict"
 
 
 def load_model(path: str | Path, tokenizer: str | None = None) -> LoadedModel:

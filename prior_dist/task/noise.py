@@ -13,10 +13,11 @@ seeds are on. So:
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
+
+from prior_dist.seeding import torch_seed
 
 STREAMS = {"sentences": 1, "generated": 2, "feature_keep": 3}
 _MASK32 = 0xFFFFFFFF
@@ -27,14 +28,7 @@ _MUL_A, _MUL_B = 0x21F0AAAD, 0x735A2D97
 
 def noise_seeds(keys: list[str], epoch: int, seed: int) -> torch.Tensor:
     """int64 `[B]`: each sample's noise seed from (run seed, epoch, key); 63 bits."""
-    out = [
-        int.from_bytes(
-            hashlib.blake2b(f"{seed}|{epoch}|{key}|noise".encode(), digest_size=8).digest(),
-            "little",
-        )
-        >> 1
-        for key in keys
-    ]
+    out = [torch_seed(f"{seed}|{epoch}|{key}|noise") for key in keys]
     return torch.tensor(out, dtype=torch.int64)
 
 

@@ -5,14 +5,14 @@ took every sentence (softmax entropy 0.02), every zero-shot prompt mapped to the
 and the global loss went back towards chance. Starting W from real sentence embeddings, chosen
 far apart from each other, is the usual remedy for codebook collapse in vector quantisation.
 Every rank gathers the same sentences and picks the same rows, so the bank stays identical
-across ranks; the value is written into the optimiser's fp32 master copy as well.
+across ranks; the training engine writes the value into every copy of the weight
+(`prior_dist.training.engine.set_full_parameter`: the ZeRO-3 partitions, the optimizer's fp32
+master copy).
 """
 
 from __future__ import annotations
 
 import torch
-
-from prior_dist.distributed.collectives import gather_rows
 
 
 def farthest_point_rows(x_ND: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,21 +50,15 @@ def initial_prototypes(
 
 
 @torch.no_grad()
-def init_bank_from_batch(model, data: dict, seed: int, zero_stage: int) -> int:
-    """Set the bank from this global batch's sentences; returns how many were distinct."""
-    # deepspeed is heavy and optional for the model and losses; only the running engine needs it.
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
-
+def initial_bank(model, data: dict, seed: int, gather_rows) -> tuple[torch.Tensor, int]:
+    """The bank's start `[K, D]` (fp32, on the host) from this global batch's sentences, and how
+    many distinct ones it found. `gather_rows` concatenates every rank's `[N, D]` rows in rank
+    order (the identity on one process), so every rank computes the same value."""
     was_training = model.training
     model.eval()
     text = model.encode_text(data["input_ids"], data["attention_mask"], data["sentence_index"])
     model.train(was_training)
     sentences = gather_rows(text.sentences[text.sentence_mask].float().cpu())
-    weight = model.prototype_bank.prototypes
-    rows = farthest_point_rows(sentences, weight.shape[0])
-    value = initial_prototypes(sentences, weight.shape[0], seed, rows)
-    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0, enabled=zero_stage == 3):
-        weight.data.copy_(value.to(weight.device, weight.dtype))
-    safe_set_full_fp32_param(weight, value.to(weight.device))
-    return len(rows)
+    num_prototypes = model.prototype_bank.prototypes.shape[0]
+    rows = farthest_point_rows(sentences, num_prototypes)
+    return initial_prototypes(sentences, num_prototypes, seed, rows), len(rows)

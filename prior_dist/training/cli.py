@@ -102,7 +102,9 @@ def runtime_failure(err: RuntimeError) -> str:
     return f"the training step failed here (a bug or an unsupported setting, not a peer): {text}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prepare_data=None) -> int:
+    """The pretraining command. `prepare_data(data_config, log)` makes the data a recipe asks
+    to be generated (`prior_dist.pretrain` hands in the phantom shards' maker)."""
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     run_dir = Path(args.run_dir or Path("runs") / recipe.name)  # from the working directory
-    trainer = Trainer(recipe, ds, run_dir, args.resume, args.max_steps, args.audit_samples, raw)
+    trainer = Trainer(
+        recipe, ds, run_dir, args.resume, args.max_steps, args.audit_samples, raw, prepare_data
+    )
     code = 0
     try:
         result = trainer.run()

@@ -23,8 +23,9 @@ from pydantic.dataclasses import dataclass
 
 from prior_dist.data.config import DataConfig
 from prior_dist.data.labels import CHEXPERT_COMPETITION
+from prior_dist.evaluation.zero_shot import DEFAULT_PROMPT
 from prior_dist.models.config import ModelConfig, model_config
-from prior_dist.schema import SECTION, Probability, build
+from prior_dist.schema import SECTION, Probability, build, upgrade_moved_fields
 from prior_dist.task.curriculum import LOSS_NAMES
 
 # Shipped inside the package (a wheel has them too); `configs/` in a checkout links here.
@@ -169,18 +170,21 @@ class LoggingConfig:
 class EvalConfig:
     zero_shot: bool = True
     classes: Annotated[tuple[str, ...], Field(min_length=2)] = CHEXPERT_COMPETITION
-    prompt: str = "{} is observed"
+    prompt: str = DEFAULT_PROMPT
     # Combined score = global + local_weight x local; null: chosen on the validation split
     # (the paper's is 0.5).
     local_weight: float | None = None
-    # Prompt sentences through the prototype bank (off: their own embeddings; docs/evaluation.md).
-    prompt_bank: bool = False
+    # Prompt and report sentences through the prototype bank in zero-shot and retrieval (off:
+    # their own embeddings; docs/evaluation.md).
+    bank: bool = False
     # Images per forward pass of the periodic and end-of-run evaluation.
     micro_batch_size: PositiveInt = 32
     # During pretraining: zero-shot accuracy and retrieval recall on this split every N
     # optimizer steps, logged with that step in metrics.jsonl (null: off).
     every_steps: PositiveInt | None = None
     split: str = "validate"
+    # The end-of-run zero-shot evaluation's split.
+    final_split: str = "test"
 
     def __post_init__(self) -> None:
         _require("{}" in self.prompt, f"eval.prompt must contain '{{}}', got {self.prompt!r}")
@@ -198,7 +202,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # DeepSpeed keys (dotted) and the values this recipe needs; a JSON that disagrees is refused.
     deepspeed_expect: dict[str, Any] = field(default_factory=dict)
-    # `model.init_from`: start from these weights (a run or checkpoint directory, an export, or
+    # `init_from`: start from these weights (a run or checkpoint directory, an export, or
     # the authors' released checkpoint file), loaded strictly before training.
     init_from: str | None = None
 
@@ -232,26 +236,27 @@ SECTIONS = {
 
 def recipe_from_dict(raw: dict) -> Recipe:
     """Build and validate a recipe; the `model` section is `{name: <named config>, image: ...}`:
-    a named model config with per-field changes, `compat_preset` and `init_from`."""
+    a named model config with per-field changes and `compat_preset`. Fields under an old name
+    (`MOVED_FIELDS`) are read under their new one."""
+    raw = upgrade_moved_fields(raw)
     model_raw = raw.get("model") or {}
     if not isinstance(model_raw, dict):
         raise ValueError(f"model must be a mapping of sections, got {model_raw!r}")
     model_raw = dict(model_raw)
     base = model_config(model_raw.pop("name", "paper"), model_raw.pop("compat_preset", "default"))
-    init_from = model_raw.pop("init_from", None)
     merged = base.to_dict()
     for section, values in model_raw.items():
         if section not in merged:
             raise ValueError(
                 f"model: unknown section {section!r}; allowed: name, "
-                f"compat_preset, init_from, {', '.join(merged)}"
+                f"compat_preset, {', '.join(merged)}"
             )
         if not isinstance(values, dict):
             raise ValueError(f"model.{section} must be a mapping of fields, got {values!r}")
         merged[section].update(values)
     sections = {name: raw.get(name) or {} for name in SECTIONS if name in raw}
     rest = {k: v for k, v in raw.items() if k not in SECTIONS and k != "model"}
-    return build(Recipe, {**rest, **sections, "model": merged, "init_from": init_from}, "")
+    return build(Recipe, {**rest, **sections, "model": merged}, "")
 
 
 _YAML_EXPONENT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -267,6 +272,10 @@ _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_EXPONENT, lis
 
 def read_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+# The recipe's own fields, outside any section.
+_TOP_LEVEL_FIELDS = ("name", "init_from")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -292,8 +301,11 @@ def _assign(raw: dict, item: str) -> None:
         raise ValueError(f"--set {item!r}: expected section.field=value")
     path, text = item.split("=", 1)
     keys = path.strip().split(".")
-    if len(keys) < 2:
-        raise ValueError(f"--set {item!r}: name a section and a field (section.field=value)")
+    if len(keys) < 2 and keys[0] not in _TOP_LEVEL_FIELDS:
+        raise ValueError(
+            f"--set {item!r}: name a section and a field (section.field=value), or one of "
+            f"{', '.join(_TOP_LEVEL_FIELDS)}"
+        )
     value = read_yaml(text)
     node = raw
     for key in keys[:-1]:

@@ -1,8 +1,8 @@
 """One optimizer step, enqueued without waiting for the device.
 
 `StepRunner.train_step` reads top to bottom: fetch `gradient_accumulation_steps` micro-batches
-whose sizes every rank agrees on (on the host), finish each on the device
-(`device_batch`), `forward_backward_step` each, then the optimizer step. Nothing in between
+whose sizes every rank agrees on (on the host), finish each on the device (`device_batch`: the
+loader's `finish`), `forward_backward_step` each, then the optimizer step. Nothing in between
 reads a device value:
 - the losses stay on the device as one vector per step (`StepOutcome.values`); the trainer
   reads them once per `logging.every` steps in one stacked transfer;
@@ -18,7 +18,6 @@ reads a device value:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import time
@@ -30,22 +29,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from prior_dist.data.transforms import TransformConfig, apply_geometry
+from prior_dist.seeding import torch_seed
 from prior_dist.task import LOSS_NAMES, StagePlan
 from prior_dist.task.noise import SampleNoise, noise_seeds
 from prior_dist.training.ds_config import DeepSpeedSettings
-from prior_dist.training.parallelize import base_optimizer
+from prior_dist.training.engine import base_optimizer, start_prototype_bank
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-_BATCH_TENSORS = (
-    "image",
-    "input_ids",
-    "attention_mask",
-    "sentence_index",
-    "angle",
-    "flipped",
-    "noise_seed",
-)
 # The layout of a step's value vector: the weighted total, each loss (0 where the stage does
 # not run it), the two logit scales, and 1.0 where the optimizer step was skipped.
 VALUE_NAMES = ("total", *LOSS_NAMES, "logit_scale", "local_logit_scale", "skipped")
@@ -74,31 +64,6 @@ class HostVote:
         return t.tolist()
 
 
-def to_device(
-    batch: dict, device: torch.device, dtype: torch.dtype, pixels: TransformConfig | None = None
-) -> dict:
-    """The batch's tensors on `device` (non-blocking: the loader pins them for CUDA). A batch
-    whose geometry the loader left to the step (uint8 images with `angle`) is finished here,
-    as one batched affine on the device, and normalised with `pixels`' mean and std."""
-    out = {
-        k: (v.to(device, non_blocking=True) if k in _BATCH_TENSORS else v) for k, v in batch.items()
-    }
-    if "angle" in batch:
-        if pixels is None:
-            raise ValueError("a batch with its geometry left to the step needs the transform")
-        # Decided on the host's copies: no device read.
-        turn = bool((batch["angle"] != 0).any()) or bool(batch["flipped"].any())
-        out["image"] = apply_geometry(
-            out["image"], out["angle"], out["flipped"], pixels.mean, pixels.std, turn
-        )
-    # The engine holds bf16/fp16 weights under mixed precision: images follow them; on CUDA in
-    # the channels_last layout the convolutions run in.
-    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    out["image"] = out["image"].to(dtype, memory_format=layout)
-    # `sentence_slots` (a host int from collate) passes through: the text tower needs no read.
-    return out
-
-
 def peak_flops(device: torch.device) -> float:
     """The device's peak dense bf16 FLOP/s (`PRIOR_PEAK_FLOPS` overrides; NaN if unknown)."""
     name = torch.cuda.get_device_name(device)
@@ -112,8 +77,7 @@ def micro_batch_seed(seed: int, rank: int, step: int, micro: int) -> int:
     step `step` on `rank`): dropout, its one use in training, then depends on these alone, so a
     resumed run draws exactly what the uninterrupted one did, whatever else drew from the
     generator in between (a DataLoader iterator drawing its base seed, an evaluation)."""
-    text = f"{seed}|dropout|{rank}|{step}|{micro}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    return torch_seed(f"{seed}|dropout|{rank}|{step}|{micro}")
 
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
@@ -235,10 +199,12 @@ class StepRunner:
         return kept, wait
 
     def device_batch(self, batch: dict) -> dict:
-        """The batch on the device, its geometry applied, its samples' noise seeds with it."""
+        """The batch finished on the device by its loader, its samples' noise seeds with it."""
+        data = self.loader.finish(batch, self.device, self.dtype)
         if self.tie_noise:
-            batch = {**batch, "noise_seed": noise_seeds(batch["key"], self.loader.epoch, self.seed)}
-        return to_device(batch, self.device, self.dtype, self.loader.transform.config)
+            seeds = noise_seeds(batch["key"], self.loader.epoch, self.seed)
+            data["noise_seed"] = seeds.to(self.device, non_blocking=True)
+        return data
 
     def forward_backward_step(
         self, batch: dict, plan: StagePlan, micro: int
@@ -248,9 +214,8 @@ class StepRunner:
         it."""
         with self.phase("data"):
             data = self.device_batch(batch)
-        task = self.engine.module
         if self.start_bank:
-            distinct = task.start_prototype_bank(data, self.seed, self.ds.zero_stage)
+            distinct = start_prototype_bank(self.engine, data, self.seed, self.ds.zero_stage)
             self.log(f"prototype bank set from {distinct} distinct sentences")
             self.start_bank = False
         noise = SampleNoise(data["noise_seed"]) if self.tie_noise else None

@@ -15,16 +15,18 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from prior_dist.atomic import publish, write_json
-from prior_dist.data.provision import (
-    ensure_phantom_shards,
+from prior_dist.data.config import DataConfig
+from prior_dist.data.run_data import (
     first_local_source,
     load_training_tokenizer,
+    shard_directory,
     training_loader,
 )
 from prior_dist.distributed.env import device_for_local_rank, init_process_group
@@ -43,10 +45,10 @@ from prior_dist.runs.layout import (
 )
 from prior_dist.runs.load import initial_weights
 from prior_dist.runs.lock import RunDirInUse, RunLock
+from prior_dist.schema import upgrade_moved_fields
 from prior_dist.task import LOSS_NAMES, StagePlan, stage_plan
 from prior_dist.training.ds_config import DeepSpeedSettings, engine_config
-from prior_dist.training.metrics import DataWaitWatch, MetricsLogger, memory_mb
-from prior_dist.training.parallelize import (
+from prior_dist.training.engine import (
     bank_digest,
     build_engine,
     build_task,
@@ -56,6 +58,7 @@ from prior_dist.training.parallelize import (
     reset_optimizer_state,
     set_learning_rate,
 )
+from prior_dist.training.metrics import DataWaitWatch, MetricsLogger, memory_mb
 from prior_dist.training.profile import StepProfiler
 from prior_dist.training.recipe import Recipe
 from prior_dist.training.resume_check import compare_recipes, refusal
@@ -90,6 +93,7 @@ class Trainer:
         max_steps: int | None = None,
         audit_samples: bool = False,
         raw_recipe: dict | None = None,
+        prepare_data: Callable[[DataConfig, Callable[[str], None]], None] | None = None,
     ):
         # Local data paths become absolute: the run directory reads the same from anywhere.
         self.recipe = dataclasses.replace(recipe, data=recipe.data.anchored(Path.cwd()))
@@ -97,6 +101,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume, self.max_steps, self.audit_samples = resume, max_steps, audit_samples
         self.raw_recipe = raw_recipe or recipe.to_dict()
+        # Makes the recipe's data where it asks for generated data (phantom shards): handed
+        # in by the pretraining command, as training imports nothing from preparation.
+        self.prepare_data = prepare_data
         self.stop_signal: str | None = None
         self.rank = 0
         self.lock: RunLock | None = None
@@ -127,7 +134,9 @@ class Trainer:
         self._start_process()
         self._check_resume_config()
         torch.manual_seed(self.recipe.train.seed)
-        shards = ensure_phantom_shards(self.recipe.data, self.log)
+        if self.prepare_data is not None:
+            self.prepare_data(self.recipe.data, self.log)
+        shards = shard_directory(self.recipe.data)
         self.tokenizer = load_training_tokenizer(
             self.recipe.data, shards, self.run_dir / RUN_TOKENIZER
         )
@@ -191,6 +200,7 @@ class Trainer:
         resuming = self.resume != "none" and saved.is_file()
         if self.rank == 0 and resuming and complete_checkpoints(self.run_dir):
             recipe = json.loads(saved.read_text()).get("recipe", {})
+            recipe = upgrade_moved_fields(recipe, warn=False)
             refused, allowed = compare_recipes(recipe, self.recipe.to_dict())
             if allowed and not refused:
                 self.log("resume: changed since the saved run: " + "; ".join(allowed))
@@ -570,7 +580,8 @@ class Trainer:
         return LoadedModel(self.engine.module.model, self.tokenizer, "training")
 
     def periodic_eval(self) -> dict:
-        """Zero-shot accuracy and retrieval recall on `eval.split`, for metrics.jsonl."""
+        """Zero-shot accuracy and retrieval recall on `eval.split` of the evaluation shards,
+        for metrics.jsonl."""
         cfg = self.recipe.eval
         start = time.perf_counter()
         zero = self._zero_shot(cfg.split)
@@ -578,10 +589,11 @@ class Trainer:
         try:
             found = retrieval(
                 self._loaded(),
-                self.recipe.data.sources(),
+                self._eval_shards(),
                 cfg.split,
                 cfg.classes,
                 batch_size=cfg.micro_batch_size,
+                through_bank=cfg.bank,
             )
         finally:
             self.engine.train()
@@ -590,21 +602,26 @@ class Trainer:
             "eval_zero_shot_accuracy": None if math.isnan(accuracy) else accuracy,
             "eval_i2t_recall@5": found["image_to_text"]["recall@5"],
             "eval_t2i_recall@5": found["text_to_image"]["recall@5"],
+            "eval_pairs": found["pairs"],
             "eval_time_s": time.perf_counter() - start,
         }
 
+    def _eval_shards(self) -> str:
+        """Where evaluation during and after training reads: the first local source of
+        `data.path`, each sample once (the sources' training weights do not apply)."""
+        return str(first_local_source(self.recipe.data))
+
     def _zero_shot(self, split: str) -> dict:
-        """`python -m prior_dist.evaluate zero-shot`'s scoring, on the first local source."""
+        """`python -m prior_dist.evaluate zero-shot`'s scoring on the evaluation shards."""
         cfg = self.recipe.eval
-        shards = str(first_local_source(self.recipe.data))
         self.engine.eval()
         try:
             return zero_shot(
                 self._loaded(),
-                shards,
+                self._eval_shards(),
                 split,
                 cfg.classes,
-                PromptOptions((cfg.prompt,), through_bank=cfg.prompt_bank),
+                PromptOptions((cfg.prompt,), through_bank=cfg.bank),
                 cfg.local_weight,
                 batch_size=cfg.micro_batch_size,
             )
@@ -622,11 +639,11 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Zero-shot accuracy on the held-out split; every rank runs it (ZeRO-3 needs all)."""
-        result = self._zero_shot(self.recipe.data.eval_split)
+        result = self._zero_shot(self.recipe.eval.final_split)
         if self.rank == 0:
             (self.run_dir / EVAL_RESULT).write_text(json.dumps(result, indent=2))
         self.log(
-            f"zero-shot accuracy on the {self.recipe.data.eval_split} split: "
+            f"zero-shot accuracy on the {self.recipe.eval.final_split} split: "
             f"{result['combined']['accuracy']:.3f} (global only "
             f"{result['global_only']['accuracy']:.3f}) over {result['images']} images "
             f"(chance {result['chance']:.3f})"

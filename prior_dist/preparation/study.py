@@ -11,9 +11,9 @@ from typing import Literal
 from PIL import Image
 
 from prior_dist.data import images as imgs
-from prior_dist.data.phantom import Finding, make_study, render_findings
-from prior_dist.data.reports import decode_report_bytes, extract_sections
-from prior_dist.data.sources import StudyRecord
+from prior_dist.preparation.phantom import Finding, make_study, render_findings
+from prior_dist.preparation.reports import decode_report_bytes, extract_sections
+from prior_dist.preparation.sources import StudyRecord
 
 
 @dataclass(frozen=True)

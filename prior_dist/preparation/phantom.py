@@ -16,37 +16,19 @@ devices (tube line, pacemaker).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from prior_dist.data.labels import PHANTOM_FINDINGS
+from prior_dist.seeding import stable_hash
 
 # Bumped whenever the generator's output changes; shards record it in their manifest's source,
 # so stale phantom shards are refused instead of silently reused.
 # 2: positive findings can also be reported as "<finding> is observed" (as real reports do).
 GENERATOR_VERSION = 2
 
-FINDINGS = (
-    "atelectasis",
-    "cardiomegaly",
-    "consolidation",
-    "edema",
-    "pleural_effusion",
-    "pneumothorax",
-    "nodule",
-    "support_devices",
-)
-# CheXpert-style names, used for the `labels` member and zero-shot prompts.
-LABEL_NAMES = {
-    "atelectasis": "Atelectasis",
-    "cardiomegaly": "Cardiomegaly",
-    "consolidation": "Consolidation",
-    "edema": "Edema",
-    "pleural_effusion": "Pleural Effusion",
-    "pneumothorax": "Pneumothorax",
-    "nodule": "Lung Lesion",
-    "support_devices": "Support Devices",
-}
+FINDINGS = tuple(PHANTOM_FINDINGS)
 NO_FINDING = "No Finding"
 PREVALENCE = {
     "atelectasis": 0.16,
@@ -83,8 +65,7 @@ class PhantomStudy:
 
 
 def _rng(seed: int, *parts: object) -> np.random.Generator:
-    digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+    return np.random.default_rng(stable_hash(repr((seed,) + parts)))
 
 
 def split_for_subject(seed: int, subject: int) -> str:
@@ -580,7 +561,7 @@ def make_study(
         )
     report = write_report(_rng(seed, "report", index), findings)
     present = {f.name for f in findings}
-    labels = {LABEL_NAMES[name]: int(name in present) for name in FINDINGS}
+    labels = {PHANTOM_FINDINGS[name]: int(name in present) for name in FINDINGS}
     labels[NO_FINDING] = int(not present)
     subject = index // studies_per_subject
     boxes = []
@@ -589,7 +570,7 @@ def make_study(
         if len(xs):
             boxes.append(
                 {
-                    "label": LABEL_NAMES[name],
+                    "label": PHANTOM_FINDINGS[name],
                     "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 }
             )

@@ -7,7 +7,7 @@ FINDINGS, IMPRESSION), its MeSH terms (`major`: what the indexers found, `Term/q
 order), and a directory of PNGs named `<parentImage id>.png`.
 
 One sample per report: FINDINGS and IMPRESSION through the report rules of
-`prior_dist.data.reports`, its frontal image(s), labels from the MeSH major terms
+`prior_dist.preparation.reports`, its frontal image(s), labels from the MeSH major terms
 (`MESH_TO_CHEXPERT`, docs/data.md), the split from the report id. Without the PNGs, `render`
 pairs each real report with an image the phantom renderer draws from the report's MeSH findings
 (side, level, severity): synthetic pairs, marked as such in the manifest and in every sample.
@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prior_dist.data.phantom import Finding
 from prior_dist.data.shards import SkipCounter, sanitize_key
 from prior_dist.data.tables import patient_split
+from prior_dist.preparation.phantom import Finding
 
 # MeSH major term (its first component) -> CheXpert label, where the meaning is the same.
 # Left out on purpose: Density (bone or lung), Pulmonary Congestion (CheXpert's labeller does

@@ -1,6 +1,7 @@
-"""The task made ready for many ranks: SyncBN, the global loss's gather, the DeepSpeed engine,
-and the optimizer surgery the curriculum needs (fresh AdamW state per stage, the learning rate
-per step). What torchtitan keeps beside its model in `parallelize.py`."""
+"""The DeepSpeed engine around the task: the task made ready for many ranks (SyncBN, the global
+loss's gather, compilation), the engine built, and what is done to its parameters and optimizer
+from outside (fresh AdamW state per stage, the learning rate per step, the prototype bank's
+start written into every copy of its weight)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import hashlib
 import torch
 
 from prior_dist.distributed import AllGather
+from prior_dist.distributed.collectives import gather_rows
 from prior_dist.distributed.sync_bn import convert_batchnorm
 from prior_dist.kernels.local_attention import triton_available
-from prior_dist.losses import LocalGather
+from prior_dist.losses import SingleProcessGather
 from prior_dist.models import build_model
 from prior_dist.models.attention import resolve_attention_impl
 from prior_dist.models.config import ModelConfig
@@ -39,7 +41,7 @@ def build_task(
     global losses use."""
     # One rank has nothing to synchronise: the plain norm (cuDNN's kernel on CUDA).
     model = convert_batchnorm(build_model(cfg), device_type, sync_batchnorm and world_size > 1)
-    gather = AllGather() if world_size > 1 else LocalGather()
+    gather = AllGather() if world_size > 1 else SingleProcessGather()
     return PriorTask(model, gather)
 
 
@@ -165,3 +167,21 @@ def bank_digest(engine, zero_stage: int) -> str:
     with deepspeed.zero.GatheredParameters([weight], enabled=zero_stage == 3):
         data = weight.detach().float().cpu().contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()
+
+
+@torch.no_grad()
+def start_prototype_bank(engine, batch: dict, seed: int, zero_stage: int) -> int:
+    """Set the engine's prototype bank from this global batch's sentences (the task computes
+    the value, the same on every rank; here it is written into every copy of the weight: the
+    ZeRO-3 partitions and the optimizer's fp32 master). Returns the distinct sentence count."""
+    # deepspeed is heavy; this runs only with an engine, which has imported it already.
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    task = engine.module
+    value, distinct = task.initial_bank(batch, seed, gather_rows)
+    weight = task.model.prototype_bank.prototypes
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0, enabled=zero_stage == 3):
+        weight.data.copy_(value.to(weight.device, weight.dtype))
+    safe_set_full_fp32_param(weight, value.to(weight.device))
+    return distinct

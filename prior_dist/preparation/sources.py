@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prior_dist.data.labels import chexpert_value
-from prior_dist.data.openi import enumerate_reports, read_views
-from prior_dist.data.phantom import GENERATOR_VERSION, split_for_subject
 from prior_dist.data.shards import SkipCounter, sanitize_key
 from prior_dist.data.tables import SPLITS, patient_split, read_csv_rows
+from prior_dist.preparation.openi import enumerate_reports, read_views
+from prior_dist.preparation.phantom import GENERATOR_VERSION, split_for_subject
 
 FRONTAL_VIEWS = ("PA", "AP")
 # The salt of pretraining sources' patient splits (changing it moves patients between splits).

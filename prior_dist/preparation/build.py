@@ -29,7 +29,6 @@ from prior_dist.data.compact import (
     shards_digest,
     write_compact,
 )
-from prior_dist.data.prepare import PrepareSettings, Skip, prepare_study
 from prior_dist.data.progress import bar
 from prior_dist.data.shards import (
     FORMAT,
@@ -44,7 +43,8 @@ from prior_dist.data.shards import (
     shard_name,
     write_shard,
 )
-from prior_dist.data.sources import StudyRecord
+from prior_dist.preparation.sources import StudyRecord
+from prior_dist.preparation.study import PrepareSettings, Skip, prepare_study
 
 SPLIT_ORDER = ("train", "validate", "test")
 
