@@ -138,9 +138,15 @@ def _headline(task: str, result: dict) -> str:
                 f"macro AUC {c['macro_auc']:.3f} (global only {g['macro_auc']:.3f}, local only "
                 f"{loc['macro_auc']:.3f}; {weight})"
             )
+        calibrated = result.get("calibrated", {})
+        offsets = (
+            f"; class offsets from {calibrated['fitted_on']}: {calibrated['accuracy']:.3f}"
+            if "accuracy" in calibrated
+            else ""
+        )
         return (
             f"accuracy {c['accuracy']:.3f} (global only {g['accuracy']:.3f}, local only "
-            f"{loc['accuracy']:.3f}; {weight}; majority class {result['majority']:.3f}), "
+            f"{loc['accuracy']:.3f}; {weight}; majority class {result['majority']:.3f}{offsets}), "
             f"macro F1 {c['macro_f1']:.3f}, macro AUC {c['macro_auc']:.3f}"
         )
     if task == "retrieval":

@@ -479,6 +479,35 @@ def test_local_weight_auto_is_chosen_on_the_validation_split(tiny_run):
     scored = score_split(loaded, validate, columns, groups, "classes", 64)
     weight, sweep = choose_local_weight(scored, multi_label=False)
     assert weight == result["local_weight"] and sweep == pytest.approx(chosen["sweep"])
+    # Class offsets are fitted on the same split: they move accuracy, never a class's ranking.
+    calibrated = result["calibrated"]
+    assert calibrated["fitted_on"] == "validate" and calibrated["fit_images"] > 0
+    assert set(calibrated["offsets"]) == set(CHEXPERT_COMPETITION)
+    assert calibrated["per_class_auc"] == pytest.approx(
+        result["combined"]["per_class_auc"], nan_ok=True
+    )
+
+
+def test_class_offsets_solve_their_objective_and_undo_a_class_bias():
+    """The fitted offsets make the regularised cross-entropy's gradient vanish (its formula by
+    hand: mean(softmax - one-hot) + weight x offsets), and undo a bias that drew images to one
+    class: the accuracy comes back to the unbiased score's."""
+    from prior_dist.evaluation.zero_shot import OFFSET_PRIOR_SD, fit_class_offsets
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (400,), generator=g)
+    logits = torch.randn(400, 4, generator=g) + 2.0 * torch.nn.functional.one_hot(target, 4)
+    biased = (logits + torch.tensor([3.0, 0.0, 0.0, 0.0])).softmax(-1)
+    offsets = fit_class_offsets(biased, target)
+    assert abs(float(offsets.sum())) < 1e-5
+    probs = (biased.double().log() + offsets.double()).softmax(-1)
+    weight = 1.0 / (OFFSET_PRIOR_SD**2 * len(target))
+    gradient = (probs - torch.nn.functional.one_hot(target, 4)).mean(0) + weight * offsets
+    assert gradient.abs().max() < 1e-6
+    assert float(offsets[0] - offsets[1:].mean()) < -2.0  # the bias, mostly undone
+    accuracy = lambda s: float((s.argmax(1) == target).double().mean())  # noqa: E731
+    raw, fixed = accuracy(biased), accuracy(biased.log() + offsets)
+    assert raw < accuracy(logits) - 0.15 and fixed >= accuracy(logits) - 0.02
 
 
 def test_multi_label_zero_shot_scores_every_known_label(tiny_run, capsys):

@@ -409,10 +409,16 @@ def test_resume_on_other_numbers_of_ranks_equals_the_uninterrupted_run(
     assert_traces_close(metrics(run), metrics(reference["two"])[:8], rtol=1e-5)
     # Step 8's update (after the last resume) shows in no loss: its weights and moments do.
     # Buffers (batch-norm statistics, which DeepSpeed's universal loading leaves out) too.
+    # Within 1e-4: the uninterrupted run itself, on 1 rank x 16 instead of 2 x 8 (no resume),
+    # differs by up to 4.9e-5 in the weights (at 5078574; 1.2e-5 at 5cd8dc1) and 3.1e-5 in
+    # the first moments: the order of the sums changes with the number of ranks, and a stage's
+    # first Adam steps amplify it in the image decoder's convolutions. Moments lost at the last
+    # resume change step 8's update by about its learning rate (5e-4) and the moments by a
+    # tenth of their largest or more.
     final, want = run / "checkpoints" / "step00000008", reference["two"] / "checkpoints"
     got_module, want_module = final_state(run, 8), final_state(reference["two"], 8)
     if stage == 0:
-        assert max_param_difference(got_module, want_module) < 1e-5
+        assert max_param_difference(got_module, want_module) < 1e-4
         return
     buffers = {n for n, v in want_module.items() if "running_" in n or "num_batches" in n}
     assert len(buffers) > 20
@@ -435,7 +441,7 @@ def test_resume_on_other_numbers_of_ranks_equals_the_uninterrupted_run(
         for key, value in states.items():
             difference = got[name][key].detach().flatten().double() - value.flatten().double()
             error = float(difference.abs().max()) / scale[key]  # ZeRO-3's are flat
-            assert error < 1e-5, (name, key, error)
+            assert error < 1e-4, (name, key, error)
 
 
 def test_another_global_batch_goes_on_from_the_same_sample_with_a_warning(reference, tiny_shards):

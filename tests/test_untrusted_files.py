@@ -109,7 +109,7 @@ def test_legacy_rank_file_loads_without_unpickling_code(tmp_path):
     torch.save(old, legacy_rank_file(tmp_path, 0))
     loaded = checkpoints._load_rank_state(tmp_path, 0)
     checkpoints.set_rng_state(loaded["rng"])
-    assert loaded["loader"]["batch"] == 2 and float(np.random.rand()) == expected
+    assert loaded["loader"]["step"] == 2 and float(np.random.rand()) == expected
     witness = tmp_path / "code-ran"
     torch.save({"loader": RunsCode(str(witness))}, legacy_rank_file(tmp_path, 1))
     with pytest.raises(UnsafeFileError, match="rank00001.pt"):

@@ -12,6 +12,12 @@ Options: several phrasings per class averaged in embedding space (CLIP, CheXzero
 positive-vs-negative form ("X" against "no X", a softmax over the pair per class, which also
 scores multi-label sets); the local weight chosen on a validation split. Global-only,
 local-only and combined scores are always reported side by side.
+
+Calibration (single-label): a prompt's wording shifts every image's score for its class alike
+("There is {}." drew most images to one class on IU reports while the ranking per class, the
+AUC, held). `calibrated` reports the combined score with one offset per class added to its log,
+fitted on the selection split (where the local weight is chosen) by a regularised
+cross-entropy, beside the raw one; per-class AUCs do not move.
 """
 
 from __future__ import annotations
@@ -62,6 +68,9 @@ CLASS_PHRASES = {
 }
 # `local_weight=None`: the weight with the best validation score among these.
 WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
+# The class offsets' Gaussian prior (in log-score units): offsets of a few units are allowed,
+# and a class the selection split lacks is not pushed far.
+OFFSET_PRIOR_SD = 2.0
 
 
 @dataclass(frozen=True)
@@ -226,19 +235,77 @@ def choose_local_weight(scored: dict, multi_label: bool) -> tuple[float, dict[st
     return WEIGHT_GRID[best], sweep
 
 
-def _weight_from(loaded, data, split, options, scoring, multi_label) -> tuple[float, dict]:
-    """The local weight chosen on `split`, and how; the paper's 0.5 when that split has no
-    image to score it (e.g. a public set with a test split only), said in the result.
-    `scoring`: (columns, prompt groups, form, batch size), as for the reported split."""
+def _selection(loaded, data, split, options, scoring) -> tuple[dict | None, str]:
+    """The scores of selection split `split` (None and why, when it has no image to score:
+    e.g. a public set with a test split only). `scoring`: (columns, prompt groups, form, batch
+    size), as for the reported split."""
     columns, groups, form, batch_size = scoring
     try:
         dataset = open_split(data, split, options)
-        selection = score_split(loaded, dataset, columns, groups, form, batch_size)
-        weight, sweep = choose_local_weight(selection, multi_label)
+        return score_split(loaded, dataset, columns, groups, form, batch_size), ""
     except (ValueError, FileNotFoundError, KeyError) as err:
+        return None, str(err)
+
+
+def _weight_from(selection: dict | None, why: str, split: str, multi_label: bool):
+    """The local weight chosen on the selection split, and how; the paper's 0.5 when that split
+    cannot score it, said in the result."""
+    try:
+        if selection is None:
+            raise ValueError(why)
+        weight, sweep = choose_local_weight(selection, multi_label)
+    except ValueError as err:
         print(f"evaluate: local weight: {split} split unusable ({err}); using the paper's 0.5")
         return 0.5, {"split": split, "fallback": f"the paper's 0.5: {err}"}
     return weight, {"split": split, "sweep": sweep}
+
+
+def fit_class_offsets(
+    scores_NC: torch.Tensor, target_N: torch.Tensor, prior_sd: float = OFFSET_PRIOR_SD
+) -> torch.Tensor:
+    """Offsets `[C]` (summing to 0) that maximise the likelihood of `target` under
+    softmax(log scores + offsets), with a N(0, prior_sd²) prior on each offset: a convex
+    problem, solved by L-BFGS in float64."""
+    logs = scores_NC.double().clamp_min(1e-12).log()
+    weight = 1.0 / (prior_sd**2 * len(target_N))
+    offsets = torch.zeros(logs.shape[1], dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        solver = torch.optim.LBFGS(
+            [offsets],
+            lr=1.0,
+            max_iter=500,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-15,
+            line_search_fn="strong_wolfe",
+        )
+
+        def objective():
+            solver.zero_grad()
+            loss = F.cross_entropy(logs + offsets, target_N) + weight / 2 * offsets.square().sum()
+            loss.backward()
+            return loss
+
+        solver.step(objective)
+    found = offsets.detach()
+    return (found - found.mean()).float()
+
+
+def _calibrated(selection, why, split, test, target, classes, weight) -> dict:
+    """The combined score of the reported split with class offsets fitted on the selection
+    split at the same local weight, scored as the raw one; or why not."""
+    if selection is None:
+        return {"fitted_on": split, "skipped": why}
+    kept, fit_target = _single_label(selection)
+    if not len(fit_target):
+        return {"fitted_on": split, "skipped": f"no image with exactly one of {list(classes)}"}
+    offsets = fit_class_offsets(_score_parts(kept, weight)["combined"], fit_target)
+    scores = _score_parts(test, weight)["combined"].clamp_min(1e-12).log() + offsets
+    return {
+        **classification_scores(scores, target, classes),
+        "fitted_on": split,
+        "fit_images": len(fit_target),
+        "offsets": dict(zip(classes, offsets.tolist())),
+    }
 
 
 @torch.no_grad()
@@ -258,7 +325,8 @@ def zero_shot(
     `split`: single-label (accuracy, macro F1, per-class AUC and the confusion matrix over the
     images that carry exactly one of `classes`) or `multi_label` (per-class AUC over every image
     whose label is known). `local_weight=None` (the default) picks it on `select_split`; the
-    paper's is 0.5."""
+    paper's is 0.5. Single-label results add `calibrated`: the combined score with class
+    offsets fitted on `select_split` (`fit_class_offsets`)."""
     prompts = prompts or PromptOptions()
     if multi_label and prompts.form != "pos_neg":
         raise ValueError("multi-label zero-shot scores each class alone: use the pos_neg form")
@@ -275,14 +343,16 @@ def zero_shot(
     )
     scored = score_split(loaded, dataset, columns, groups, prompts.form, batch_size)
     result = {"classes": list(classes), "prompts": prompts.groups(classes), "form": prompts.form}
+    scoring = (columns, groups, prompts.form, batch_size)
+    if split == select_split:  # e.g. pretraining's periodic evaluation on `validate`
+        selection, why = scored, ""
+    elif multi_label and local_weight is not None:
+        selection, why = None, "nothing to select"
+    else:
+        selection, why = _selection(loaded, data, select_split, options, scoring)
     if local_weight is None:
         local_weight, result["local_weight_chosen_on"] = _weight_from(
-            loaded,
-            data,
-            select_split,
-            options,
-            (columns, groups, prompts.form, batch_size),
-            multi_label,
+            selection, why, select_split, multi_label
         )
     result["local_weight"] = local_weight
     result["sweep"] = {str(w): _selection_metric(scored, w, multi_label) for w in WEIGHT_GRID}
@@ -298,6 +368,9 @@ def zero_shot(
         "chance": 1 / len(classes),
         "majority": float(counts.max() / counts.sum()),
         **{name: classification_scores(s, target, classes) for name, s in parts.items()},
+        "calibrated": _calibrated(
+            selection, why, select_split, kept, target, classes, local_weight
+        ),
     }
 
 
