@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 from datetime import date
@@ -62,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     classes = args.classes.split(",")
     runs = sorted(p for p in args.sweep.glob("seed*") if p.is_dir())
-    print(f"python {' '.join(sys.argv)}")
+    print(f"python {shlex.join(sys.argv)}")
     print(f"date {date.today()}  machine {platform.processor() or platform.machine()}")
     table = {
         p: {r.name: _measure(r, args.data, args.split, classes, p) for r in runs}

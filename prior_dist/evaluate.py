@@ -33,7 +33,7 @@ from prior_dist.evaluation.inputs import (
 )
 from prior_dist.evaluation.linear_probe import linear_probe
 from prior_dist.evaluation.retrieval import retrieval
-from prior_dist.evaluation.zero_shot import PROMPT_SETS, PromptOptions, zero_shot
+from prior_dist.evaluation.zero_shot import PROMPT_SETS, PromptOptions, headline_accuracy, zero_shot
 from prior_dist.runs import load_model
 from prior_dist.runs.layout import MARKER
 
@@ -138,16 +138,12 @@ def _headline(task: str, result: dict) -> str:
                 f"macro AUC {c['macro_auc']:.3f} (global only {g['macro_auc']:.3f}, local only "
                 f"{loc['macro_auc']:.3f}; {weight})"
             )
-        calibrated = result.get("calibrated", {})
-        offsets = (
-            f"; class offsets from {calibrated['fitted_on']}: {calibrated['accuracy']:.3f}"
-            if "accuracy" in calibrated
-            else ""
-        )
+        accuracy, how = headline_accuracy(result)
         return (
-            f"accuracy {c['accuracy']:.3f} (global only {g['accuracy']:.3f}, local only "
-            f"{loc['accuracy']:.3f}; {weight}; majority class {result['majority']:.3f}{offsets}), "
-            f"macro F1 {c['macro_f1']:.3f}, macro AUC {c['macro_auc']:.3f}"
+            f"accuracy {accuracy:.3f} {how} (raw {c['accuracy']:.3f}, global only "
+            f"{g['accuracy']:.3f}, local only {loc['accuracy']:.3f}; {weight}; majority class "
+            f"{result['majority']:.3f}), macro F1 {c['macro_f1']:.3f}, macro AUC "
+            f"{c['macro_auc']:.3f}"
         )
     if task == "retrieval":
         i2t, t2i = result["image_to_text"], result["text_to_image"]

@@ -219,6 +219,9 @@ def test_the_end_of_a_run_prints_a_summary_and_the_next_commands(tmp_path):
     assert "zero-shot accuracy 0.400 over 50 images (chance 0.200)" in text
     assert f"python -m prior_dist.export --checkpoint '{run}' --out '{run}'/export" in text
     assert "{" not in text  # no raw dict
+    calibrated = {**zero, "calibrated": {"accuracy": 0.5, "fitted_on": "validate"}}
+    text = run_summary({"step": 9, "zero_shot": calibrated}, run)
+    assert "zero-shot accuracy 0.500 with class offsets from validate (raw 0.400) over 50" in text
     stopped = run_summary({"step": 4, "stopped_by_signal": True}, run)
     assert "stopped at step 4 by a signal" in stopped and "--resume auto" in stopped
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import yaml
 
 from prior_dist.distributed.env import adopt_slurm_environment
+from prior_dist.evaluation.zero_shot import headline_accuracy
 from prior_dist.runs.checkpoints import CheckpointWriteError
 from prior_dist.runs.layout import EVAL_RESULT
 from prior_dist.training.ds_config import check_against_recipe, read_deepspeed_config
@@ -179,8 +180,10 @@ def run_summary(result: dict, run_dir: Path) -> str:
     ]
     if "zero_shot" in result:  # the whole result is in RUN_DIR/eval.json
         zero = result["zero_shot"]
+        accuracy, how = headline_accuracy(zero)
+        how = "" if how == "raw" else f" {how} (raw {zero['combined']['accuracy']:.3f})"
         lines.append(
-            f"[prior_dist] zero-shot accuracy {zero['combined']['accuracy']:.3f} over "
+            f"[prior_dist] zero-shot accuracy {accuracy:.3f}{how} over "
             f"{zero['images']} images (chance {zero['chance']:.3f}); details in "
             f"{run_dir / EVAL_RESULT}"
         )

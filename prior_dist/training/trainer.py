@@ -32,7 +32,7 @@ from prior_dist.data.run_data import (
 from prior_dist.distributed.env import device_for_local_rank, init_process_group
 from prior_dist.distributed.launcher import watch_runner
 from prior_dist.evaluation.retrieval import retrieval
-from prior_dist.evaluation.zero_shot import PromptOptions, zero_shot
+from prior_dist.evaluation.zero_shot import PromptOptions, headline_accuracy, zero_shot
 from prior_dist.runs import LoadedModel
 from prior_dist.runs import checkpoints as ckpt
 from prior_dist.runs.layout import (
@@ -642,9 +642,10 @@ class Trainer:
         result = self._zero_shot(self.recipe.eval.final_split)
         if self.rank == 0:
             (self.run_dir / EVAL_RESULT).write_text(json.dumps(result, indent=2))
+        accuracy, how = headline_accuracy(result)
         self.log(
             f"zero-shot accuracy on the {self.recipe.eval.final_split} split: "
-            f"{result['combined']['accuracy']:.3f} (global only "
+            f"{accuracy:.3f} {how} (raw {result['combined']['accuracy']:.3f}, global only "
             f"{result['global_only']['accuracy']:.3f}) over {result['images']} images "
             f"(chance {result['chance']:.3f})"
         )
