@@ -84,16 +84,16 @@ def publish(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold the exclusive lock `path` (made when missing): processes that would make the same
-    files (every rank of a node, nodes sharing the file system) wait for the first one and
-    then find its work done. Where the lock cannot be made or the file system has no locks,
-    everyone goes on: what they write is the same and goes through this module, so no reader
-    sees a half-written file."""
-    path = Path(path)
+def file_lock(target: Path) -> Iterator[None]:
+    """Hold the exclusive lock on making `target` (the hidden `.NAME.lock` beside it, made when
+    missing): processes that would make the same files (every rank of a node, nodes sharing
+    the file system) wait for the first one and then find its work done. Where the lock cannot
+    be made or the file system has no locks, everyone goes on: what they write is the same and
+    goes through this module, so no reader sees a half-written file."""
+    target = Path(target)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target.with_name(f".{target.name}.lock"), "a")
     except OSError:
         yield
         return

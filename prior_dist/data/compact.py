@@ -242,7 +242,7 @@ def load_compact(manifest_dir: str | Path, split: str, shards: list[dict]) -> Co
     if index is not None:
         return index
     # One builder at a time: ranks that start together wait for the first one.
-    with file_lock(path.with_name(f".{path.name}.lock")):
+    with file_lock(path):
         index, problem = _current(path, digest)  # another process may have built it meanwhile
         if index is not None:
             return index

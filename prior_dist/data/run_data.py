@@ -60,7 +60,7 @@ def load_training_tokenizer(cfg: DataConfig, shards: Path, fallback: Path | None
         return build_wordpiece(shards, target, vocab_size=cfg.vocab_size)
     if fallback is not None and not os.access(shards, os.W_OK):
         target = fallback
-    with file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target):
         return build_wordpiece(shards, target, vocab_size=cfg.vocab_size)
 
 

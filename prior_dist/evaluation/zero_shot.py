@@ -249,15 +249,15 @@ def _selection(loaded, data, split, options, scoring) -> tuple[dict | None, str]
 
 def _weight_from(selection: dict | None, why: str, split: str, multi_label: bool):
     """The local weight chosen on the selection split, and how; the paper's 0.5 when that split
-    cannot score it, said in the result."""
-    try:
-        if selection is None:
-            raise ValueError(why)
-        weight, sweep = choose_local_weight(selection, multi_label)
-    except ValueError as err:
-        print(f"evaluate: local weight: {split} split unusable ({err}); using the paper's 0.5")
-        return 0.5, {"split": split, "fallback": f"the paper's 0.5: {err}"}
-    return weight, {"split": split, "sweep": sweep}
+    cannot score it (`why`, or the choice's own reason), said in the result."""
+    if selection is not None:
+        try:
+            weight, sweep = choose_local_weight(selection, multi_label)
+            return weight, {"split": split, "sweep": sweep}
+        except ValueError as err:
+            why = str(err)
+    print(f"evaluate: local weight: {split} split unusable ({why}); using the paper's 0.5")
+    return 0.5, {"split": split, "fallback": f"the paper's 0.5: {why}"}
 
 
 def fit_class_offsets(

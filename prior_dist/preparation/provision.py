@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prior_dist.atomic import file_lock
 from prior_dist.data.config import DataConfig
-from prior_dist.data.index import parse_sources
+from prior_dist.data.run_data import first_local_source
 from prior_dist.preparation.build import build_shards
 from prior_dist.preparation.phantom import GENERATOR_VERSION
 from prior_dist.preparation.sources import enumerate_phantom
@@ -26,14 +26,10 @@ def provide_phantom_shards(cfg: DataConfig, log=print) -> None:
     sweep trains on the same data."""
     if cfg.phantom_studies is None:
         return
-    sources = parse_sources(cfg.sources())
-    local = [Path(s.location) for s in sources if not s.remote]
-    if not local:
-        return  # `shard_directory` names the problem
-    path = local[0]
+    path = first_local_source(cfg)
     # Several sources are shards prepared already: only a lone directory is generated.
-    if len(sources) == 1 and not (path / "manifest.json").is_file():
-        with file_lock(path.parent / f".{path.name}.lock"):
+    if len(cfg.sources()) == 1 and not (path / "manifest.json").is_file():
+        with file_lock(path):
             if not (path / "manifest.json").is_file():
                 _generate(cfg, path, log)
     if (path / "manifest.json").is_file():

@@ -6,8 +6,8 @@ and the global loss went back towards chance. Starting W from real sentence embe
 far apart from each other, is the usual remedy for codebook collapse in vector quantisation.
 Every rank gathers the same sentences and picks the same rows, so the bank stays identical
 across ranks; the training engine writes the value into every copy of the weight
-(`prior_dist.training.engine.set_full_parameter`: the ZeRO-3 partitions, the optimizer's fp32
-master copy).
+(`prior_dist.training.engine.start_prototype_bank`: the ZeRO-3 partitions, the optimizer's
+fp32 master copy).
 """
 
 from __future__ import annotations
